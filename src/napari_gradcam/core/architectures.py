@@ -77,7 +77,8 @@ class ResNetLike(nn.Module):
         stages: list[nn.Module] = [stem]
         previous = widths[0]
         for index, width in enumerate(widths):
-            stages.append(ResidualBlock(spatial_dims, previous, width, stride=1 if index == 0 else 2))
+            stride = 1 if index == 0 else 2
+            stages.append(ResidualBlock(spatial_dims, previous, width, stride=stride))
             previous = width
         self.spatial_dims = spatial_dims
         self.features = nn.Sequential(*stages)
@@ -128,8 +129,9 @@ class UNet(nn.Module):
             previous = width
         transposed = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
         for index in reversed(range(self.depth)):
-            setattr(self, f"up{index}", transposed[spatial_dims](widths[index + 1], widths[index], 2, 2))
-            setattr(self, f"dec{index}", _DoubleConv(spatial_dims, 2 * widths[index], widths[index]))
+            wide, narrow = widths[index + 1], widths[index]
+            setattr(self, f"up{index}", transposed[spatial_dims](wide, narrow, 2, 2))
+            setattr(self, f"dec{index}", _DoubleConv(spatial_dims, 2 * narrow, narrow))
         self.head = conv(widths[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
