@@ -1,0 +1,276 @@
+"""Which layers of a model make feature maps, and which one to explain by default.
+
+Grad-CAM needs a layer whose output is a feature map ``(N, C, *spatial)``. Guessing from module
+types fails on users' own networks (custom blocks, functional calls, exported graphs), so we
+run the model once on a small dummy input and record what every module actually returned.
+The shapes also tell the user how coarse each layer's heatmap will be.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from napari_gradcam.core.model_card import ModelCard
+
+DEFAULT_DUMMY_SIZE = 64
+_PLAIN_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_PLAIN_CONTAINER_PATHS = frozenset(
+    f"{cls.__module__}.{cls.__qualname__}" for cls in _PLAIN_CONTAINERS
+)
+
+#: Attribute a model may carry: ``{layer name: "package.module.Class"}`` of the modules it was
+#: built from. ``torch.export.unflatten`` turns every layer into an ``InterpreterModule``; the
+#: loader records the original classes here so layer lists and the default choice read the same
+#: as for the original network.
+ORIGINAL_TYPES_ATTRIBUTE = "_napari_gradcam_original_types"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A module whose output is a feature map.
+
+    ``output_shape`` is ``(C, *spatial)`` for the dummy input; ``calls`` counts how often the
+    module ran in one forward pass (a module used twice, like a shared ReLU or pooling layer,
+    has no single activation to explain and is never chosen by default).
+    """
+
+    name: str
+    type_name: str
+    output_shape: tuple[int, ...]
+    calls: int = 1
+
+    @property
+    def has_spatial_extent(self) -> bool:
+        return any(size > 1 for size in self.output_shape[1:])
+
+
+@dataclass(frozen=True)
+class ForwardProbe:
+    """What one dry forward pass showed: the feature-map layers and the model's output shape.
+
+    ``layers`` are in execution order (when each module's first call finished, so a block
+    comes after its children). The private fields record which layers returned the very same
+    tensor (a block and its last child) and which returned the model's output itself.
+    """
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...] | None
+    layers: tuple[LayerInfo, ...]
+    _same_tensor: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    _is_output: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
+    _plain_container: frozenset[str] = field(default_factory=frozenset, repr=False,
+                                             compare=False)
+
+    @property
+    def output_is_map(self) -> bool:
+        """True when the model returns a spatial map (segmentation logits), not a vector."""
+        return self.output_shape is not None and len(self.output_shape) == len(
+            self.input_shape
+        ) and any(size > 1 for size in self.output_shape[2:])
+
+
+def _dummy_shape(spatial_dims: int, in_channels: int, input_size: Sequence[int] | int | None,
+                 batch_size: int) -> tuple[int, ...]:
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    if input_size is None:
+        size: tuple[int, ...] = (DEFAULT_DUMMY_SIZE,) * spatial_dims
+    elif isinstance(input_size, int):
+        size = (input_size,) * spatial_dims
+    else:
+        size = tuple(int(s) for s in input_size)
+        if len(size) != spatial_dims:
+            raise ValueError(
+                f"input_size {tuple(input_size)} has {len(size)} entries but spatial_dims is "
+                f"{spatial_dims}"
+            )
+    return (batch_size, in_channels, *size)
+
+
+def _first_tensor(output: object) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    device, dtype = torch.device("cpu"), torch.float32
+    for tensor in [*model.parameters(), *model.buffers()]:
+        device = tensor.device
+        if tensor.is_floating_point():
+            return device, tensor.dtype
+    return device, dtype
+
+
+def probe_model(
+    model: nn.Module,
+    spatial_dims: int,
+    in_channels: int,
+    input_size: Sequence[int] | int | None = None,
+    *,
+    batch_size: int = 1,
+) -> ForwardProbe:
+    """Run ``model`` once on a dummy input and record every module that made a feature map.
+
+    No gradients, eval mode; every module's train/eval flag is restored and every hook is
+    removed afterwards, also when the forward pass fails.
+    """
+    shape = _dummy_shape(spatial_dims, in_channels, input_size, batch_size)
+    device, dtype = _placement(model)
+    generator = torch.Generator().manual_seed(0)
+    dummy = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+    ndim = 2 + spatial_dims
+    order: list[str] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    types: dict[str, str] = {}
+    calls: dict[str, int] = {}
+    tensor_ids: dict[str, int] = {}
+    keep_alive: list[torch.Tensor] = []  # so that id() values stay unique during the pass
+    plain: set[str] = set()
+    original_types: dict[str, str] = getattr(model, ORIGINAL_TYPES_ATTRIBUTE, None) or {}
+
+    def make_hook(name: str, module: nn.Module) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] > 1 or not isinstance(output, torch.Tensor) or output.ndim != ndim:
+                return
+            order.append(name)
+            shapes[name] = tuple(output.shape[1:])
+            tensor_ids[name] = id(output)
+            keep_alive.append(output)
+            if name in original_types:
+                types[name] = original_types[name].rsplit(".", 1)[-1]
+                if original_types[name] in _PLAIN_CONTAINER_PATHS:
+                    plain.add(name)
+            else:
+                types[name] = type(module).__name__
+                if type(module) in _PLAIN_CONTAINERS:
+                    plain.add(name)
+
+        return hook
+
+    training = {module: module.training for module in model.modules()}
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(name, module)))
+        model.eval()
+        with torch.no_grad():
+            try:
+                output = model(dummy)
+            except Exception as error:
+                raise ValueError(
+                    f"running {type(model).__name__} on a dummy input of shape {shape} failed "
+                    f"({type(error).__name__}: {error}). Check spatial_dims={spatial_dims} and "
+                    f"in_channels={in_channels}; if the model needs a particular input size, "
+                    "give input_size (in the model card, or as an argument)"
+                ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, was_training in training.items():
+            module.training = was_training
+
+    output_tensor = _first_tensor(output)
+    layers = tuple(
+        LayerInfo(name, types[name], shapes[name], calls[name]) for name in order
+    )
+    return ForwardProbe(
+        input_shape=shape,
+        output_shape=None if output_tensor is None else tuple(output_tensor.shape),
+        layers=layers,
+        _same_tensor=tensor_ids,
+        _is_output=frozenset(
+            name for name, tid in tensor_ids.items()
+            if output_tensor is not None and tid == id(output_tensor)
+        ),
+        _plain_container=frozenset(plain),
+    )
+
+
+def discover_feature_layers(
+    model: nn.Module,
+    spatial_dims: int,
+    in_channels: int,
+    input_size: Sequence[int] | int | None = None,
+) -> list[LayerInfo]:
+    """Every named module whose output is a feature map ``(N, C, *spatial)``, in execution
+    order, with its output shape ``(C, *spatial)`` for a dummy input of ``input_size`` (64 per
+    spatial axis when not given)."""
+    return list(probe_model(model, spatial_dims, in_channels, input_size).layers)
+
+
+def choose_target_layer(probe: ForwardProbe) -> str:
+    """The default Grad-CAM layer for what a probe saw (see :func:`default_target_layer`)."""
+    candidates = [
+        layer for layer in probe.layers
+        if layer.calls == 1 and layer.name not in probe._is_output
+    ]
+    spatial = [layer for layer in candidates if layer.has_spatial_extent]
+    pool = spatial or candidates
+    if not pool:
+        raise ValueError(
+            "no layer of this model returns a feature map (N, C, *spatial) that could be "
+            "explained; name target_layer explicitly, or check spatial_dims"
+        )
+    if probe.output_is_map:
+        # Segmentation: the deepest map (the U-Net bottleneck), not the head that makes the
+        # full-resolution logits; the last of the deepest, so a whole block beats its parts.
+        def volume(layer: LayerInfo) -> int:
+            return math.prod(layer.output_shape[1:])
+
+        smallest = min(volume(layer) for layer in pool)
+        chosen = [layer for layer in pool if volume(layer) == smallest][-1]
+    else:
+        chosen = pool[-1]  # classification: the last map before pooling and the head
+    # A block and its last child (or a Sequential and its last entry) return the same tensor;
+    # prefer the outermost module that is a real block, not a bare Sequential: "features.3"
+    # rather than "features", "down2" rather than "down2.5".
+    group_id = probe._same_tensor.get(chosen.name)
+    group = [layer.name for layer in pool if probe._same_tensor.get(layer.name) == group_id]
+    for name in reversed(group):
+        if name not in probe._plain_container:
+            return name
+    return group[-1]
+
+
+def default_target_layer(
+    model: nn.Module,
+    spatial_dims: int,
+    in_channels: int,
+    input_size: Sequence[int] | int | None = None,
+    *,
+    card: ModelCard | None = None,
+) -> str:
+    """The layer to explain when the user has not picked one.
+
+    The card's ``target_layer`` when it names one; otherwise, for a classifier, the last
+    feature map with spatial extent in execution order (the last stage before global pooling,
+    as in the Grad-CAM paper); for a model whose output is itself a map of class logits (a
+    U-Net), the deepest feature map (the bottleneck) rather than the output head.
+    """
+    if card is not None and card.target_layer:
+        names = dict(model.named_modules())
+        if card.target_layer not in names:
+            raise ValueError(
+                f"the model card names target_layer {card.target_layer!r} but the model has no "
+                "such layer"
+            )
+        return card.target_layer
+    return choose_target_layer(probe_model(model, spatial_dims, in_channels, input_size))
