@@ -273,7 +273,13 @@ def build_from_card(card: ModelCard, *, trust: bool = False) -> nn.Module:
     return model
 
 
+def _natural(name: str) -> list[Any]:
+    """Sort key that puts features.2 before features.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _short(names: list[str]) -> str:
+    names = sorted(names, key=_natural)
     shown = ", ".join(names[:_SHOWN_KEYS])
     return shown + (f", ... ({len(names) - _SHOWN_KEYS} more)" if len(names) > _SHOWN_KEYS else "")
 

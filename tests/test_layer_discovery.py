@@ -1,0 +1,104 @@
+"""Layer discovery: which modules make feature maps, their shapes, and the default choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from napari_gradcam.core.architectures import ResNetLike, UNet
+from napari_gradcam.core.layer_discovery import (
+    default_target_layer,
+    discover_feature_layers,
+    probe_model,
+)
+from napari_gradcam.core.model_card import ModelCard
+
+
+@pytest.mark.parametrize(
+    ("spatial_dims", "size", "stage_shapes"),
+    [
+        # stride 1 in the first stage, then stride 2 per stage: 64 -> 64, 32, 16
+        (1, 64, [(16, 64), (32, 32), (64, 16)]),
+        (2, 32, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+        (3, 16, [(16, 16, 16, 16), (32, 8, 8, 8), (64, 4, 4, 4)]),
+    ],
+)
+def test_resnet_like_stage_shapes_and_default_layer(
+    spatial_dims: int, size: int, stage_shapes: list[tuple[int, ...]]
+) -> None:
+    model = ResNetLike(spatial_dims=spatial_dims, in_channels=2)
+    layers = {info.name: info for info in discover_feature_layers(model, spatial_dims, 2, size)}
+    assert [layers[f"features.{i}"].output_shape for i in (1, 2, 3)] == stage_shapes
+    assert layers["features.0"].output_shape == (16,) + (size,) * spatial_dims
+    assert layers["features.3"].type_name == "ResidualBlock"
+    assert layers["pool"].output_shape == (64,) + (1,) * spatial_dims
+    assert "classifier" not in layers  # (N, K) is not a feature map
+    assert layers["features.3.relu"].calls == 2  # shared ReLU, ran twice
+    assert default_target_layer(model, spatial_dims, 2, size) == "features.3"
+
+
+def test_layers_come_in_execution_order_and_the_model_is_left_as_found() -> None:
+    model = ResNetLike()
+    model.train()
+    model.features[1].eval()  # a mixed state must come back exactly
+    names = [info.name for info in discover_feature_layers(model, 2, 1, 32)]
+    assert names.index("features.0") < names.index("features.1.conv1") < names.index("features.3")
+    assert names.index("features.3") < names.index("features") < names.index("pool")
+    assert model.training and model.features[0].training and not model.features[1].training
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_unet_default_is_the_bottleneck_not_the_head() -> None:
+    model = UNet(spatial_dims=2, num_classes=4)
+    probe = probe_model(model, 2, 1)
+    shapes = {info.name: info.output_shape for info in probe.layers}
+    assert shapes["down2"] == (64, 16, 16)  # 64 / 2 / 2
+    assert shapes["head"] == (4, 64, 64)
+    assert probe.output_shape == (1, 4, 64, 64) and probe.output_is_map
+    assert default_target_layer(model, 2, 1) == "down2"
+
+
+def test_unet_3d_default_layer() -> None:
+    model = UNet(spatial_dims=3, widths=(4, 8))
+    assert default_target_layer(model, 3, 1, 16) == "down1"
+
+
+def test_the_card_choice_wins_and_is_checked() -> None:
+    model = ResNetLike()
+    card = ModelCard(name="c", architecture="resnet_like", spatial_dims=2, in_channels=1,
+                     task="classification", target_layer="features.2")
+    assert default_target_layer(model, 2, 1, card=card) == "features.2"
+    wrong = ModelCard(name="c", architecture="resnet_like", spatial_dims=2, in_channels=1,
+                      task="classification", target_layer="features.9")
+    with pytest.raises(ValueError, match="no such layer"):
+        default_target_layer(model, 2, 1, card=wrong)
+
+
+class NeedsFixedSize(nn.Module):
+    """Flatten into a Linear: only runs at 8x8, like many hand-written classifiers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(2 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.act(self.conv(x)), 1))
+
+
+def test_a_model_that_fails_on_the_dummy_input_gets_advice_and_no_leftover_hooks() -> None:
+    model = NeedsFixedSize()
+    with pytest.raises(ValueError, match=r"dummy input of shape \(1, 1, 64, 64\).*input_size"):
+        discover_feature_layers(model, 2, 1)
+    assert not any(m._forward_hooks for m in model.modules())
+    assert model.training  # restored after the failure, too
+    assert default_target_layer(model, 2, 1, input_size=(8, 8)) == "act"
+
+
+def test_a_model_without_feature_maps_is_reported() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    assert discover_feature_layers(model, 1, 1, 16) == []
+    with pytest.raises(ValueError, match="no layer of this model returns a feature map"):
+        default_target_layer(model, 1, 1, 16)
