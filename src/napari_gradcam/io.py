@@ -1,0 +1,674 @@
+"""Volumes in and out: TIFF stacks, zarr / OME-Zarr and NumPy files, with voxel size and provenance.
+
+A heatmap volume is only useful next to the CT scan it explains, so every writer here keeps the
+voxel size (napari's ``scale``) and the provenance record, and every reader gives them back:
+
+* **TIFF**: ImageJ hyperstacks (``spacing`` + X/YResolution) and OME-TIFF (``PhysicalSize*``);
+  our own TIFFs carry the provenance as JSON in the ImageJ ``Info`` field.
+* **OME-Zarr** (NGFF 0.4, zarr format 2): ``multiscales`` with ``z, y, x`` axes, their unit and a
+  ``scale`` transformation; the provenance lives under the group attribute ``"napari_gradcam"``.
+  Plain zarr arrays are read too (voxel size 1).
+* **NumPy** ``.npy``: memory-mapped on reading (never unpickled); a ``<name>.npy.json`` sidecar
+  keeps the voxel size and provenance of files we wrote.
+
+Reading is lazy where the format allows it (zarr, memory maps, big TIFFs through
+``tifffile``'s zarr store), so a stack larger than RAM can be explained slab by slab.
+
+Writing is atomic: everything goes to ``<OUT>.partial-<random>`` next to the target and is renamed
+at the very end, so an error, a crash or Ctrl-C never leaves a half-written file under the output
+name, and an existing output is only replaced when asked (``overwrite=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Group attribute under which our provenance record is stored (OME-Zarr, sidecars).
+ATTRS_KEY = "napari_gradcam"
+#: TIFFs above this size are opened lazily (memory map or tifffile's zarr store).
+LAZY_TIFF_BYTES = 256 * 1024**2
+ZARR_SUFFIXES = (".zarr",)
+TIFF_SUFFIXES = (".tif", ".tiff")
+NUMPY_SUFFIXES = (".npy",)
+OUTPUT_DTYPES = ("float32", "float16")
+
+_UNIT_ALIASES = {
+    "micrometer": "micrometer", "micrometre": "micrometer", "micron": "micrometer",
+    "microns": "micrometer", "um": "micrometer", "µm": "micrometer", "μm": "micrometer",
+    "\\u00b5m": "micrometer",
+    "nanometer": "nanometer", "nanometre": "nanometer", "nm": "nanometer",
+    "millimeter": "millimeter", "millimetre": "millimeter", "mm": "millimeter",
+    "centimeter": "centimeter", "cm": "centimeter",
+    "meter": "meter", "metre": "meter", "m": "meter",
+    "angstrom": "angstrom", "å": "angstrom",
+}
+_IMAGEJ_UNITS = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm",
+                 "centimeter": "cm", "meter": "m", "angstrom": "angstrom"}
+
+
+def normalize_unit(unit: object) -> str | None:
+    """A unit as OME-NGFF spells it (``"micrometer"``), or None when it is unknown or pixels."""
+    if unit is None:
+        return None
+    text = str(unit).strip()
+    return _UNIT_ALIASES.get(text.lower(), _UNIT_ALIASES.get(text))
+
+
+@dataclass(frozen=True)
+class VoxelInfo:
+    """Where the voxels are: ``scale`` per axis (napari's ``scale``), its ``unit`` and axis names.
+
+    ``unit`` is None when the file did not say (the scale is then in pixels). ``metadata`` is the
+    provenance record of a file napari-gradcam wrote (empty for other files).
+    """
+
+    scale: tuple[float, ...] = (1.0, 1.0, 1.0)
+    unit: str | None = None
+    axes: str = "zyx"
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_volume(
+    path: str | os.PathLike, *, ndim: int | None = 3, lazy: bool | None = None
+) -> tuple[Any, VoxelInfo]:
+    """Open a volume and its voxel size: ``(array, VoxelInfo)``.
+
+    The array is a NumPy array, a read-only memory map, a zarr array or a dask array: anything
+    that slices like NumPy. ``lazy=None`` decides by size (TIFFs above :data:`LAZY_TIFF_BYTES`,
+    and every zarr and ``.npy`` file, are not read into memory). ``ndim`` is the number of
+    dimensions required (None accepts any).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    kind = _kind_of(path)
+    if kind == "zarr":
+        array, info = _read_zarr(path)
+    elif kind == "tiff":
+        array, info = _read_tiff(path, lazy)
+    else:
+        array, info = _read_npy(path)
+    if ndim is not None and len(array.shape) != ndim:
+        raise ValueError(
+            f"{path} holds an array of shape {tuple(array.shape)} ({len(array.shape)}D) but a "
+            f"{ndim}D volume (Z, Y, X) is needed; save a single 3D stack (one channel, one time "
+            "point)"
+        )
+    if len(info.scale) != len(array.shape):
+        info = VoxelInfo(_fit_scale(info.scale, len(array.shape)), info.unit,
+                         info.axes[-len(array.shape):], info.metadata)
+    return array, info
+
+
+def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """The napari-gradcam provenance stored with a file we wrote ({} for any other file)."""
+    return dict(read_volume(path, ndim=None)[1].metadata)
+
+
+def _kind_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(ZARR_SUFFIXES) or (path.is_dir() and _looks_like_zarr(path)):
+        return "zarr"
+    if name.endswith(TIFF_SUFFIXES):
+        return "tiff"
+    if name.endswith(NUMPY_SUFFIXES):
+        return "npy"
+    known = ", ".join(ZARR_SUFFIXES + TIFF_SUFFIXES + NUMPY_SUFFIXES)
+    raise ValueError(f"unsupported file type: {path.name}; napari-gradcam reads {known} "
+                     "(convert other formats to TIFF or zarr first)")
+
+
+def _looks_like_zarr(path: Path) -> bool:
+    return any((path / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
+
+
+def _fit_scale(scale: Sequence[float], ndim: int) -> tuple[float, ...]:
+    scale = tuple(float(s) for s in scale)
+    return scale[-ndim:] if len(scale) >= ndim else (1.0,) * (ndim - len(scale)) + scale
+
+
+def _read_npy(path: Path) -> tuple[Any, VoxelInfo]:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        if "pickle" not in str(error).lower() and "object" not in str(error).lower():
+            raise ValueError(f"{path} is not a readable .npy file ({error})") from None
+        raise ValueError(f"{path} is not a plain numeric .npy array ({error}); object arrays "
+                         "are refused because loading them would run pickled code") from None
+    except (OSError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable .npy file ({error})") from None
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        return array, VoxelInfo(scale=(1.0,) * array.ndim, axes="zyx"[-array.ndim:])
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        info = VoxelInfo(tuple(float(s) for s in meta["scale"]), normalize_unit(meta.get("unit")),
+                         str(meta.get("axes", "zyx")), dict(meta.get(ATTRS_KEY, {})))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"the sidecar {sidecar} is not valid napari-gradcam metadata "
+                         f"({error}); delete it to read the array with voxel size 1") from None
+    return array, info
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _read_tiff(path: Path, lazy: bool | None) -> tuple[Any, VoxelInfo]:
+    import tifffile
+
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a TIFF file")
+    if lazy is None:
+        lazy = path.stat().st_size > LAZY_TIFF_BYTES
+    try:
+        with tifffile.TiffFile(path) as tif:
+            info = _tiff_voxel_info(tif)
+            shape = tuple(tif.series[0].shape)
+            array = None if lazy else tif.series[0].asarray()
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as error:
+        raise ValueError(f"{path} is not a readable TIFF file ({error})") from None
+    if array is None:
+        array = _lazy_tiff(path, shape)
+    return array, info
+
+
+def _lazy_tiff(path: Path, shape: tuple[int, ...]) -> Any:
+    import tifffile
+
+    try:  # uncompressed, contiguous stacks map straight from disk
+        mapped = tifffile.memmap(path, mode="r")
+        if tuple(mapped.shape) == shape:
+            return mapped
+    except (ValueError, OSError):
+        pass
+    import zarr
+
+    store = tifffile.imread(path, aszarr=True)  # the store owns (and closes) the file
+    opened = zarr.open(store, mode="r")
+    if hasattr(opened, "shape"):
+        return opened
+    return opened[next(iter(opened.array_keys()))]  # a pyramid: its full-resolution level
+
+
+def _tiff_voxel_info(tif: Any) -> VoxelInfo:
+    ndim = len(tif.series[0].shape)
+    metadata: dict[str, Any] = {}
+    if tif.is_ome and tif.ome_metadata:
+        scale, unit = _ome_tiff_scale(tif.ome_metadata)
+    else:
+        scale, unit = [1.0, 1.0, 1.0], None
+        imagej = tif.imagej_metadata or {}
+        page = tif.pages[0]
+        resolution_unit = int(getattr(page.tags.get("ResolutionUnit"), "value", 1))
+        # ImageJ stores pixels per (its) unit; other TIFFs are only trusted in centimetres
+        # (inch resolutions are nearly always a meaningless 72 dpi default).
+        factor = 1.0 if imagej else (1e4 if resolution_unit == 3 else 0.0)
+        if factor:
+            for axis, tag in ((2, "XResolution"), (1, "YResolution")):
+                resolution = page.tags.get(tag)
+                if resolution is not None:
+                    numerator, denominator = resolution.value
+                    if numerator and denominator and numerator != denominator:
+                        scale[axis] = factor * denominator / numerator  # unit per pixel
+            if not imagej and any(s != 1.0 for s in scale):
+                unit = "micrometer"
+        if "spacing" in imagej:
+            scale[0] = float(imagej["spacing"])
+        unit = normalize_unit(imagej.get("unit")) or unit
+        info_field = imagej.get("Info")
+        if isinstance(info_field, str) and info_field.lstrip().startswith("{"):
+            with contextlib.suppress(ValueError, AttributeError):
+                metadata = dict(json.loads(info_field).get(ATTRS_KEY, {}))
+    return VoxelInfo(_fit_scale(scale, ndim), unit, "zyx"[-ndim:] if ndim <= 3 else "zyx",
+                     metadata)
+
+
+def _ome_tiff_scale(xml: str) -> tuple[list[float], str | None]:
+    scale, unit = [1.0, 1.0, 1.0], None
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return scale, unit
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return scale, unit
+    for axis, name in ((0, "Z"), (1, "Y"), (2, "X")):
+        value = pixels.get(f"PhysicalSize{name}")
+        if value is not None:
+            scale[axis] = float(value)
+            # The OME schema's default unit is the micrometre.
+            unit = unit or normalize_unit(pixels.get(f"PhysicalSize{name}Unit", "µm"))
+    return scale, unit
+
+
+def _read_zarr(path: Path) -> tuple[Any, VoxelInfo]:
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as error:  # zarr raises several types for missing or broken metadata
+        raise ValueError(f"{path} is not a readable zarr store ({type(error).__name__}: "
+                         f"{error})") from None
+    if hasattr(node, "shape"):  # a plain array
+        ours = dict(node.attrs.get(ATTRS_KEY, {}))
+        return node, VoxelInfo((1.0,) * len(node.shape), None, "zyx"[-len(node.shape):], ours)
+    attrs = dict(node.attrs)
+    ours = dict(attrs.get(ATTRS_KEY, {}))
+    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    if not multiscales:
+        arrays = sorted(node.array_keys())
+        if len(arrays) == 1:
+            array = node[arrays[0]]
+            return array, VoxelInfo((1.0,) * array.ndim, None, "zyx"[-array.ndim:], ours)
+        raise ValueError(
+            f"{path} is a zarr group without OME-Zarr 'multiscales' metadata and with "
+            f"{len(arrays)} arrays ({', '.join(arrays) or 'none'}); open one array directly "
+            f"(e.g. {path / (arrays[0] if arrays else 'name')})"
+        )
+    try:
+        image = multiscales[0]
+        dataset = image["datasets"][0]
+        array = node[dataset["path"]]
+        scale = _ngff_scale(dataset.get("coordinateTransformations", []), array.ndim)
+        top = _ngff_scale(image.get("coordinateTransformations", []), array.ndim)
+        scale = tuple(a * b for a, b in zip(scale, top, strict=True))
+        axes = image.get("axes") or [{"name": n} for n in "tczyx"[-array.ndim:]]
+        names = [a["name"] if isinstance(a, Mapping) else str(a) for a in axes]
+        units = [a.get("unit") for a in axes if isinstance(a, Mapping) and a.get("type") in
+                 (None, "space")]
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} has malformed OME-Zarr 'multiscales' metadata ({error!r})"
+                         ) from None
+    # Drop leading singleton axes (t, c of a 5D OME-Zarr) lazily, keep the spatial ones.
+    if array.ndim > 3:
+        extra = array.ndim - 3
+        if any(size != 1 for size in array.shape[:extra]):
+            raise ValueError(
+                f"{path} has axes {''.join(names)} with shape {tuple(array.shape)}; only a "
+                "single channel and time point can be explained, choose one first"
+            )
+        import dask.array as da
+
+        array = da.from_zarr(array)[(0,) * extra]
+        scale, names = scale[extra:], names[extra:]
+    unit = next((normalize_unit(u) for u in units if normalize_unit(u)), None)
+    return array, VoxelInfo(tuple(scale), unit, "".join(names), ours)
+
+
+def _ngff_scale(transformations: Sequence[Mapping[str, Any]], ndim: int) -> tuple[float, ...]:
+    for transformation in transformations:
+        if transformation.get("type") == "scale":
+            values = tuple(float(v) for v in transformation["scale"])
+            if len(values) != ndim:
+                raise ValueError(f"scale {values} has {len(values)} entries for {ndim} axes")
+            return values
+    return (1.0,) * ndim
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def output_kind(path: str | os.PathLike) -> str:
+    """``"zarr"``, ``"tiff"`` or ``"npy"`` from an output name; a clear error otherwise."""
+    name = Path(path).name.lower()
+    for kind, suffixes in (("zarr", ZARR_SUFFIXES), ("tiff", TIFF_SUFFIXES),
+                           ("npy", NUMPY_SUFFIXES)):
+        if name.endswith(suffixes):
+            return kind
+    raise ValueError(f"cannot tell the output format from {Path(path).name!r}; end the name in "
+                     ".zarr (OME-Zarr, recommended), .tif or .npy")
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before any work starts, an output that exists (unless ``overwrite``), has no
+    folder to go into, or has an unknown format."""
+    path = Path(path).expanduser()
+    output_kind(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the output folder {path.parent} does not exist; create it "
+                                "first")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to "
+                              "replace it")
+    return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary ``<path>.partial-<random>`` to write into; rename it to ``path`` on
+    success, delete it on any error or interrupt (``KeyboardInterrupt`` included).
+
+    An existing ``path`` is refused unless ``overwrite``; it is replaced only once the new
+    output is complete, so a failed run never destroys the previous result.
+    """
+    path = check_output_path(path, overwrite)
+    partial = path.with_name(f"{path.name}.partial-{secrets.token_hex(4)}")
+    try:
+        yield partial
+        if not partial.exists():
+            raise RuntimeError(f"nothing was written to {partial}")
+        _replace(partial, path, overwrite)
+    except BaseException:
+        _remove(partial)
+        raise
+
+
+def _replace(partial: Path, path: Path, overwrite: bool) -> None:
+    if not path.exists():
+        os.replace(partial, path)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} appeared while writing; the new result was discarded")
+    old = path.with_name(f"{path.name}.old-{secrets.token_hex(4)}")
+    os.replace(path, old)
+    try:
+        os.replace(partial, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    _remove(old)
+
+
+def _check_dtype(dtype: object) -> np.dtype:
+    resolved = np.dtype(dtype)  # type: ignore[arg-type]
+    if resolved.name not in OUTPUT_DTYPES:
+        raise ValueError(f"output dtype must be float32 or float16, got {resolved.name}")
+    return resolved
+
+
+def default_chunks(shape: Sequence[int], depth_axis: int = 0, depth: int = 16,
+                   plane: int = 256) -> tuple[int, ...]:
+    """Chunks that are ``depth`` deep along ``depth_axis`` and at most ``plane`` across."""
+    return tuple(
+        max(1, min(size, depth if axis == depth_axis else plane))
+        for axis, size in enumerate(shape)
+    )
+
+
+def ngff_multiscales(scale: Sequence[float], unit: str | None, name: str,
+                     axes: str = "zyx") -> list[dict[str, Any]]:
+    """The OME-NGFF 0.4 ``multiscales`` entry of a single-resolution image."""
+    axis_entries = []
+    for axis_name in axes:
+        entry: dict[str, Any] = {"name": axis_name, "type": "space"}
+        if unit:
+            entry["unit"] = unit
+        axis_entries.append(entry)
+    return [{
+        "version": "0.4",
+        "name": name,
+        "axes": axis_entries,
+        "datasets": [{
+            "path": "0",
+            "coordinateTransformations": [{"type": "scale",
+                                           "scale": [float(s) for s in scale]}],
+        }],
+    }]
+
+
+def create_ome_zarr(
+    path: str | os.PathLike,
+    shape: Sequence[int],
+    *,
+    scale: Sequence[float] = (1.0, 1.0, 1.0),
+    unit: str | None = "micrometer",
+    dtype: object = "float32",
+    chunks: Sequence[int] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    name: str = "gradcam",
+) -> Any:
+    """Create an empty OME-Zarr image (NGFF 0.4, zarr format 2) and return its writable array.
+
+    Pass the array as ``out=`` to :func:`napari_gradcam.explain_volume`. ``attrs`` (the
+    provenance record) is stored under the group attribute :data:`ATTRS_KEY`. The store must
+    not exist yet (wrap the call in :func:`atomic_path` for an atomic result).
+    """
+    import zarr
+
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"an OME-Zarr volume needs three positive sizes (z, y, x), got {shape}")
+    if len(scale) != 3 or not all(math.isfinite(s) and s > 0 for s in scale):
+        raise ValueError(f"scale must be three positive voxel sizes (z, y, x), got {scale}")
+    dtype = _check_dtype(dtype)
+    chunks = tuple(int(c) for c in (chunks or default_chunks(shape)))
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists")
+    unit = normalize_unit(unit) if unit else None
+    group = zarr.open_group(str(path), mode="w-", zarr_format=2)
+    array = _create_array(group, "0", shape, chunks, dtype)
+    group.attrs["multiscales"] = ngff_multiscales(scale, unit, name)
+    group.attrs[ATTRS_KEY] = _jsonable(dict(attrs or {}))
+    return array
+
+
+def _create_array(group: Any, key: str, shape: tuple[int, ...], chunks: tuple[int, ...],
+                  dtype: np.dtype) -> Any:
+    if hasattr(group, "create_array"):  # zarr 3
+        return group.create_array(key, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                                  chunk_key_encoding={"name": "v2", "separator": "/"})
+    return group.create_dataset(key, shape=shape, chunks=chunks, dtype=dtype,  # zarr 2
+                                fill_value=0, dimension_separator="/")
+
+
+def update_zarr_attrs(path: str | os.PathLike, updates: Mapping[str, Any]) -> None:
+    """Merge ``updates`` into the provenance record of an OME-Zarr group (and re-save it)."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    record = dict(group.attrs.get(ATTRS_KEY, {}))
+    record.update(_jsonable(dict(updates)))
+    group.attrs[ATTRS_KEY] = record
+
+
+def set_display_window(path: str | os.PathLike, low: float, high: float,
+                       label: str = "Grad-CAM") -> None:
+    """Store the display range as OME-NGFF ``omero`` metadata (other viewers read it too)."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["omero"] = {"channels": [{
+        "label": label, "color": "FFFFFF", "active": True,
+        "window": {"min": float(low), "max": float(high), "start": float(low),
+                   "end": float(high)},
+    }]}
+
+
+def _jsonable(value: Any) -> Any:
+    """Numpy scalars/arrays and tuples turned into plain JSON types."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class OutputVolume:
+    """A writable output volume being created at a temporary path (see :func:`open_output`).
+
+    ``array`` takes slice assignment (zarr array or memory map); :meth:`update_attrs` adds to
+    the provenance record before the file is committed.
+    """
+
+    def __init__(self, kind: str, partial: Path, array: Any, scale: tuple[float, ...],
+                 unit: str | None, attrs: dict[str, Any]) -> None:
+        self.kind = kind
+        self.partial = partial
+        self.array = array
+        self.scale = scale
+        self.unit = unit
+        self.attrs = attrs
+
+    def update_attrs(self, updates: Mapping[str, Any]) -> None:
+        """Add to the stored provenance (TIFF: only before :func:`open_output` creates it, so
+        later additions are kept in the ``.json`` sidecar of ``.npy`` files and zarr only)."""
+        self.attrs.update(_jsonable(dict(updates)))
+        if self.kind == "zarr":
+            update_zarr_attrs(self.partial, updates)
+
+    def _finish(self) -> None:
+        if self.kind in ("tiff", "npy"):
+            self.array.flush()
+            self.array = None  # release the memory map before the rename
+        if self.kind == "npy":
+            sidecar = {"scale": list(self.scale), "unit": self.unit, "axes": "zyx",
+                       ATTRS_KEY: self.attrs}
+            _sidecar(self.partial).write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def open_output(
+    path: str | os.PathLike,
+    shape: Sequence[int],
+    *,
+    scale: Sequence[float] = (1.0, 1.0, 1.0),
+    unit: str | None = "micrometer",
+    dtype: object = "float32",
+    chunks: Sequence[int] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Iterator[OutputVolume]:
+    """Create an output volume (format from the name: ``.zarr``, ``.tif``, ``.npy``) that is
+    written in place on disk and appears under ``path`` only when the block finishes cleanly.
+
+    ``.zarr`` is OME-Zarr (the recommended, chunked, lazily readable format); ``.tif`` an
+    ImageJ float32 stack with the voxel size; ``.npy`` a NumPy memory map with a ``.json``
+    sidecar for the voxel size and provenance.
+    """
+    kind = output_kind(path)
+    shape = tuple(int(s) for s in shape)
+    scale = tuple(float(s) for s in scale)
+    unit = normalize_unit(unit) if unit else None
+    dtype = _check_dtype(dtype)
+    record = _jsonable(dict(attrs or {}))
+    with atomic_path(path, overwrite=overwrite) as partial:
+        if kind == "zarr":
+            array = create_ome_zarr(partial, shape, scale=scale, unit=unit, dtype=dtype,
+                                    chunks=chunks, attrs=record, name=Path(path).stem)
+        elif kind == "tiff":
+            array = _create_tiff(partial, shape, scale, unit, dtype, record)
+        else:
+            array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+        output = OutputVolume(kind, partial, array, scale, unit, record)
+        try:
+            yield output
+            output._finish()
+        except BaseException:
+            _remove(_sidecar(partial))
+            raise
+        if kind == "npy":  # move the sidecar next to the final name
+            final_sidecar = _sidecar(Path(path).expanduser())
+            os.replace(_sidecar(partial), final_sidecar)
+
+
+def _create_tiff(partial: Path, shape: tuple[int, ...], scale: tuple[float, ...],
+                 unit: str | None, dtype: np.dtype, record: dict[str, Any]) -> Any:
+    import tifffile
+
+    if dtype != np.float32:
+        raise ValueError("ImageJ TIFF stores float32 only; use dtype float32 or a .zarr output")
+    metadata = {"axes": "ZYX", "spacing": scale[0], "Info": json.dumps({ATTRS_KEY: record})}
+    if unit:
+        metadata["unit"] = _IMAGEJ_UNITS.get(unit, unit)
+    return tifffile.memmap(partial, shape=shape, dtype=dtype, imagej=True,
+                           resolution=(1.0 / scale[2], 1.0 / scale[1]), metadata=metadata)
+
+
+def write_volume(
+    path: str | os.PathLike,
+    data: Any,
+    *,
+    scale: Sequence[float] = (1.0, 1.0, 1.0),
+    unit: str | None = "micrometer",
+    attrs: Mapping[str, Any] | None = None,
+    dtype: object | None = None,
+    chunks: Sequence[int] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a 3D array (NumPy, memmap, zarr or dask) atomically; the format comes from the
+    name (see :func:`open_output`). Data is copied slab by slab, so dask and zarr inputs never
+    have to fit in memory. Returns the output path."""
+    shape = tuple(getattr(data, "shape", ()))
+    if len(shape) != 3:
+        raise ValueError(f"write_volume writes 3D volumes (Z, Y, X), got shape {shape}")
+    if dtype is None:
+        dtype = np.float16 if np.dtype(getattr(data, "dtype", np.float32)) == np.float16 \
+            else np.float32
+    with open_output(path, shape, scale=scale, unit=unit, dtype=dtype, chunks=chunks,
+                     attrs=attrs, overwrite=overwrite) as output:
+        step = chunks[0] if chunks else default_chunks(shape)[0]
+        for start in range(0, shape[0], step):
+            output.array[start:start + step] = np.asarray(data[start:start + step],
+                                                          dtype=np.float32)
+    return Path(path).expanduser()
+
+
+def write_ome_zarr(
+    path: str | os.PathLike,
+    data: Any,
+    *,
+    scale: Sequence[float] = (1.0, 1.0, 1.0),
+    unit: str | None = "micrometer",
+    attrs: Mapping[str, Any] | None = None,
+    dtype: object = "float32",
+    chunks: Sequence[int] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``data`` as an OME-Zarr image atomically (``path`` must end in ``.zarr``)."""
+    if output_kind(path) != "zarr":
+        raise ValueError(f"write_ome_zarr writes .zarr stores, got {Path(path).name!r}")
+    return write_volume(path, data, scale=scale, unit=unit, attrs=attrs, dtype=dtype,
+                        chunks=chunks, overwrite=overwrite)
+
+
+def write_tiff_volume(path: str | os.PathLike, data: Any, *,
+                      scale: Sequence[float] = (1.0, 1.0, 1.0), unit: str | None = "micrometer",
+                      overwrite: bool = False) -> Path:
+    """Write a raw (e.g. uint16 CT) stack as an ImageJ TIFF with its voxel size, atomically.
+
+    Unlike :func:`write_volume` the dtype is kept: this is for inputs, not for heatmaps.
+    """
+    import tifffile
+
+    array = np.asarray(data)
+    if array.ndim != 3:
+        raise ValueError(f"expected a 3D stack (Z, Y, X), got shape {array.shape}")
+    metadata: dict[str, Any] = {"axes": "ZYX", "spacing": float(scale[0])}
+    unit = normalize_unit(unit) if unit else None
+    if unit:
+        metadata["unit"] = _IMAGEJ_UNITS.get(unit, unit)
+    with atomic_path(path, overwrite=overwrite) as partial:
+        tifffile.imwrite(partial, array, imagej=True, metadata=metadata,
+                         resolution=(1.0 / float(scale[2]), 1.0 / float(scale[1])))
+    return Path(path).expanduser()
