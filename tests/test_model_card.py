@@ -51,6 +51,7 @@ def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert list(card.to_dict()) == list(CARD_FIELDS)
     again = ModelCard.from_yaml(card.to_yaml(tmp_path / "again.yaml"))
     assert again == card
+    assert len({card, again}) == 1  # hashable despite its dict fields (usable as a cache key)
     assert again.base_dir == tmp_path.resolve()
 
 

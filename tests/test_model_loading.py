@@ -210,6 +210,23 @@ def test_torch_export_program_is_unflattened_and_hooks_fire(
     torch.testing.assert_close(gradient, expected)
 
 
+def test_gradcam_on_the_loaded_export_equals_gradcam_on_the_original(
+    tmp_path: Path, x2d: torch.Tensor
+) -> None:
+    from napari_gradcam.core.methods import GradCAM
+
+    original = small_resnet()
+    program = torch.export.export(original, (x2d,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = load_model(tmp_path / "model.pt2")
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(8))
+    expected = GradCAM(original, layer="features.2")(x, target=[0, 1, 2])
+    maps = GradCAM(loaded.model, layer=loaded.card.target_layer)(x, target=[0, 1, 2])
+    assert maps.shape == (3, 16, 16) and np.abs(expected).max() > 0
+    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_export_with_a_fixed_batch_size_warns(tmp_path: Path, x2d: torch.Tensor) -> None:
     torch.export.save(torch.export.export(small_resnet(), (x2d,)), tmp_path / "fixed.pt2")
     with pytest.warns(UserWarning, match="fixed batch size of 2"):

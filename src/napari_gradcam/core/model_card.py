@@ -131,6 +131,10 @@ class ModelCard:
         if self.base_dir is not None:
             self._set("base_dir", Path(self.base_dir))
 
+    def __hash__(self) -> int:
+        # The generated hash would fail on the dict fields; equal cards agree on these.
+        return hash((self.name, self.architecture, self.weights, self.spatial_dims, self.task))
+
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
 
