@@ -9,6 +9,11 @@ The napari dock widget lives in ``napari_gradcam._widget`` and is only imported 
 through the manifest (``napari.yaml``).
 """
 
+from napari_gradcam.core.layer_discovery import (
+    LayerInfo,
+    default_target_layer,
+    discover_feature_layers,
+)
 from napari_gradcam.core.methods import (
     CAM,
     METHODS,
@@ -22,6 +27,9 @@ from napari_gradcam.core.methods import (
     XGradCAM,
     make_explainer,
 )
+from napari_gradcam.core.model_card import ModelCard, ModelCardError
+from napari_gradcam.core.models import LoadedModel, ModelLoadError, list_demo_models, load_model
+from napari_gradcam.core.preprocess import Preprocessor
 from napari_gradcam.core.targets import (
     AllClasses,
     CallableTarget,
@@ -47,12 +55,22 @@ __all__ = [
     "GuidedGradCAM",
     "HiResCAM",
     "LayerCAM",
+    "LayerInfo",
+    "LoadedModel",
+    "ModelCard",
+    "ModelCardError",
+    "ModelLoadError",
     "PredictedClass",
+    "Preprocessor",
     "SegmentationRegion",
     "VolumeResult",
     "XGradCAM",
     "__version__",
+    "default_target_layer",
+    "discover_feature_layers",
     "explain_volume",
+    "list_demo_models",
+    "load_model",
     "make_explainer",
     "volume_job",
 ]
