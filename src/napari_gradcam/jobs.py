@@ -1,0 +1,744 @@
+"""Long jobs as generators: explain an image layer's data, slice by slice or window by window.
+
+Every shell runs the same job. :func:`explain_job` yields ``(done, total)`` after each batch
+and returns an :class:`ExplainResult` that carries the maps, the model's predictions and the
+provenance record; the napari widget runs it in a thread worker (which can stop at any
+``yield``), the command line and the tests drain it with :func:`run_job`.
+
+No Qt and no napari here. What a napari layer contributes is captured, when a run starts, in an
+:class:`ImageSource` (the data array, whether it is RGB, the current position), so switching
+layers during a run cannot change what is explained. The job never copies the whole array:
+each batch reads one slab (``np.asarray`` of a slice of a dask or zarr array), so a volume larger
+than memory is explained slab by slab. Only the map itself is held in memory.
+
+Which axes a model sees (``n`` = the data's number of non-channel axes, ``d`` = the model's
+spatial dimensions):
+
+``"current"``
+    2D model: the displayed plane (the last two axes, or ``ExplainRequest.plane``), every other
+    axis fixed at the current position. 1D model: every row of that plane (a stack of spectra).
+    3D model: one window of ``window`` (default: the card's input size) centred on the
+    current position.
+``"slices"``
+    2D model: every plane along ``axis``, spanned by the last two other axes; axes beyond
+    those three stay at the current position (so a 4D stack is explained one 3D volume at a
+    time). 1D model: every row along ``axis``.
+``"windows"``
+    3D model: overlapping, Gaussian-blended windows tile the last three axes
+    (:func:`~napari_gradcam.core.volume.volume_job`).
+
+The result is a map with the source's number of axes: full length along the explained axes
+and length 1 along the fixed ones, with ``origin`` the data index of its first pixel, so a
+shell places it exactly on the source with the source's own scale and translate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from napari_gradcam.core.device import run_with_oom_backoff
+from napari_gradcam.core.methods import make_explainer
+from napari_gradcam.core.provenance import make_provenance
+from napari_gradcam.core.targets import AllClasses, ClassTarget, PredictedClass, SegmentationRegion
+from napari_gradcam.core.volume import Cancelled, volume_job
+
+MODES = ("current", "slices", "windows")
+TARGET_KINDS = ("predicted", "class", "all", "region", "click")
+_GUIDED = ("guided-backprop",)
+_GUIDED_INPUT_GRADIENTS = ("guided-backprop", "guided-gradcam")
+_RGB_TO_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma
+
+Job = Generator[tuple[int, int], None, "ExplainResult"]
+
+
+class JobError(Exception):
+    """A job failed; the message says why in words a user can act on.
+
+    Deliberately *not* a RuntimeError: Qt thread workers treat RuntimeErrors as "the worker was
+    deleted" and swallow them, so a failing model would otherwise fail silently.
+    """
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """The image to explain, captured when the run starts.
+
+    ``data``: any array (NumPy, dask, zarr), never copied whole. ``rgb``: the last axis holds
+    colour channels (RGB or RGBA). ``current_index``: data index of the current position, one
+    per non-channel axis (``None``: the first position everywhere).
+    """
+
+    name: str
+    data: Any
+    rgb: bool = False
+    current_index: tuple[int, ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape without the colour axis."""
+        shape = tuple(int(s) for s in self.data.shape)
+        return shape[:-1] if self.rgb else shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def index(self) -> tuple[int, ...]:
+        if self.current_index is None:
+            return (0,) * self.ndim
+        if len(self.current_index) != self.ndim:
+            raise ValueError(f"current_index {self.current_index} has {len(self.current_index)} "
+                             f"entries but the image has {self.ndim} axes")
+        return tuple(int(min(max(i, 0), s - 1))
+                     for i, s in zip(self.current_index, self.shape, strict=True))
+
+
+@dataclass(frozen=True)
+class TargetChoice:
+    """What to explain.
+
+    ``kind``: ``"predicted"`` (each sample's predicted class; classifiers), ``"class"``
+    (``class_index``), ``"all"`` (one map per class), ``"region"`` (segmentation models:
+    ``class_index`` summed inside ``mask``, an array of the source's non-channel shape whose
+    non-zero pixels are the region; ``None``: the whole image), ``"click"`` (``point``, a data
+    index: the class predicted at that pixel, inside its connected region, for segmentation
+    models; the predicted class of the plane or window under it for classifiers).
+    """
+
+    kind: str = "predicted"
+    class_index: int | None = None
+    mask: Any = None
+    point: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"target kind must be one of {', '.join(TARGET_KINDS)}, "
+                             f"got {self.kind!r}")
+        if self.kind in ("class", "region") and self.class_index is None:
+            raise ValueError(f"a {self.kind!r} target needs a class_index")
+        if self.kind == "click" and self.point is None:
+            raise ValueError("a 'click' target needs the clicked point (a data index)")
+
+    def label(self, class_names: Sequence[str]) -> str:
+        """How the target reads in a layer name."""
+        if self.kind == "predicted":
+            return "predicted"
+        if self.kind == "all":
+            return "all classes"
+        if self.kind == "click":
+            return "clicked"
+        name = _class_name(class_names, self.class_index)
+        if self.kind == "region" and self.mask is not None:
+            return f"{name} in region"
+        return name
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """The user's choices for one run (see the module docstring for the modes)."""
+
+    method: str = "gradcam"
+    layer: str | None = None  # target layer; None: the card's
+    target: TargetChoice = field(default_factory=TargetChoice)
+    mode: str = "current"
+    axis: int | None = None  # slices: the data axis to step along
+    plane: tuple[int, ...] | None = None  # current mode, 2D models: the displayed axes
+    window: tuple[int, ...] | None = None  # 3D models; None: the card's input size
+    overlap: float = 0.25
+    batch_size: int = 8
+    device: str | None = None
+
+
+@dataclass
+class ExplainResult:
+    """Maps, predictions and provenance of one run.
+
+    ``maps`` maps a target label (``"predicted"``, a class name...) to an array with the
+    source's number of axes; ``origin`` is the data index of its first element. Predictions are
+    class probabilities, one row per explained sample (plane, row or window), whose data
+    positions are ``positions`` (``sample_axis`` tells which axis they step along).
+    ``class_map`` (segmentation models) is the predicted class of every pixel, same shape as
+    the maps.
+    """
+
+    source_name: str
+    method: str
+    maps: dict[str, np.ndarray]
+    origin: tuple[int, ...]
+    predictions: np.ndarray
+    positions: list[tuple[int, ...]]
+    sample_axis: int | None
+    class_names: tuple[str, ...]
+    target_indices: np.ndarray | None
+    provenance: dict[str, Any]
+    contrast_limits: dict[str, tuple[float, float]]
+    class_map: np.ndarray | None = None
+    mode: str = "current"
+    window: tuple[int, ...] | None = None
+    messages: list[str] = field(default_factory=list)
+
+    def prediction_at(self, index: Sequence[int]) -> np.ndarray | None:
+        """The probabilities of the sample that covers the data ``index`` (None: not covered)."""
+        index = tuple(int(i) for i in index)
+        shape = next(iter(self.maps.values())).shape
+        if not all(o <= i < o + s for i, o, s in zip(index, self.origin, shape, strict=True)):
+            return None
+        if self.sample_axis is not None and self.mode != "windows":
+            row = index[self.sample_axis] - self.origin[self.sample_axis]
+            return self.predictions[row] if 0 <= row < len(self.predictions) else None
+        if self.mode == "windows" and self.positions:
+            # the window whose centre is nearest
+            corners = np.asarray(self.positions, dtype=np.float64)
+            centres = corners[:, -3:] + np.asarray(self.window, dtype=np.float64) / 2.0
+            spatial = np.asarray(index[-3:], dtype=np.float64)
+            return self.predictions[int(np.argmin(((centres - spatial) ** 2).sum(1)))]
+        return self.predictions[0]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which axes are explained, which are fixed, and where the map goes."""
+
+    spatial_axes: tuple[int, ...]
+    sample_axis: int | None
+    fixed: dict[int, int]
+    box: dict[int, tuple[int, int]]  # spatial axis -> (start, stop) of the part explained
+    mode: str
+
+    def out_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(self._extent(axis, size)[1] - self._extent(axis, size)[0]
+                     for axis, size in enumerate(shape))
+
+    def origin(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(self._extent(axis, size)[0] for axis, size in enumerate(shape))
+
+    def _extent(self, axis: int, size: int) -> tuple[int, int]:
+        if axis in self.fixed:
+            return self.fixed[axis], self.fixed[axis] + 1
+        return self.box.get(axis, (0, size))
+
+
+def _class_name(class_names: Sequence[str], index: int | None) -> str:
+    if index is not None and 0 <= index < len(class_names):
+        return str(class_names[index])
+    return f"class {index}"
+
+
+def _card(loaded: Any) -> Any:
+    return loaded.card
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: check everything that can be checked before any computation
+
+
+def plan_explanation(loaded: Any, source: ImageSource, request: ExplainRequest) -> Plan:
+    """Check that the model fits the data and the choices, and say which axes are explained.
+
+    Raises ``ValueError`` (or ``TypeError``) with a sentence a user can act on; called by the
+    shells before a worker starts, so a misfit is reported at once and nothing is changed.
+    """
+    card = _card(loaded)
+    d, n = int(card.spatial_dims), source.ndim
+    if request.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {request.mode!r}")
+    if request.batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {request.batch_size}")
+    dtype = np.dtype(getattr(source.data, "dtype", np.float32))
+    if dtype.kind not in "biuf":
+        raise TypeError(f"the layer {source.name!r} holds {dtype} values; Grad-CAM needs numbers")
+    if 0 in source.shape:
+        raise ValueError(f"the layer {source.name!r} is empty (shape {source.shape})")
+    if n < d:
+        raise ValueError(
+            f"the model {card.name!r} explains {d}D data but the layer {source.name!r} has only "
+            f"{n} axes (shape {source.shape}); pick a {d}D (or larger) image or another model"
+        )
+    if source.rgb and card.in_channels not in (1, 3):
+        raise ValueError(f"the layer {source.name!r} is RGB but the model {card.name!r} takes "
+                         f"{card.in_channels} channels; RGB can feed 1 (as grey) or 3 channels")
+    if source.rgb and d == 3:
+        raise ValueError("3D models take grey volumes; convert the RGB stack to grey first")
+    _check_target(card, request)
+    index = source.index()
+    if d == 3:
+        plan = _plan_3d(card, source, request, index)
+    elif request.mode == "windows":
+        raise ValueError(f"'windows' mode is for 3D models; the model {card.name!r} is {d}D: "
+                         "use 'current' or 'slices'")
+    elif d == 2:
+        plan = _plan_2d(source, request, index)
+    else:
+        plan = _plan_1d(source, request, index)
+    _check_channels(loaded, source)
+    return plan
+
+
+def _check_target(card: Any, request: ExplainRequest) -> None:
+    target, k = request.target, len(card.class_names)
+    segmentation = card.task == "segmentation"
+    if target.class_index is not None and not 0 <= target.class_index < max(k, 1):
+        raise ValueError(f"class {target.class_index} is out of range: the model {card.name!r} "
+                         f"has {k} classes ({', '.join(card.class_names)})")
+    if segmentation and target.kind == "predicted":
+        raise ValueError(
+            f"the model {card.name!r} segments: there is no single predicted class per image. "
+            "Choose a class (optionally inside a region from a Labels or Shapes layer)"
+        )
+    if not segmentation and target.kind == "region":
+        raise ValueError(f"a region target needs a segmentation model; {card.name!r} is a "
+                         "classifier: choose 'predicted' or a class")
+    if request.method in ("cam",) and segmentation:
+        raise ValueError("CAM needs a classifier (global pooling + linear head); for a "
+                         "segmentation model choose gradcam or another gradient method")
+    if request.method in (*_GUIDED, "guided-gradcam") and target.kind == "all":
+        raise ValueError(f"{request.method} explains one class at a time; choose one class")
+    if target.kind == "region" and target.mask is not None and request.mode == "windows":
+        raise ValueError("a region target works in 'current' and 'slices' modes, not windows")
+
+
+def _plan_2d(source: ImageSource, request: ExplainRequest, index: tuple[int, ...]) -> Plan:
+    n = source.ndim
+    if request.mode == "current":
+        plane = tuple(sorted(request.plane)) if request.plane else (n - 2, n - 1)
+        if len(plane) != 2 or len(set(plane)) != 2 or not all(0 <= a < n for a in plane):
+            raise ValueError(f"the displayed plane must be two different axes of 0..{n - 1}, "
+                             f"got {request.plane}")
+        fixed = {a: index[a] for a in range(n) if a not in plane}
+        return Plan(plane, None, fixed, {}, "current")
+    if n < 3:
+        raise ValueError(f"'every slice' needs a stack (3 or more axes); the layer "
+                         f"{source.name!r} is a single {n}D image: use 'current'")
+    axis = n - 3 if request.axis is None else request.axis
+    if not -n <= axis < n:
+        raise ValueError(f"axis {axis} does not exist in data with {n} axes")
+    axis %= n
+    others = [a for a in range(n) if a != axis][-2:]
+    fixed = {a: index[a] for a in range(n) if a != axis and a not in others}
+    return Plan(tuple(others), axis, fixed, {}, "slices")
+
+
+def _plan_1d(source: ImageSource, request: ExplainRequest, index: tuple[int, ...]) -> Plan:
+    n = source.ndim
+    if n == 1:
+        return Plan((0,), None, {}, {}, request.mode)
+    default_axis = n - 2
+    axis = default_axis if (request.axis is None or request.mode == "current") else request.axis
+    if not -n <= axis < n:
+        raise ValueError(f"axis {axis} does not exist in data with {n} axes")
+    axis %= n
+    spatial = n - 1 if axis != n - 1 else n - 2
+    fixed = {a: index[a] for a in range(n) if a not in (axis, spatial)}
+    return Plan((spatial,), axis, fixed, {}, request.mode)
+
+
+def _plan_3d(card: Any, source: ImageSource, request: ExplainRequest,
+             index: tuple[int, ...]) -> Plan:
+    n = source.ndim
+    spatial = (n - 3, n - 2, n - 1)
+    fixed = {a: index[a] for a in range(n - 3)}
+    window = _window(card, request, tuple(source.shape[a] for a in spatial))
+    if request.mode == "slices":
+        raise ValueError(f"the model {card.name!r} is 3D: use 'windows' (the whole volume) or "
+                         "'current' (one window around the current position)")
+    if request.mode == "windows":
+        if not 0.0 <= request.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {request.overlap}")
+        return Plan(spatial, None, fixed, {}, "windows")
+    centre = request.target.point or index
+    box = {}
+    for axis, size in zip(spatial, window, strict=True):
+        length = source.shape[axis]
+        if size >= length:
+            box[axis] = (0, length)
+        else:
+            start = min(max(int(centre[axis]) - size // 2, 0), length - size)
+            box[axis] = (start, start + size)
+    return Plan(spatial, None, fixed, box, "current")
+
+
+def _window(card: Any, request: ExplainRequest, shape: tuple[int, ...]) -> tuple[int, ...]:
+    window = request.window or card.input_size or shape
+    window = tuple(int(w) for w in window)
+    if len(window) != 3 or min(window) < 1:
+        raise ValueError(f"window must be three positive sizes (z, y, x), got {window}")
+    return window
+
+
+def _check_channels(loaded: Any, source: ImageSource) -> None:
+    """Push a tiny dummy batch through the preprocessing: a channel misfit shows up now."""
+    card = _card(loaded)
+    probe = np.zeros((1, *(8,) * card.spatial_dims), dtype=np.float32)
+    if source.rgb and card.in_channels == 3:
+        probe = np.zeros((1, 3, *(8,) * card.spatial_dims), dtype=np.float32)
+    try:
+        tensor = loaded.preprocess(probe)
+    except ValueError as error:
+        raise ValueError(f"the layer {source.name!r} does not fit the model {card.name!r}: "
+                         f"{error}") from None
+    if tensor.shape[1] != card.in_channels:
+        raise ValueError(f"the preprocessing makes {tensor.shape[1]} channels but the model "
+                         f"{card.name!r} takes {card.in_channels}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading batches
+
+
+def _read(source: ImageSource, plan: Plan, start: int, stop: int, data: Any = None,
+          channels: bool | None = None) -> np.ndarray:
+    """One slab ``(B, *spatial[, C])`` read from the source (a dask/zarr slab only)."""
+    data = source.data if data is None else data
+    channels = source.rgb if channels is None else channels
+    key: list[object] = []
+    for axis in range(source.ndim):
+        if axis in plan.fixed:
+            key.append(plan.fixed[axis])
+        elif axis == plan.sample_axis:
+            key.append(slice(start, stop))
+        else:
+            begin, end = plan.box.get(axis, (0, source.shape[axis]))
+            key.append(slice(begin, end))
+    if channels:
+        key.append(slice(None))
+    slab = np.asarray(data[tuple(key)])
+    if plan.sample_axis is None:
+        return slab[None]
+    position = sum(1 for a in range(plan.sample_axis) if a not in plan.fixed)
+    return np.moveaxis(slab, position, 0)
+
+
+def _to_model_input(slab: np.ndarray, source: ImageSource, in_channels: int) -> np.ndarray:
+    """RGB → grey (1-channel models) or channels-first RGB (3-channel models); float32."""
+    slab = slab.astype(np.float32, copy=False)
+    if not source.rgb:
+        return slab
+    rgb = slab[..., :3]
+    if in_channels == 1:
+        return rgb @ _RGB_TO_GREY
+    return np.moveaxis(rgb, -1, 1)
+
+
+def _check_finite(batch: np.ndarray, where: str) -> None:
+    if not np.isfinite(batch).all():
+        raise ValueError(f"NaN or infinite values in {where}: the model cannot explain them. "
+                         "Fill or mask them first (e.g. replace NaN by the background)")
+
+
+def class_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """(N, K) probabilities: softmax of logits; segmentation outputs averaged over pixels."""
+    logits = torch.from_numpy(np.asarray(outputs, dtype=np.float32))
+    if logits.ndim > 2:
+        return torch.softmax(logits, 1).flatten(2).mean(-1).numpy()
+    if logits.ndim == 2:
+        return torch.softmax(logits, 1).numpy()
+    return logits.reshape(len(logits), -1).numpy()
+
+
+def _as_display_maps(maps: np.ndarray, method: str) -> np.ndarray:
+    """Guided methods return input gradients (N, C, *s): show max |gradient| over channels
+    (as Simonyan et al. 2014 do for saliency), one map per sample like the CAMs."""
+    if method in _GUIDED_INPUT_GRADIENTS:
+        return np.abs(maps).max(axis=1)
+    return maps
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+
+
+def explain_job(loaded: Any, source: ImageSource, request: ExplainRequest) -> Job:
+    """Explain ``source`` with ``loaded`` (a :class:`~napari_gradcam.core.models.LoadedModel`).
+
+    Yields ``(done, total)`` between batches and returns an :class:`ExplainResult`. Any
+    failure is raised as :class:`JobError` (out of memory, NaN in the data, a model that
+    fails on the input), with the original exception chained.
+    """
+    plan = plan_explanation(loaded, source, request)
+    try:
+        return (yield from _explain(loaded, source, request, plan))
+    except (GeneratorExit, Cancelled):
+        raise
+    except JobError:
+        raise
+    except MemoryError as error:
+        raise JobError(f"out of memory while explaining {source.name!r}: {error}. Use a "
+                       "smaller batch size or window, or 'current' mode") from error
+    except (ValueError, TypeError) as error:
+        raise JobError(str(error)) from error
+    except Exception as error:
+        raise JobError(f"the model failed while explaining {source.name!r} "
+                       f"({type(error).__name__}: {error})") from error
+
+
+def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Plan) -> Job:
+    card = _card(loaded)
+    layer = request.layer or card.target_layer
+    explainer = make_explainer(request.method, loaded.model, layer, device=request.device)
+    class_names = tuple(card.class_names)
+    if request.target.kind == "all":
+        labels = list(class_names)
+    else:
+        labels = [request.target.label(class_names)]
+    shape = source.shape
+    out_shape = plan.out_shape(shape)
+    origin = plan.origin(shape)
+    maps = {label: np.zeros(out_shape, dtype=np.float32) for label in labels}
+    messages: list[str] = []
+    if plan.mode == "windows":
+        result = yield from _windows(loaded, explainer, source, request, plan, maps, labels)
+        predictions, positions, indices, class_map, window = result
+    else:
+        result = yield from _samples(loaded, explainer, source, request, plan, maps, labels)
+        predictions, positions, indices, class_map = result
+        window = None
+    limits = {label: _contrast_limits(array) for label, array in maps.items()}
+    target_text = labels[0] if len(labels) == 1 else "all classes"
+    provenance = make_provenance(
+        method=request.method,
+        layers=[layer],
+        target=target_text,
+        model_name=card.name,
+        weights_sha256=loaded.weights_sha256,
+        preprocessing=list(card.preprocessing),
+        mode=plan.mode,
+        source=source.name,
+        options={
+            "model_source": str(loaded.source),
+            "class_names": list(class_names),
+            "origin": list(origin),
+            "source_shape": list(shape),
+            "sample_axis": plan.sample_axis,
+            "spatial_axes": list(plan.spatial_axes),
+            "fixed": {str(k): v for k, v in plan.fixed.items()},
+            "window": list(window) if plan.mode == "windows" else None,
+            "overlap": request.overlap if plan.mode == "windows" else None,
+            "batch_size": request.batch_size,
+            "device": request.device,
+            "rgb": source.rgb,
+        },
+    )
+    explained = ExplainResult(
+        source_name=source.name,
+        method=request.method,
+        maps=maps,
+        origin=origin,
+        predictions=predictions,
+        positions=positions,
+        sample_axis=plan.sample_axis,
+        class_names=class_names,
+        target_indices=indices,
+        provenance=provenance,
+        contrast_limits=limits,
+        class_map=class_map,
+        mode=plan.mode,
+        window=window,
+        messages=messages,
+    )
+    return explained
+
+
+def _contrast_limits(array: np.ndarray) -> tuple[float, float]:
+    """0 to the 99.9th percentile (a few hot pixels should not wash the rest out)."""
+    finite = array[np.isfinite(array)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low = min(0.0, float(finite.min()))
+    high = float(np.percentile(finite, 99.9))
+    if high <= low:
+        high = float(finite.max()) if finite.max() > low else low + 1.0
+    return low, high
+
+
+def _out_view(plan: Plan, array: np.ndarray, start: int, stop: int) -> tuple[object, ...]:
+    """The index into a map array (out shape) for samples start:stop."""
+    key: list[object] = []
+    for axis in range(array.ndim):
+        if axis in plan.fixed:
+            key.append(0)
+        elif axis == plan.sample_axis:
+            key.append(slice(start, stop))
+        else:
+            key.append(slice(None))
+    return tuple(key)
+
+
+def _write(plan: Plan, array: np.ndarray, start: int, stop: int, maps: np.ndarray) -> None:
+    key = _out_view(plan, array, start, stop)
+    if plan.sample_axis is None:
+        array[key] = maps[0]
+        return
+    position = sum(1 for a in range(plan.sample_axis) if a not in plan.fixed)
+    array[key] = np.moveaxis(maps, 0, position)
+
+
+def _samples(loaded, explainer, source, request, plan, maps, labels) -> Generator:
+    """Current plane/window, every slice, or every row: batches along the sample axis."""
+    card = _card(loaded)
+    count = 1 if plan.sample_axis is None else source.shape[plan.sample_axis]
+    predictions: list[np.ndarray] = [np.zeros(0)] * count
+    indices: list[int] = [-1] * count
+    segmentation = card.task == "segmentation"
+    class_map = (np.zeros(next(iter(maps.values())).shape, dtype=np.int16)
+                 if segmentation else None)
+    device = getattr(explainer, "device", torch.device("cpu"))
+    where = "the image" if plan.sample_axis is None else "slices"
+
+    def work(chunk: range) -> None:
+        start, stop = chunk.start, chunk.stop
+        slab = _to_model_input(_read(source, plan, start, stop), source, card.in_channels)
+        _check_finite(slab, where if plan.sample_axis is None
+                      else f"{where} {start}..{stop - 1} along axis {plan.sample_axis}")
+        tensor = loaded.preprocess(slab)
+        target, mask = _batch_target(loaded, source, request, plan, tensor, start, stop, device)
+        if mask is not None and not mask.any():
+            # no region pixel in these slices: nothing to explain, only predict
+            outputs = _forward(loaded.model, tensor, device)
+            batch_maps = np.zeros((len(tensor), *tensor.shape[2:]), dtype=np.float32)
+            target_indices = None
+        else:
+            result = explainer.explain(tensor, target)
+            outputs = result.outputs
+            batch_maps = _as_display_maps(np.asarray(result.maps, np.float32), request.method)
+            target_indices = result.target_indices
+        if request.target.kind == "all":
+            for k, label in enumerate(labels):
+                _write(plan, maps[label], start, stop, batch_maps[:, k])
+        else:
+            _write(plan, maps[labels[0]], start, stop, batch_maps)
+        for offset, probs in enumerate(class_probabilities(outputs)):
+            predictions[start + offset] = probs
+            if target_indices is not None:
+                indices[start + offset] = int(target_indices[offset])
+        if class_map is not None and outputs.ndim == 2 + card.spatial_dims:
+            _write(plan, class_map, start, stop, outputs.argmax(1).astype(np.int16))
+
+    for done in run_with_oom_backoff(range(count), request.batch_size, work, device):
+        yield done, count
+    sample_positions = [tuple(_position(plan, source, i)) for i in range(count)]
+    found = np.array(indices) if all(i >= 0 for i in indices) else None
+    return np.stack(predictions), sample_positions, found, class_map
+
+
+def _position(plan: Plan, source: ImageSource, sample: int) -> list[int]:
+    origin = list(plan.origin(source.shape))
+    if plan.sample_axis is not None:
+        origin[plan.sample_axis] = sample
+    return origin
+
+
+def _forward(model: torch.nn.Module, tensor: torch.Tensor, device: torch.device) -> np.ndarray:
+    with torch.no_grad():
+        return model(tensor.to(device)).float().cpu().numpy()
+
+
+def _batch_target(loaded, source, request, plan, tensor, start, stop, device):
+    """The engine target for one batch, and the region mask it uses (None: no mask)."""
+    choice = request.target
+    card = _card(loaded)
+    if choice.kind == "predicted":
+        return PredictedClass(), None
+    if choice.kind == "class":
+        if card.task == "segmentation":
+            return SegmentationRegion(int(choice.class_index)), None
+        return ClassTarget(int(choice.class_index)), None
+    if choice.kind == "all":
+        return AllClasses(), None
+    if choice.kind == "region":
+        if choice.mask is None:
+            return SegmentationRegion(int(choice.class_index)), None
+        mask = _read(source, plan, start, stop, data=choice.mask, channels=False) != 0
+        return SegmentationRegion(int(choice.class_index), mask), mask
+    # click
+    if card.task != "segmentation":
+        return PredictedClass(), None
+    outputs = _forward(loaded.model, tensor, device)
+    predicted = outputs.argmax(1)[0]
+    local = tuple(int(choice.point[a]) - plan.origin(source.shape)[a] for a in plan.spatial_axes)
+    if not all(0 <= p < s for p, s in zip(local, predicted.shape, strict=True)):
+        raise ValueError(f"the clicked point {choice.point} is outside the explained image")
+    clicked_class = int(predicted[local])
+    components, _ = ndimage.label(predicted == clicked_class)
+    mask = (components == components[local])[None]
+    return SegmentationRegion(clicked_class, mask), mask
+
+
+class _BlockView:
+    """The last three axes of the source at the fixed positions, as a 3D array for volume_job."""
+
+    def __init__(self, source: ImageSource, plan: Plan) -> None:
+        self.source, self.plan = source, plan
+        self.shape = tuple(source.shape[a] for a in plan.spatial_axes)
+        self.dtype = np.dtype(getattr(source.data, "dtype", np.float32))
+        self.ndim = 3
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        parts = list(key) if isinstance(key, tuple) else [key]
+        parts += [slice(None)] * (3 - len(parts))
+        full: list[object] = [self.plan.fixed[a] for a in range(self.source.ndim - 3)]
+        return np.asarray(self.source.data[tuple(full + parts)], dtype=np.float32)
+
+
+def _windows(loaded, explainer, source, request, plan, maps, labels) -> Generator:
+    card = _card(loaded)
+    view = _BlockView(source, plan)
+    window = _window(card, request, view.shape)
+    if request.target.kind == "all":
+        targets = list(range(len(labels)))
+    elif request.target.kind == "class":
+        targets = [int(request.target.class_index)]
+    else:
+        targets = [None]
+
+    def checked(batch: np.ndarray) -> torch.Tensor:
+        _check_finite(batch, "a window of the volume")
+        return loaded.preprocess(batch)
+
+    result = None
+    for step, target in enumerate(targets):
+        label = labels[step] if request.target.kind == "all" else labels[0]
+        out = maps[label].reshape(view.shape)
+        job = volume_job(explainer, view, mode="windows", window=window,
+                         overlap=request.overlap, batch_size=request.batch_size,
+                         target=target, preprocess=checked, out=out)
+        try:
+            while True:
+                done, total = next(job)
+                yield step * total + done, total * len(targets)
+        except StopIteration as finished:
+            result = finished.value
+    assert result is not None
+    offset = [plan.fixed[a] for a in range(source.ndim - 3)]
+    positions = [tuple(offset + list(corner)) for corner in result.positions]
+    return result.predictions, positions, result.target_indices, None, result.window
+
+
+def run_job(
+    job: Generator[tuple[int, int], None, Any],
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Any:
+    """Drain a job: report ``progress(done, total)`` and stop (raising :class:`Cancelled`)
+    between batches when ``should_stop()`` says so."""
+    try:
+        while True:
+            done, total = next(job)
+            if progress is not None:
+                progress(done, total)
+            if should_stop is not None and should_stop():
+                job.close()
+                raise Cancelled(f"stopped by the user after {done} of {total}")
+    except StopIteration as finished:
+        return finished.value
+
+
+def explain(loaded: Any, source: ImageSource, request: ExplainRequest | None = None,
+            **progress: Any) -> ExplainResult:
+    """:func:`explain_job`, drained (scripts, command line, tests)."""
+    return run_job(explain_job(loaded, source, request or ExplainRequest()), **progress)

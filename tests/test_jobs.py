@@ -1,0 +1,357 @@
+"""The Qt-free jobs: what each mode explains, where the map goes, and how failures read.
+
+Models are small built-in networks saved as real model cards + safetensors files in
+``tmp_path`` and loaded with ``load_model``, exactly as users' models are. Every map is checked
+against the engine called directly on the same slice, so the jobs' slicing, batching,
+RGB handling and placement are what is under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from scipy import ndimage
+from torch import nn
+
+from napari_gradcam.core.architectures import build_architecture
+from napari_gradcam.core.methods import GradCAM
+from napari_gradcam.core.models import load_model
+from napari_gradcam.core.targets import SegmentationRegion
+from napari_gradcam.core.volume import Cancelled, explain_volume
+from napari_gradcam.jobs import (
+    ExplainRequest,
+    ImageSource,
+    JobError,
+    TargetChoice,
+    explain,
+    explain_job,
+    plan_explanation,
+    run_job,
+)
+
+CLASSES = ("clean", "precipitates", "crack")
+
+
+def write_card(folder: Path, name: str, *, architecture: str = "resnet_like",
+               spatial_dims: int = 2, in_channels: int = 1, task: str = "classification",
+               widths: tuple[int, ...] = (4, 8, 8), preprocessing: str = "",
+               input_size: str = "null", seed: int = 0) -> Path:
+    """A real card + safetensors pair for a seeded built-in network."""
+    torch.manual_seed(seed)
+    model = build_architecture(architecture, spatial_dims=spatial_dims, in_channels=in_channels,
+                               num_classes=3, widths=widths)
+    save_file(model.state_dict(), folder / f"{name}.safetensors")
+    card = folder / f"{name}.yaml"
+    card.write_text(
+        f"name: {name}\n"
+        f"architecture: {architecture}\n"
+        f"architecture_kwargs: {{spatial_dims: {spatial_dims}, in_channels: {in_channels}, "
+        f"num_classes: 3, widths: {list(widths)}}}\n"
+        f"weights: {name}.safetensors\n"
+        f"spatial_dims: {spatial_dims}\n"
+        f"in_channels: {in_channels}\n"
+        f"task: {task}\n"
+        f"class_names: [{', '.join(CLASSES)}]\n"
+        f"input_size: {input_size}\n"
+        + (f"preprocessing:\n{preprocessing}" if preprocessing else ""),
+        encoding="utf-8",
+    )
+    return card
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    folder = tmp_path_factory.mktemp("cards")
+    clip = "  - {op: percentile_clip, low: 1.0, high: 99.0}\n"
+    return {
+        "c2": load_model(write_card(folder, "c2", preprocessing=clip)),
+        "c2rgb": load_model(write_card(folder, "c2rgb", in_channels=3)),
+        "c1": load_model(write_card(folder, "c1", spatial_dims=1, widths=(4, 8))),
+        "c3": load_model(write_card(folder, "c3", spatial_dims=3, widths=(2, 4),
+                                    input_size="[8, 8, 8]")),
+        "unet": load_model(write_card(folder, "unet", architecture="unet",
+                                      task="segmentation", widths=(4, 8))),
+        "two_channels": load_model(write_card(folder, "two_channels", in_channels=2)),
+        "folder": folder,
+    }
+
+
+def direct(loaded, array: np.ndarray, target=None) -> tuple[np.ndarray, np.ndarray]:
+    """The engine on one batch (B, *spatial): maps and softmax predictions."""
+    cam = GradCAM(loaded.model, loaded.card.target_layer)
+    result = cam.explain(loaded.preprocess(np.asarray(array, dtype=np.float32)), target)
+    return result.maps, result.probabilities
+
+
+def volume(shape=(5, 24, 20), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+def test_every_slice_equals_the_engine_per_slice(models) -> None:
+    loaded, data = models["c2"], volume()
+    result = explain(loaded, ImageSource("v", data),
+                     ExplainRequest(mode="slices", axis=0, batch_size=2))
+    maps, probabilities = direct(loaded, data)
+    assert result.origin == (0, 0, 0) and result.sample_axis == 0
+    np.testing.assert_allclose(result.maps["predicted"], maps, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(result.predictions, probabilities, rtol=1e-5, atol=1e-6)
+    assert len(result.positions) == 5 and result.positions[3] == (3, 0, 0)
+    assert result.target_indices.tolist() == probabilities.argmax(1).tolist()
+
+
+def test_slices_along_the_last_axis(models) -> None:
+    loaded, data = models["c2"], volume()
+    result = explain(loaded, ImageSource("v", data), ExplainRequest(mode="slices", axis=2))
+    maps, _ = direct(loaded, np.moveaxis(data, 2, 0))  # planes (z, y) at each x
+    np.testing.assert_allclose(result.maps["predicted"], np.moveaxis(maps, 0, 2),
+                               rtol=1e-4, atol=1e-7)
+    assert result.predictions.shape == (20, 3)
+
+
+def test_current_plane_of_a_4d_stack_is_placed_at_its_index(models) -> None:
+    loaded = models["c2"]
+    data = volume((2, 3, 16, 16))
+    result = explain(loaded, ImageSource("t", data, current_index=(1, 2, 5, 5)))
+    assert result.origin == (1, 2, 0, 0)
+    assert result.maps["predicted"].shape == (1, 1, 16, 16)
+    maps, _ = direct(loaded, data[1, 2][None])
+    np.testing.assert_allclose(result.maps["predicted"][0, 0], maps[0], rtol=1e-4, atol=1e-7)
+    # the viewer's displayed plane can be another pair of axes
+    sideways = explain(loaded, ImageSource("t", data, current_index=(1, 2, 5, 5)),
+                       ExplainRequest(plane=(1, 3)))
+    assert sideways.origin == (1, 0, 5, 0) and sideways.maps["predicted"].shape == (1, 3, 1, 16)
+
+
+def test_slices_of_a_4d_stack_keep_the_leading_axis_at_the_current_position(models) -> None:
+    data = volume((3, 4, 16, 16))
+    result = explain(models["c2"], ImageSource("t", data, current_index=(2, 0, 0, 0)),
+                     ExplainRequest(mode="slices", axis=1))
+    assert result.origin == (2, 0, 0, 0) and result.maps["predicted"].shape == (1, 4, 16, 16)
+    maps, _ = direct(models["c2"], data[2])
+    np.testing.assert_allclose(result.maps["predicted"][0], maps, rtol=1e-4, atol=1e-7)
+
+
+class CountingArray:
+    """An array-like that remembers the largest read, to prove slabs are read, not the lot."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self._data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+        self.largest_read = 0
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        part = self._data[key]
+        self.largest_read = max(self.largest_read, part.size)
+        return part
+
+
+def test_lazy_arrays_are_read_batch_by_batch(models) -> None:
+    data = volume((6, 24, 20))
+    expected = explain(models["c2"], ImageSource("v", data),
+                       ExplainRequest(mode="slices", axis=0, batch_size=2))
+    lazy = explain(models["c2"], ImageSource("v", da.from_array(data, chunks=(1, 24, 20))),
+                   ExplainRequest(mode="slices", axis=0, batch_size=2))
+    np.testing.assert_allclose(lazy.maps["predicted"], expected.maps["predicted"], rtol=1e-6)
+    counting = CountingArray(data)
+    explain(models["c2"], ImageSource("v", counting),
+            ExplainRequest(mode="slices", axis=0, batch_size=2))
+    assert counting.largest_read == 2 * 24 * 20
+    counting = CountingArray(data)
+    explain(models["c2"], ImageSource("v", counting, current_index=(4, 0, 0)))
+    assert counting.largest_read == 24 * 20
+
+
+def test_rgb_becomes_grey_for_one_channel_models_and_channels_for_three(models) -> None:
+    rgb = np.random.default_rng(1).integers(0, 255, (20, 24, 3)).astype(np.uint8)
+    grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    result = explain(models["c2"], ImageSource("rgb", rgb, rgb=True))
+    maps, _ = direct(models["c2"], grey[None])
+    np.testing.assert_allclose(result.maps["predicted"], maps[0], rtol=1e-4, atol=1e-7)
+    result = explain(models["c2rgb"], ImageSource("rgb", rgb, rgb=True))
+    maps, _ = direct(models["c2rgb"], np.moveaxis(rgb, -1, 0)[None])
+    np.testing.assert_allclose(result.maps["predicted"], maps[0], rtol=1e-4, atol=1e-7)
+
+
+def test_a_stack_of_spectra_is_explained_row_by_row(models) -> None:
+    spectra = volume((6, 64))
+    result = explain(models["c1"], ImageSource("xrd", spectra), ExplainRequest(batch_size=4))
+    maps, probabilities = direct(models["c1"], spectra)
+    assert result.maps["predicted"].shape == (6, 64) and result.sample_axis == 0
+    np.testing.assert_allclose(result.maps["predicted"], maps, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(result.predictions, probabilities, rtol=1e-5, atol=1e-6)
+
+
+def test_windows_use_the_volume_engine(models) -> None:
+    loaded, data = models["c3"], volume((12, 16, 16))
+    result = explain(loaded, ImageSource("ct", data),
+                     ExplainRequest(mode="windows", window=(8, 8, 8), overlap=0.5, batch_size=4))
+    cam = GradCAM(loaded.model, loaded.card.target_layer)
+    expected = explain_volume(cam, data, mode="windows", window=(8, 8, 8), overlap=0.5,
+                              batch_size=4, preprocess=loaded.preprocess)
+    np.testing.assert_allclose(result.maps["predicted"], expected.maps, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(result.predictions, expected.predictions, rtol=1e-5)
+    assert result.positions == expected.positions and result.window == (8, 8, 8)
+    # the prediction under a point is that of the window whose centre is nearest
+    nearest = result.prediction_at((11, 15, 15))
+    np.testing.assert_allclose(nearest, expected.predictions[-1])
+
+
+def test_current_window_of_a_3d_model_is_centred_and_clipped(models) -> None:
+    loaded, data = models["c3"], volume((12, 16, 16))
+    result = explain(loaded, ImageSource("ct", data, current_index=(11, 8, 1)),
+                     ExplainRequest(window=(8, 8, 8)))
+    assert result.origin == (4, 4, 0) and result.maps["predicted"].shape == (8, 8, 8)
+    maps, _ = direct(loaded, data[4:12, 4:12, 0:8][None])
+    np.testing.assert_allclose(result.maps["predicted"], maps[0], rtol=1e-4, atol=1e-7)
+
+
+def test_region_of_a_segmentation_model(models) -> None:
+    loaded, data = models["unet"], volume((3, 16, 16))
+    mask = np.zeros(data.shape, dtype=np.uint8)
+    mask[1, 4:9, 4:9] = 2  # only slice 1 has region pixels
+    result = explain(loaded, ImageSource("v", data),
+                     ExplainRequest(mode="slices", axis=0,
+                                    target=TargetChoice("region", class_index=2, mask=mask)))
+    assert list(result.maps) == ["crack in region"]
+    expected, _ = direct(loaded, data[1][None], SegmentationRegion(2, mask[1] > 0))
+    np.testing.assert_allclose(result.maps["crack in region"][1], expected[0], rtol=1e-4,
+                               atol=1e-7)
+    assert not result.maps["crack in region"][[0, 2]].any()  # no region, nothing explained
+    outputs = loaded.model(loaded.preprocess(data)).detach().numpy()
+    assert (result.class_map == outputs.argmax(1)).all()
+
+
+def test_click_on_a_segmentation_explains_the_predicted_object_there(models) -> None:
+    loaded, image = models["unet"], volume((16, 16))
+    point = (5, 7)
+    result = explain(loaded, ImageSource("m", image),
+                     ExplainRequest(target=TargetChoice("click", point=point)))
+    predicted = loaded.model(loaded.preprocess(image[None])).detach().numpy().argmax(1)[0]
+    clicked = int(predicted[point])
+    components, _ = ndimage.label(predicted == clicked)
+    expected, _ = direct(loaded, image[None],
+                         SegmentationRegion(clicked, components == components[point]))
+    np.testing.assert_allclose(result.maps["clicked"], expected[0], rtol=1e-4, atol=1e-7)
+    assert result.target_indices.tolist() == [clicked]
+
+
+def test_all_classes_gives_one_map_per_class(models) -> None:
+    loaded, data = models["c2"], volume((2, 16, 16))
+    result = explain(loaded, ImageSource("v", data),
+                     ExplainRequest(mode="slices", axis=0, target=TargetChoice("all")))
+    assert list(result.maps) == list(CLASSES)
+    for index, name in enumerate(CLASSES):
+        maps, _ = direct(loaded, data, index)
+        np.testing.assert_allclose(result.maps[name], maps, rtol=1e-4, atol=1e-7)
+
+
+def test_provenance_names_model_weights_and_choices(models) -> None:
+    loaded = models["c2"]
+    result = explain(loaded, ImageSource("img", volume((16, 16))),
+                     ExplainRequest(method="layercam", target=TargetChoice("class", 2)))
+    record = result.provenance
+    weights = models["folder"] / "c2.safetensors"
+    assert record["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert record["method"] == "layercam" and record["target"] == "crack"
+    assert record["model"] == "c2" and record["layers"] == ["features.3"]
+    assert record["preprocessing"][0]["op"] == "percentile_clip"
+    assert record["source"] == "img" and record["options"]["source_shape"] == [16, 16]
+    assert "torch" in record["versions"] and record["created"]
+    assert list(result.maps) == ["crack"]
+    low, high = result.contrast_limits["crack"]
+    assert low == 0.0 < high <= float(result.maps["crack"].max())
+
+
+def test_guided_backprop_gives_one_map_per_image(models) -> None:
+    result = explain(models["c2rgb"], ImageSource("rgb", volume((16, 16, 3)), rgb=True),
+                     ExplainRequest(method="guided-backprop"))
+    assert result.maps["predicted"].shape == (16, 16)
+    assert (result.maps["predicted"] >= 0).all() and result.maps["predicted"].max() > 0
+
+
+def test_cancel_stops_between_batches(models) -> None:
+    calls = []
+    job = explain_job(models["c2"], ImageSource("v", volume((6, 16, 16))),
+                      ExplainRequest(mode="slices", axis=0, batch_size=2))
+    with pytest.raises(Cancelled, match="after 2 of 6"):
+        run_job(job, progress=lambda done, total: calls.append((done, total)),
+                should_stop=lambda: True)
+    assert calls == [(2, 6)]
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: a clear message, raised before anything is computed where possible
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "request_", "words"),
+    [
+        ("c3", volume((16, 16)), ExplainRequest(), "explains 3D data"),
+        ("c2", volume((16, 16)), ExplainRequest(mode="slices"), "needs a stack"),
+        ("c2", volume((4, 16, 16)), ExplainRequest(mode="windows"), "for 3D models"),
+        ("c3", volume((12, 16, 16)), ExplainRequest(mode="slices"), "is 3D"),
+        ("two_channels", volume((16, 16)), ExplainRequest(), "channel"),
+        ("unet", volume((16, 16)), ExplainRequest(), "segments"),
+        ("c2", volume((16, 16)), ExplainRequest(target=TargetChoice("region", 1)),
+         "segmentation model"),
+        ("c2", volume((16, 16)), ExplainRequest(target=TargetChoice("class", 7)),
+         "out of range"),
+        ("c2", volume((16, 16)), ExplainRequest(mode="sideways"), "mode must be"),
+        ("c2", volume((16, 16)), ExplainRequest(batch_size=0), "batch size"),
+        ("c2", volume((4, 16, 16)), ExplainRequest(mode="slices", axis=5), "axis 5"),
+        ("c2", np.zeros((0, 16)), ExplainRequest(), "empty"),
+    ],
+)
+def test_plans_that_cannot_work_are_refused(models, model, data, request_, words) -> None:
+    with pytest.raises(ValueError, match=words):
+        plan_explanation(models[model], ImageSource("layer", data), request_)
+
+
+def test_unknown_target_kind_and_text_data_are_refused(models) -> None:
+    with pytest.raises(ValueError, match="target kind"):
+        TargetChoice("everything")
+    with pytest.raises(TypeError, match="numbers"):
+        plan_explanation(models["c2"], ImageSource("t", np.array([["a", "b"]] * 4)),
+                         ExplainRequest())
+
+
+def test_nan_in_a_slice_is_reported_with_its_position(models) -> None:
+    data = volume((4, 16, 16))
+    data[3, 2, 2] = np.nan
+    with pytest.raises(JobError, match=r"NaN.*slices 2\.\.3 along axis 0"):
+        explain(models["c2"], ImageSource("v", data),
+                ExplainRequest(mode="slices", axis=0, batch_size=2))
+
+
+class Picky(nn.Module):
+    """A classifier that fails on inputs larger than 64 pixels, the way a real one can."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        super().__init__()
+        self.error = error
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 64:
+            raise self.error("boom: the input is too large")
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_model_that_fails_is_reported(models) -> None:
+    loaded = load_model(Picky(RuntimeError))
+    with pytest.raises(JobError, match=r"the model failed.*boom"):
+        explain(loaded, ImageSource("big", volume((80, 80))))
+
+
+def test_out_of_memory_even_for_one_slice_is_reported(models) -> None:
+    loaded = load_model(Picky(MemoryError))
+    with (pytest.warns(RuntimeWarning, match="retrying with batch size"),
+          pytest.raises(JobError, match="out of memory")):
+        explain(loaded, ImageSource("big", volume((2, 80, 80))),
+                ExplainRequest(mode="slices", axis=0, batch_size=2))
