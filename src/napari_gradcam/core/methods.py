@@ -42,6 +42,8 @@ from napari_gradcam.core.engine import (
 from napari_gradcam.core.targets import (
     AllClasses,
     CallableTarget,
+    ClassTarget,
+    PredictedClass,
     SegmentationRegion,
     TargetSpec,
     resolve_target,
@@ -423,10 +425,11 @@ class GuidedGradCAM:
 
     def explain(self, x: torch.Tensor | np.ndarray, target: TargetSpec = None) -> CAMResult:
         cam = self.gradcam.explain(x, target)
-        indices = cam.target_indices
-        # Explain the very class Grad-CAM explained, even when the target was "predicted".
-        fixed_target = target if indices is None else [int(i) for i in indices]
-        guided = self.guided.explain(x, fixed_target)
+        resolved = resolve_target(target)
+        if isinstance(resolved, PredictedClass) and cam.target_indices is not None:
+            # Both halves explain the class Grad-CAM explained (fixed, not re-predicted).
+            resolved = ClassTarget(tuple(int(i) for i in cam.target_indices))
+        guided = self.guided.explain(x, resolved)
         guided.maps = guided.maps * cam.maps[:, None]
         guided.method, guided.layers = self.name, cam.layers
         guided.feature_shapes = cam.feature_shapes
