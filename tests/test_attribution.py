@@ -420,3 +420,19 @@ def test_bad_inputs_get_clear_errors() -> None:
         score_cam(cnn, "features.9", torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="feature map"):
         score_cam(cnn, "classifier", torch.randn(1, 1, 8, 8))
+
+
+class ReusesALayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.conv(x)).mean(dim=2)
+
+
+def test_score_cam_rejects_a_layer_that_runs_twice() -> None:
+    model = ReusesALayer().eval()
+    with pytest.raises(ValueError, match="runs exactly once"):
+        score_cam(model, "conv", torch.randn(1, 1, 8), target=0)
+    assert all(not module._forward_hooks for module in model.modules())

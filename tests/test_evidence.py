@@ -298,8 +298,31 @@ def test_randomisation_independent_layers_and_explicit_order() -> None:
     ]
     assert result.steps[0].spearman_per_sample.shape == (2,)
     default = randomisation_check(model, x, lambda m, inputs: saliency(m, inputs, target=0))
-    assert default.steps[0].layer == "classifier"
-    assert default.steps[-1].layer == "features.0.0"  # the stem convolution, called first
+    # Reverse execution order; each batch norm is randomised with the convolution before it.
+    assert [step.layer for step in default.steps] == [
+        "classifier", "features.2.shortcut.0", "features.2.conv2", "features.2.conv1",
+        "features.1.conv2", "features.1.conv1", "features.0.0",
+    ]
+    blocks = randomisation_check(model, x, lambda m, inputs: saliency(m, inputs, target=0),
+                                 depth=2)
+    assert [step.layer for step in blocks.steps] == [
+        "classifier", "features.2", "features.1", "features.0"
+    ]
+
+
+def test_randomisation_with_the_engines_grad_cam() -> None:
+    from napari_gradcam import GradCAM
+
+    torch.manual_seed(0)
+    model = build_architecture("resnet_like", spatial_dims=2, widths=(4, 8, 16)).eval()
+    x = torch.randn(2, 1, 32, 32)
+    result = randomisation_check(
+        model, x, lambda m, inputs: GradCAM(m, "features.3")(inputs, target=0), depth=2
+    )
+    np.testing.assert_allclose(result.original_map, GradCAM(model, "features.3")(x, target=0),
+                               rtol=1e-5, atol=1e-7)
+    assert len(result.steps) == 5 and not result.barely_changes
+    assert result.steps[-1].spearman < 0.5
 
 
 def test_randomisation_cancel_and_errors(blob_model) -> None:

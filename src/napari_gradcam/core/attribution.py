@@ -644,8 +644,13 @@ def score_cam(
         resolved = resolve_scorer(model, inputs, target, batch_size)
         handle = module.register_forward_hook(keep_activation)
         try:
-            for start, stop in batch_ranges(inputs.shape[0], batch_size):
+            for number, (start, stop) in enumerate(batch_ranges(inputs.shape[0], batch_size)):
                 forward(model, inputs[start:stop])
+                if len(captured) != number + 1:
+                    raise ValueError(
+                        f"layer {layer_name!r} ran {len(captured) - number} times in one forward "
+                        "pass (a reused module); Score-CAM needs a layer that runs exactly once"
+                    )
         finally:
             handle.remove()
         activations = torch.cat(captured, dim=0)

@@ -619,6 +619,9 @@ def _as_map_array(values: object) -> np.ndarray:
     return array
 
 
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
 def _parameter_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Modules that own parameters, in the order the forward pass calls them.
 
@@ -644,6 +647,36 @@ def _parameter_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
         for handle in handles:
             handle.remove()
     return called
+
+
+def _randomisation_groups(
+    model: nn.Module, x: torch.Tensor, depth: int | None
+) -> list[tuple[str, list[str]]]:
+    """``(label, module names)`` per step, bottom (input) first.
+
+    With ``depth`` the executed parameter layers are grouped by the first ``depth`` parts of
+    their dotted names (``depth=2`` gives ``features.3``, ``classifier``: whole blocks, as
+    in Adebayo et al.'s Inception figure). Without it each layer is a step, except that a
+    normalisation layer joins the layer executed just before it: re-initialising a batch norm
+    alone makes it the identity, which for a freshly initialised norm changes nothing and would
+    show up as a step where "nothing happened".
+    """
+    named = dict(model.named_modules())
+    groups: list[tuple[str, list[str]]] = []
+    for name in _parameter_layers(model, x):
+        if depth is not None:
+            label = ".".join(name.split(".")[:depth])
+            if groups and groups[-1][0] == label:
+                groups[-1][1].append(name)
+            elif label in [existing for existing, _ in groups]:
+                next(members for existing, members in groups if existing == label).append(name)
+            else:
+                groups.append((label, [name]))
+        elif isinstance(named[name], _NORM_TYPES) and groups:
+            groups[-1][1].append(name)
+        else:
+            groups.append((name, [name]))
+    return groups
 
 
 def _reinitialise(modules: Sequence[nn.Module], seed: int) -> None:
@@ -673,6 +706,7 @@ def randomisation_check(
     explainer: Explainer,
     *,
     layers: Sequence[str] | None = None,
+    depth: int | None = None,
     cascading: bool = True,
     threshold: float = 0.5,
     seed: int = 0,
@@ -690,7 +724,9 @@ def randomisation_check(
     each layer alone in a fresh copy (``cascading=False``), and the map is recomputed after
     each step. ``layers`` lists module names in the order to randomise (a container name
     randomises everything inside it); by default every module that owns parameters, in reverse
-    execution order (the classifier first).
+    execution order (the classifier first), with each normalisation layer randomised together
+    with the layer before it; ``depth=2`` instead makes one step per block named by the first
+    two parts of the dotted names (``classifier``, ``features.3``, ``features.2``, ...).
 
     Each step reports the Spearman rank correlation and SSIM (after min-max normalisation) with
     the original map, per sample and averaged. A step with Spearman >= ``threshold`` is
@@ -707,18 +743,21 @@ def randomisation_check(
     inputs = as_input_tensor(x, model)
     pristine = copy.deepcopy(model).eval()
     named = dict(pristine.named_modules())
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ValueError(f"depth counts parts of a dotted name: a positive integer, got {depth!r}")
     if layers is None:
-        order = list(reversed(_parameter_layers(pristine, inputs)))
+        order = list(reversed(_randomisation_groups(pristine, inputs, depth)))
         if not order:
             raise ValueError("the model has no parameters to randomise")
     else:
-        order = [layers] if isinstance(layers, str) else list(layers)
-        unknown = [name for name in order if name not in named or name == ""]
+        names = [layers] if isinstance(layers, str) else list(layers)
+        unknown = [name for name in names if name not in named or name == ""]
         if unknown:
             raise ValueError(f"layers {unknown} are not in the model; names come from "
                              "model.named_modules(), e.g. 'classifier' or 'features.3'")
-        if not order:
+        if not names:
             raise ValueError("layers is empty: name at least one layer to randomise")
+        order = [(name, [name]) for name in names]
     tracker = ProgressTracker(len(order) + 1, progress, should_stop, "explainer calls")
     tracker.check()
     original = _as_map_array(explainer(pristine, inputs))
@@ -729,12 +768,13 @@ def randomisation_check(
                                  cascading=cascading)
     working = copy.deepcopy(pristine) if cascading else None
     randomised: list[str] = []
-    for step, name in enumerate(order):
+    for step, (name, members) in enumerate(order):
         tracker.check()
         subject = working if cascading else copy.deepcopy(pristine)
         assert subject is not None
         modules = dict(subject.named_modules())
-        _reinitialise(list(modules[name].modules()), seed + step)
+        chosen = {id(m): m for member in members for m in modules[member].modules()}
+        _reinitialise(list(chosen.values()), seed + step)
         randomised = [*randomised, name] if cascading else [name]
         current = _as_map_array(explainer(subject, inputs))
         if current.shape != original.shape:
