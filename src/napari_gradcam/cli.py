@@ -1,0 +1,330 @@
+"""``napari-gradcam``: explain CT volumes from the command line, on one machine or a cluster.
+
+    napari-gradcam sample ct scan.tif                       # a synthetic CT volume to try
+    napari-gradcam models                                   # the demo models
+    napari-gradcam models ct-patch-classifier               # its feature layers
+    napari-gradcam explain scan.tif --model ct-patch-classifier --out maps.zarr
+    napari-gradcam explain scan.tif --model my_card.yaml --mode slices --workers 4 --out m.zarr
+    napari maps.zarr                                        # opens with the right scale
+
+Exit codes: 0 done, 1 failure, 2 bad usage or input (one line on stderr, no traceback),
+130 cancelled (Ctrl-C or SIGTERM; the partial output is removed).
+
+Adding a subcommand: write ``def add_x(subparsers)`` that calls ``subparsers.add_parser(...)``
+and ``parser.set_defaults(handler=function)`` where ``function(args) -> int``, decorate it
+with :func:`register_command` (or list its module in :data:`COMMAND_MODULES`); the handler's
+exceptions are mapped to exit codes here, so handlers just raise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
+
+Registrar = Callable[[Any], None]
+_REGISTRARS: list[Registrar] = []
+
+#: Modules imported when the parser is built, so that they can register subcommands (a module
+#: that is missing is skipped: commands can live in optional parts of the package).
+COMMAND_MODULES: tuple[str, ...] = ("napari_gradcam.cli_evidence",)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError, KeyError)
+
+
+def register_command(registrar: Registrar) -> Registrar:
+    """Decorator: ``registrar(subparsers)`` adds one subcommand to ``napari-gradcam``."""
+    if registrar not in _REGISTRARS:
+        _REGISTRARS.append(registrar)
+    return registrar
+
+
+class UsageError(ValueError):
+    """Bad command-line input found after parsing (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class ProgressBar:
+    """``[#####     ] 12/64`` redrawn in place on a terminal; plain lines every 10 % (or 30 s)
+    otherwise, so logs of batch jobs stay readable."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.perf_counter()
+        self._last_line = -1.0
+        self._last_fraction = -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        elapsed = time.perf_counter() - self.started
+        if self.tty:
+            filled = round(self.width * fraction)
+            bar = "#" * filled + " " * (self.width - filled)
+            end = "\n" if done >= total else ""
+            self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {elapsed:6.1f} s{end}")
+            self.stream.flush()
+            return
+        if done >= total or fraction - self._last_fraction >= 0.1 or (
+                elapsed - self._last_line >= 30):
+            self.stream.write(f"{self.label}: {done}/{total} ({100 * fraction:.0f} %) "
+                              f"{elapsed:.1f} s\n")
+            self.stream.flush()
+            self._last_fraction, self._last_line = fraction, elapsed
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@register_command
+def add_explain(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "explain", help="explain a volume file and write the heatmap volume",
+        description="Explain a 3D volume (TIFF, zarr, OME-Zarr or .npy) with a model and "
+        "write the Grad-CAM volume with its voxel size and provenance (OME-Zarr recommended).")
+    parser.add_argument("input", help="volume file: .tif/.tiff, .zarr/.ome.zarr or .npy")
+    parser.add_argument("--model", required=True, metavar="NAME|CARD",
+                        help="a demo model name (see 'napari-gradcam models') or a model card "
+                        ".yaml")
+    parser.add_argument("--layer", help="layer to explain (default: the card's target layer)")
+    parser.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++, "
+                        "hirescam, xgradcam, layercam, cam")
+    parser.add_argument("--target", default="predicted", metavar="predicted|INDEX|CLASS",
+                        help="class to explain (default: the predicted class of each slice or "
+                        "window)")
+    parser.add_argument("--mode", choices=("slices", "volume"),
+                        help="slices: a 2D model slice by slice; volume: a 3D model over "
+                        "overlapping windows (default: from the model)")
+    parser.add_argument("--axis", type=int, default=0, help="slice axis (slices mode)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="slices or windows per forward pass")
+    parser.add_argument("--window", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                        help="window size (volume mode; default: the model's input size)")
+    parser.add_argument("--overlap", type=float, default=0.25,
+                        help="window overlap fraction (volume mode)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="output precision (float16 halves the file size)")
+    parser.add_argument("--chunk", type=int,
+                        help="planes per task and per output chunk (default: automatic)")
+    parser.add_argument("--out", required=True, metavar="OUT.zarr",
+                        help="output: .zarr (OME-Zarr), .tif or .npy")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--trust", action="store_true",
+                        help="allow model files that can run code (pickled models, factory "
+                        "functions); only for files you trust")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="run on a local dask cluster of N worker processes")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run on an existing dask cluster, e.g. tcp://head:8786")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parser.set_defaults(handler=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from napari_gradcam.distributed import ExplainOptions, explain_file, run_distributed
+
+    target: str | int | None = args.target
+    options = ExplainOptions(
+        method=args.method, layer=args.layer, target=target, mode=args.mode, axis=args.axis,
+        batch_size=args.batch_size, window=tuple(args.window) if args.window else None,
+        overlap=args.overlap, device=args.device, dtype=args.dtype, trust=args.trust,
+        chunk=args.chunk,
+    )
+    distributed = args.workers is not None or args.scheduler is not None
+    progress = None if args.quiet else ProgressBar("chunks" if distributed else "batches")
+    if distributed:
+        summary = run_distributed(args.input, args.model, args.out, options=options,
+                                  overwrite=args.overwrite, workers=args.workers,
+                                  scheduler_address=args.scheduler, progress=progress)
+    else:
+        summary = explain_file(args.input, args.model, args.out, options=options,
+                               overwrite=args.overwrite, progress=progress,
+                               notify=lambda message: print(message, file=sys.stderr))
+    if not args.quiet:
+        print(summary.describe())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- models
+
+
+@register_command
+def add_models(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "models", help="list the demo models, or one model's feature layers",
+        description="Without an argument: the demo models. With a name or card: the layers "
+        "whose output is a feature map (what --layer accepts), with their output shapes.")
+    parser.add_argument("model", nargs="?", metavar="NAME|CARD")
+    parser.add_argument("--trust", action="store_true",
+                        help="allow model files that can run code")
+    parser.set_defaults(handler=run_models)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from napari_gradcam.core.models import list_demo_models, load_model
+
+    if args.model is None:
+        cards = list_demo_models()
+        if not cards:
+            print("no demo models are installed; give a model card: napari-gradcam models "
+                  "CARD.yaml")
+            return EXIT_OK
+        rows = [("name", "dims", "task", "classes", "default layer")]
+        rows += [(c.name, f"{c.spatial_dims}D", c.task, ", ".join(c.class_names),
+                  c.target_layer or "(auto)") for c in cards]
+        _print_table(rows)
+        return EXIT_OK
+    loaded = load_model(args.model, trust=args.trust, device="cpu")
+    card = loaded.card
+    size = card.input_size or "64 per axis"
+    print(f"{card.name}: {card.spatial_dims}D {card.task}, {card.in_channels} input "
+          f"channel(s), classes: {', '.join(card.class_names)}")
+    if card.description:
+        print(card.description)
+    print(f"feature-map layers (output shape C x spatial for an input of {size}); "
+          "* = default:")
+    rows = [("", "layer", "type", "output shape")]
+    for layer in loaded.feature_layers:
+        mark = "*" if layer.name == card.target_layer else ""
+        shape = " x ".join(str(s) for s in layer.output_shape)
+        calls = "" if layer.calls == 1 else f" (runs {layer.calls}x)"
+        rows.append((mark, layer.name, layer.type_name + calls, shape))
+    _print_table(rows)
+    return EXIT_OK
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths,
+                                                                      strict=True)).rstrip())
+
+
+# --------------------------------------------------------------------------- sample
+
+
+@register_command
+def add_sample(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "sample", help="write a synthetic sample volume (to try the other commands)",
+        description="Write a synthetic X-ray CT volume (cylindrical specimen with pores, a "
+        "fatigue crack and reconstruction artefacts) as an ImageJ TIFF with its voxel size.")
+    parser.add_argument("name", choices=("ct",), help="ct: X-ray CT volume (uint16)")
+    parser.add_argument("out", metavar="OUT.tif")
+    parser.add_argument("--shape", type=int, nargs=3, default=(128, 128, 128),
+                        metavar=("Z", "Y", "X"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--labels", metavar="LABELS.tif",
+                        help="also write the ground-truth labels (1 pore, 2 crack)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.set_defaults(handler=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from napari_gradcam.io import check_output_path, output_kind, write_tiff_volume
+    from napari_gradcam.samples.ct_volume import make_ct_volume
+
+    for path in filter(None, (args.out, args.labels)):
+        if output_kind(path) != "tiff":
+            raise UsageError(f"sample volumes are written as TIFF; name the file *.tif, not "
+                             f"{path!r}")
+        check_output_path(path, args.overwrite)
+    sample = make_ct_volume(tuple(args.shape), seed=args.seed)
+    write_tiff_volume(args.out, sample.volume, scale=sample.scale, unit="micrometer",
+                      overwrite=args.overwrite)
+    print(f"wrote {args.out}: {sample.volume.shape} {sample.volume.dtype}, voxel size "
+          f"{sample.scale} micrometer")
+    if args.labels:
+        write_tiff_volume(args.labels, sample.labels, scale=sample.scale, unit="micrometer",
+                          overwrite=args.overwrite)
+        print(f"wrote {args.labels}: labels 1 pore, 2 crack")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, with every registered subcommand."""
+    from napari_gradcam import __version__
+
+    for module in COMMAND_MODULES:
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(module)
+    parser = argparse.ArgumentParser(
+        prog="napari-gradcam",
+        description="Grad-CAM for materials-science CNNs, headless: explain volumes, list "
+        "models, write samples.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for registrar in _REGISTRARS:
+        registrar(subparsers)
+    return parser
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a batch system's kill) unwinds like Ctrl-C, so partial outputs are removed."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: str) -> None:
+    print(f"napari-gradcam: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or argparse's own usage errors
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
+    from napari_gradcam.core.volume import Cancelled
+
+    try:
+        with _sigterm_as_interrupt():
+            return int(args.handler(args))
+    except (KeyboardInterrupt, Cancelled):
+        print("\nnapari-gradcam: cancelled; no output was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except USAGE_ERRORS as error:
+        if args.debug:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        _error(str(message))
+        return EXIT_USAGE
+    except Exception as error:
+        if args.debug:
+            raise
+        _error(f"{type(error).__name__}: {error} (run with --debug for the traceback)")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

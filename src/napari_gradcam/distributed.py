@@ -1,0 +1,733 @@
+"""Explaining volume files, in one process or chunk by chunk on dask workers.
+
+Two entry points share every decision (model, layer, target, mode, window, output layout,
+provenance), so a run on a cluster writes the same file as a run on a laptop:
+
+* :func:`explain_file`: one process; the engine streams slabs from the input and writes the
+  maps straight into the output store.
+* :func:`run_distributed`: the volume is cut into chunks along one axis; each dask task explains
+  one chunk and writes its own region of the output zarr. Output chunks are aligned with the
+  task chunks, so two tasks never write the same zarr chunk (no locks, and a retried task just
+  rewrites its region).
+
+Results are **identical** to the single-process engine, not just close:
+
+* *slices*: a chunk is a whole number of engine batches (``chunk`` is a multiple of
+  ``batch_size`` and chunks start at multiples of it), so every slice is explained in exactly
+  the same batch as in one process.
+* *windows*: a chunk ``[z0, z1)`` gathers every window of the global grid
+  (:func:`napari_gradcam.core.volume.window_starts`) that touches it, in the engine's order and
+  batches, adds their Gaussian-weighted maps restricted to the chunk and divides by the summed
+  weights, so each voxel sees the same terms in the same order as in
+  :func:`napari_gradcam.explain_volume`. Windows that straddle a chunk border are computed by
+  both chunks (the "halo"); larger chunks waste less.
+
+Memory per worker is bounded by the chunk, not the volume: a *slices* task holds its input slab
+and its map slab (``chunk × Y × X`` each, float32) plus one batch of activations; a *windows*
+task holds one window-deep input slab, two float32 accumulators ``chunk × Y × X`` and one batch
+of windows' activations. Each worker process loads the model once and keeps it (a per-process
+cache keyed by the model source), so only the first task on a worker pays for loading.
+
+A worker that dies mid-run is survived: the scheduler re-runs its tasks elsewhere (or on the
+restarted worker), and since each task overwrites exactly its own region the result is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_gradcam.core.provenance import make_provenance
+from napari_gradcam.io import ATTRS_KEY, default_chunks, open_output, read_volume
+
+ProgressCallback = Callable[[int, int], None]
+
+#: Modes as the command line spells them, mapped to the engine's names.
+MODE_ALIASES = {"slices": "slices", "volume": "windows", "windows": "windows"}
+DEFAULT_WINDOW = (64, 64, 64)
+_PREDICTIONS_KEPT = 10_000  # per-slice/window probabilities stored in the provenance up to this
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """How to explain a volume file; the command line's flags, as one value.
+
+    ``mode`` ``None`` follows the model (2D model: slices, 3D model: windows); ``layer``
+    ``None`` uses the card's layer; ``target`` is ``None``/``"predicted"``, a class index or a
+    class name; ``window`` ``None`` uses the card's ``input_size`` (3D models) or 64³;
+    ``chunk`` is the depth of one task and of the output's zarr chunks (``None``: a sensible
+    default); ``torch_threads`` limits torch's threads per process (``None``: torch's default).
+    """
+
+    method: str = "gradcam"
+    layer: str | None = None
+    target: str | int | None = None
+    mode: str | None = None
+    axis: int = 0
+    batch_size: int = 8
+    window: tuple[int, ...] | None = None
+    overlap: float = 0.25
+    device: str | None = "auto"
+    dtype: str = "float32"
+    trust: bool = False
+    chunk: int | None = None
+    torch_threads: int | None = None
+
+
+@dataclass
+class RunSummary:
+    """What a run produced: where, what shape and scale, how long, what the model predicted."""
+
+    output: Path
+    shape: tuple[int, ...]
+    scale: tuple[float, ...]
+    unit: str | None
+    seconds: float
+    mode: str
+    axis: int | None
+    window: tuple[int, ...] | None
+    class_names: tuple[str, ...]
+    predictions: np.ndarray
+    positions: list[tuple[int, ...]]
+    value_range: tuple[float, float]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def voxels_per_second(self) -> float:
+        return math.prod(self.shape) / max(self.seconds, 1e-9)
+
+    def predicted_counts(self) -> dict[str, int]:
+        """How many slices (or windows) the model assigned to each class (argmax)."""
+        if self.predictions.size == 0:
+            return {}
+        winners = np.argmax(self.predictions, axis=1)
+        counts = np.bincount(winners, minlength=len(self.class_names))
+        return {name: int(n) for name, n in zip(self.class_names, counts, strict=False)}
+
+    def describe(self) -> str:
+        """A few lines for a terminal: output, geometry, speed, predictions overview."""
+        unit = f" {self.unit}" if self.unit else " (pixels)"
+        items = "slices" if self.mode == "slices" else "windows"
+        how = (f"slices along axis {self.axis}" if self.mode == "slices"
+               else f"windows of {'x'.join(map(str, self.window or ()))}")
+        counts = ", ".join(f"{name} {n}" for name, n in self.predicted_counts().items() if n)
+        prov = self.provenance
+        return "\n".join([
+            f"wrote {self.output}",
+            f"  shape {self.shape}, voxel size {tuple(round(s, 6) for s in self.scale)}{unit}",
+            f"  {prov.get('method', '?')} on {', '.join(prov.get('layers', []))} of "
+            f"{prov.get('model', '?')}, target: {prov.get('target', '?')}, {how}",
+            f"  {len(self.positions)} {items} in {self.seconds:.1f} s "
+            f"({self.voxels_per_second:,.0f} voxels/s)",
+            f"  map values {self.value_range[0]:.4g} .. {self.value_range[1]:.4g}",
+            f"  predicted ({items}): {counts or 'n/a'}",
+        ])
+
+
+# --------------------------------------------------------------------------- shared planning
+
+
+def resolve_class_target(target: str | int | None, class_names: Sequence[str]) -> int | None:
+    """``None``/``"predicted"`` → None (argmax per slice); an index or a class name → index."""
+    if target is None or (isinstance(target, str) and target.strip().lower() == "predicted"):
+        return None
+    count = len(class_names)
+    if isinstance(target, str):
+        text = target.strip()
+        if text in class_names:
+            return list(class_names).index(text)
+        try:
+            target = int(text)
+        except ValueError:
+            raise ValueError(
+                f"target {text!r} is not a class of this model; choose 'predicted', an index "
+                f"0..{count - 1} or one of: {', '.join(class_names)}"
+            ) from None
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+        raise TypeError(f"target must be 'predicted', a class index or a class name, got "
+                        f"{type(target).__name__}")
+    if not 0 <= int(target) < count:
+        raise ValueError(f"target class {target} is out of range: the model has {count} classes "
+                         f"({', '.join(class_names)})")
+    return int(target)
+
+
+def describe_target(index: int | None, class_names: Sequence[str]) -> str:
+    return "predicted class" if index is None else f"class {index} ({class_names[index]})"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before any work starts (checked once, in the driver)."""
+
+    mode: str
+    axis: int
+    window: tuple[int, ...] | None
+    chunk: int
+    chunks: tuple[int, ...]
+    target: int | None
+    layer: str
+
+
+def make_plan(loaded: Any, shape: Sequence[int], options: ExplainOptions) -> Plan:
+    """Check the options against the model and the volume; choose chunking and defaults."""
+    card = loaded.card
+    shape = tuple(int(s) for s in shape)
+    mode = options.mode or ("windows" if card.spatial_dims == 3 else "slices")
+    if mode not in MODE_ALIASES:
+        raise ValueError(f"mode must be 'slices' or 'volume', got {mode!r}")
+    mode = MODE_ALIASES[mode]
+    if mode == "slices" and card.spatial_dims != 2:
+        raise ValueError(f"model {card.name!r} takes {card.spatial_dims}D input; slice-wise "
+                         "explanation needs a 2D model (use --mode volume for a 3D model)")
+    if mode == "windows" and card.spatial_dims != 3:
+        raise ValueError(f"model {card.name!r} takes {card.spatial_dims}D input; --mode volume "
+                         "needs a 3D model (use --mode slices for a 2D model)")
+    if options.batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {options.batch_size}")
+    if not -3 <= options.axis < 3:
+        raise ValueError(f"axis must be 0, 1 or 2, got {options.axis}")
+    axis = options.axis % 3 if mode == "slices" else 0
+    target = resolve_class_target(options.target, card.class_names)
+    if target is None and card.task == "segmentation":
+        raise ValueError(f"model {card.name!r} segments (one class per pixel), so there is no "
+                         "single predicted class per slice: choose the class to explain with "
+                         f"--target ({', '.join(card.class_names)})")
+    window = None
+    if mode == "windows":
+        window = tuple(int(w) for w in (options.window or card.input_size or DEFAULT_WINDOW))
+        if len(window) != 3 or min(window) < 1:
+            raise ValueError(f"window must be three positive sizes (z, y, x), got {window}")
+        if not 0.0 <= options.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {options.overlap}")
+    length = shape[axis]
+    if options.chunk is not None and options.chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {options.chunk}")
+    if mode == "slices":
+        # Whole engine batches per chunk, so every slice is explained in the same batch as in
+        # a single process (bitwise identical maps).
+        wanted = options.chunk or max(32, options.batch_size)
+        chunk = options.batch_size * max(1, round(wanted / options.batch_size))
+    else:
+        assert window is not None
+        chunk = options.chunk or 2 * min(window[0], length)
+    chunk = max(1, min(chunk, length))
+    chunks = default_chunks(shape, depth_axis=axis, depth=chunk)
+    layer = options.layer or card.target_layer
+    if layer not in dict(loaded.model.named_modules()):
+        known = ", ".join(info.name for info in loaded.feature_layers[-8:])
+        raise ValueError(f"model {card.name!r} has no layer {layer!r}; feature-map layers "
+                         f"include: {known} (see: napari-gradcam models {card.name})")
+    return Plan(mode, axis, window, chunk, chunks, target, layer)
+
+
+def make_explainer_for(loaded: Any, plan: Plan, method: str) -> Any:
+    from napari_gradcam.core.methods import make_explainer
+
+    return make_explainer(method, loaded.model, plan.layer)
+
+
+def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_path: Path,
+                     scale: Sequence[float], unit: str | None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    card = loaded.card
+    run_options: dict[str, Any] = {
+        "batch_size": options.batch_size, "dtype": options.dtype, "device": options.device,
+        "chunk": plan.chunk, "voxel_size": list(scale), "unit": unit,
+    }
+    if plan.mode == "slices":
+        run_options["axis"] = plan.axis
+    else:
+        run_options.update(window=list(plan.window or ()), overlap=options.overlap,
+                           blend="gaussian")
+    run_options.update(extra or {})
+    record = make_provenance(
+        method=options.method,
+        layers=[plan.layer],
+        target=describe_target(plan.target, card.class_names),
+        model_name=card.name,
+        weights_sha256=loaded.weights_sha256,
+        preprocessing=list(card.preprocessing),
+        mode=plan.mode,
+        source=str(input_path),
+        options=run_options,
+    )
+    record["class_names"] = list(card.class_names)
+    record["model_source"] = loaded.source
+    return record
+
+
+def _prediction_attrs(predictions: np.ndarray, positions: list[tuple[int, ...]],
+                      class_names: Sequence[str], value_range: tuple[float, float],
+                      seconds: float) -> dict[str, Any]:
+    counts = {}
+    if predictions.size:
+        winners = np.bincount(np.argmax(predictions, 1), minlength=len(class_names))
+        counts = {name: int(n) for name, n in zip(class_names, winners, strict=False)}
+    attrs: dict[str, Any] = {
+        "predicted_counts": counts,
+        "value_range": [float(value_range[0]), float(value_range[1])],
+        "seconds": round(seconds, 3),
+    }
+    if len(positions) <= _PREDICTIONS_KEPT:
+        attrs["predictions"] = {
+            "positions": [list(p) for p in positions],
+            "probabilities": np.round(predictions, 6).tolist(),
+        }
+    return attrs
+
+
+def _finish_output(output: Any, summary_attrs: dict[str, Any]) -> None:
+    from napari_gradcam.io import set_display_window
+
+    output.update_attrs(summary_attrs)
+    if output.kind == "zarr":
+        low, high = summary_attrs["value_range"]
+        set_display_window(output.partial, low, high)
+
+
+def _value_range(array: Any, chunks: Sequence[int]) -> tuple[float, float]:
+    import dask.array as da
+
+    lazy = da.from_array(array, chunks=tuple(chunks))
+    low, high = da.compute(lazy.min(), lazy.max(), scheduler="synchronous")
+    return float(low), float(high)
+
+
+def _as_input_path(input_path: str | os.PathLike) -> Path:
+    if not isinstance(input_path, (str, os.PathLike)):
+        raise TypeError(
+            "give the input as a file path (TIFF, zarr or .npy): it is read slab by slab, and "
+            "on a cluster every worker opens it itself; save an in-memory array first with "
+            "napari_gradcam.io.write_volume"
+        )
+    return Path(input_path).expanduser().resolve()
+
+
+def _model_source(source: Any) -> Any:
+    """A path-like source made absolute, so workers with another working folder find it."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.exists():
+            return str(path.resolve())
+        return str(source)
+    return source
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def explain_file(
+    input_path: str | os.PathLike,
+    model_source: Any,
+    out_path: str | os.PathLike,
+    *,
+    options: ExplainOptions | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """Explain a volume file into an output file (``.zarr`` recommended) in this process.
+
+    ``model_source`` is anything :func:`napari_gradcam.core.models.load_model` takes (a demo
+    name, a card path, a live module). The output appears only when the run has finished;
+    :class:`napari_gradcam.Cancelled` is raised when ``should_stop()`` turns true.
+    """
+    from napari_gradcam.core.volume import explain_volume
+    from napari_gradcam.io import check_output_path
+
+    options = options or ExplainOptions()
+    input_path = _as_input_path(input_path)
+    check_output_path(out_path, overwrite)
+    volume, voxel = read_volume(input_path)
+    loaded = get_model(_model_source(model_source), options.device, options.trust,
+                       options.torch_threads)
+    plan = make_plan(loaded, volume.shape, options)
+    explainer = make_explainer_for(loaded, plan, options.method)
+    record = build_provenance(loaded, plan, options, input_path, voxel.scale, voxel.unit,
+                              {"scheduler": "single process"})
+    started = time.perf_counter()
+    with open_output(out_path, volume.shape, scale=voxel.scale, unit=voxel.unit,
+                     dtype=options.dtype, chunks=plan.chunks, attrs=record,
+                     overwrite=overwrite) as output:
+        engine_options: dict[str, Any] = {"mode": plan.mode, "batch_size": options.batch_size,
+                                          "target": plan.target,
+                                          "preprocess": loaded.preprocess,
+                                          "out": output.array, "notify": notify}
+        if plan.mode == "slices":
+            engine_options["axis"] = plan.axis
+        else:
+            engine_options.update(window=plan.window, overlap=options.overlap)
+        with _model_lock(loaded):
+            result = explain_volume(explainer, volume, progress=progress,
+                                    should_stop=should_stop, **engine_options)
+        value_range = _value_range(output.array, plan.chunks)
+        seconds = time.perf_counter() - started
+        attrs = _prediction_attrs(result.predictions, result.positions,
+                                  loaded.card.class_names, value_range, seconds)
+        _finish_output(output, attrs)
+    record.update(attrs)
+    return RunSummary(Path(out_path).expanduser(), tuple(volume.shape), voxel.scale, voxel.unit,
+                      seconds, plan.mode, plan.axis if plan.mode == "slices" else None,
+                      plan.window, tuple(loaded.card.class_names), result.predictions,
+                      list(result.positions), value_range, record)
+
+
+# --------------------------------------------------------------------------- per-process cache
+
+_MODELS: dict[tuple[Any, ...], Any] = {}
+_LOCKS: dict[int, threading.Lock] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_model(source: Any, device: str | None = "auto", trust: bool = False,
+              torch_threads: int | None = None) -> Any:
+    """The :class:`LoadedModel` for ``source``, loaded once per process and then reused.
+
+    Strings and paths are cached by value; a live module by identity. Each cached model has a
+    lock (:func:`_model_lock`): the engine's hooks are per model, so two threads of one worker
+    must not explain with the same model at the same time.
+    """
+    from napari_gradcam.core.models import load_model
+
+    if torch_threads:
+        import torch
+
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+    key_source = source if isinstance(source, (str, os.PathLike)) else id(source)
+    key = (str(key_source), device, trust)
+    with _CACHE_LOCK:
+        loaded = _MODELS.get(key)
+        if loaded is None:
+            loaded = load_model(source, trust=trust, device=device)
+            _MODELS[key] = loaded
+            _LOCKS[id(loaded)] = threading.Lock()
+    return loaded
+
+
+def _model_lock(loaded: Any) -> threading.Lock:
+    with _CACHE_LOCK:
+        return _LOCKS.setdefault(id(loaded), threading.Lock())
+
+
+def clear_model_cache() -> None:
+    """Forget the models loaded in this process (tests, or to free memory)."""
+    with _CACHE_LOCK:
+        _MODELS.clear()
+        _LOCKS.clear()
+
+
+# --------------------------------------------------------------------------- one chunk
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One task: explain ``[start, stop)`` along the plan's axis and write it to the output."""
+
+    input_path: str
+    model_source: Any
+    out_array: str
+    options: ExplainOptions
+    plan: Plan
+    start: int
+    stop: int
+
+
+@dataclass
+class ChunkResult:
+    start: int
+    stop: int
+    predictions: np.ndarray
+    positions: list[tuple[int, ...]]
+    low: float
+    high: float
+    worker_pid: int
+
+
+_VOLUMES: dict[str, Any] = {}
+
+
+def _open_input(path: str) -> Any:
+    with _CACHE_LOCK:
+        if path not in _VOLUMES:
+            _VOLUMES[path] = read_volume(path, lazy=True)[0]
+        return _VOLUMES[path]
+
+
+def explain_chunk(task: ChunkTask) -> ChunkResult:
+    """Run one chunk (in a worker process): explain it and write its region of the output."""
+    import zarr
+
+    volume = _open_input(task.input_path)
+    options, plan = task.options, task.plan
+    loaded = get_model(task.model_source, options.device, options.trust, options.torch_threads)
+    explainer = make_explainer_for(loaded, plan, options.method)
+    with _model_lock(loaded):
+        if plan.mode == "slices":
+            maps, predictions, positions = _slices_chunk(explainer, loaded, volume, task)
+        else:
+            maps, predictions, positions = _windows_chunk(explainer, loaded, volume, task)
+    region = [slice(None)] * 3
+    region[plan.axis] = slice(task.start, task.stop)
+    # mode="r+" fails if the run was cancelled and its partial output already removed.
+    out = zarr.open_array(task.out_array, mode="r+")
+    out[tuple(region)] = maps
+    return ChunkResult(task.start, task.stop, predictions, positions, float(maps.min()),
+                       float(maps.max()), os.getpid())
+
+
+def _slices_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
+                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, ...]]]:
+    from napari_gradcam.core.volume import explain_volume
+
+    plan = task.plan
+    index = [slice(None)] * 3
+    index[plan.axis] = slice(task.start, task.stop)
+    slab = np.asarray(volume[tuple(index)])
+    maps = np.zeros(slab.shape, dtype=np.float32)
+    result = explain_volume(explainer, slab, mode="slices", axis=plan.axis,
+                            batch_size=task.options.batch_size, target=plan.target,
+                            preprocess=loaded.preprocess, out=maps)
+    positions = [(task.start + p[0],) for p in result.positions]
+    return maps, result.predictions, positions
+
+
+def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
+                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, ...]]]:
+    """The engine's windowed blending, restricted to planes ``[start, stop)``.
+
+    Same global window grid, same order of windows, same batches, same weights, same
+    division: each voxel's sum has the same terms in the same order as in one process.
+    """
+    import torch
+
+    from napari_gradcam.core.device import run_with_oom_backoff
+    from napari_gradcam.core.volume import _probabilities, blending_weights, window_starts
+
+    plan, options = task.plan, task.options
+    assert plan.window is not None
+    shape = tuple(volume.shape)
+    window = plan.window
+    starts = [window_starts(s, w, options.overlap) for s, w in zip(shape, window, strict=True)]
+    effective = tuple(min(s, w) for s, w in zip(shape, window, strict=True))
+    weights = blending_weights(effective, "gaussian")
+    depth, height, width = effective
+    start, stop = task.start, task.stop
+    accumulated = np.zeros((stop - start, shape[1], shape[2]), dtype=np.float32)
+    weight_sum = np.zeros_like(accumulated)
+    predictions: list[np.ndarray] = []
+    positions: list[tuple[int, ...]] = []
+    device = getattr(explainer, "device", None) or torch.device("cpu")
+    corners = list(itertools.product(starts[1], starts[2]))
+    for z0 in starts[0]:
+        low, high = max(z0, start), min(z0 + depth, stop)
+        if low >= high:
+            continue
+        slab = np.asarray(volume[z0:z0 + depth], dtype=np.float32)
+        owned = start <= z0 < stop  # each window's prediction is reported by one chunk
+
+        def work(batch_corners: list[tuple[int, int]], slab: np.ndarray = slab, z0: int = z0,
+                 low: int = low, high: int = high, owned: bool = owned) -> None:
+            batch = np.stack([_padded_window(slab, y0, x0, window) for y0, x0 in batch_corners])
+            result = explainer.explain(loaded.preprocess(batch), plan.target)
+            maps = np.asarray(result.maps, dtype=np.float32)
+            if maps.ndim != 4:
+                raise ValueError(f"window explanation needs one 3D map per window; got maps of "
+                                 f"shape {maps.shape}. Use a 3D model and a single target.")
+            for (y0, x0), cam in zip(batch_corners, maps, strict=True):
+                cam = cam[:depth, :height, :width] * weights
+                region = (slice(low - start, high - start), slice(y0, y0 + height),
+                          slice(x0, x0 + width))
+                accumulated[region] += cam[low - z0:high - z0]
+                weight_sum[region] += weights[low - z0:high - z0]
+            if owned:
+                predictions.extend(_probabilities(result.outputs))
+                positions.extend((z0, y0, x0) for y0, x0 in batch_corners)
+
+        for _ in run_with_oom_backoff(corners, options.batch_size, work, device):
+            pass
+    maps = accumulated / np.maximum(weight_sum, 1e-12)
+    stacked = np.stack(predictions) if predictions else np.zeros((0, 0), dtype=np.float32)
+    return maps, stacked, positions
+
+
+def _padded_window(slab: np.ndarray, y0: int, x0: int, window: tuple[int, ...]) -> np.ndarray:
+    """Cut one window out of a slab; pad by edge values where the volume is smaller (as the
+    engine does)."""
+    piece = slab[:, y0:y0 + window[1], x0:x0 + window[2]]
+    missing = [(0, w - s) for s, w in zip(piece.shape, window, strict=True)]
+    if any(after for _, after in missing):
+        piece = np.pad(piece, missing, mode="edge")
+    return piece
+
+
+def plan_chunks(length: int, chunk: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` pairs of ``chunk`` planes covering ``length`` (the last may be short)."""
+    return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def run_distributed(
+    input_path: str | os.PathLike,
+    model_source: Any,
+    out_path: str | os.PathLike,
+    *,
+    options: ExplainOptions | None = None,
+    overwrite: bool = False,
+    client: Any = None,
+    workers: int | None = None,
+    scheduler_address: str | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunSummary:
+    """Explain a volume file chunk by chunk on dask workers; write an OME-Zarr output.
+
+    Give one of ``client`` (an existing ``distributed.Client``), ``scheduler_address`` (e.g.
+    ``"tcp://head-node:8786"``) or ``workers`` (start a local cluster of that many worker
+    processes with one thread each, closed again at the end). ``progress(done, total)`` counts
+    finished chunks. The result equals :func:`explain_file`'s (see the module docstring).
+    """
+    options = options or ExplainOptions()
+    input_path = _as_input_path(input_path)
+    from napari_gradcam.io import check_output_path, output_kind
+
+    check_output_path(out_path, overwrite)
+    if output_kind(out_path) != "zarr":
+        raise ValueError("distributed runs write OME-Zarr (workers write their chunks in "
+                         f"parallel); name the output *.zarr, not {Path(out_path).name!r}")
+    if sum(x is not None for x in (client, workers, scheduler_address)) > 1:
+        raise ValueError("give only one of client, workers and scheduler_address")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    volume, voxel = read_volume(input_path, lazy=True)
+    shape = tuple(volume.shape)
+    del volume
+    source = _model_source(model_source)
+    # The driver loads the model once too: to check the options before any worker starts, and
+    # for the provenance (weights hash, default layer, class names).
+    loaded = get_model(source, options.device, options.trust, options.torch_threads)
+    plan = make_plan(loaded, shape, options)
+    if workers is not None and options.torch_threads is None:
+        options = replace(options, torch_threads=max(1, (os.cpu_count() or 1) // workers))
+    where = (f"scheduler {scheduler_address}" if scheduler_address else
+             f"local cluster of {workers} processes" if workers else "dask client")
+    record = build_provenance(loaded, plan, options, input_path, voxel.scale, voxel.unit,
+                              {"scheduler": where})
+    started = time.perf_counter()
+    with open_output(out_path, shape, scale=voxel.scale, unit=voxel.unit, dtype=options.dtype,
+                     chunks=plan.chunks, attrs=record, overwrite=overwrite) as output:
+        array_path = str(output.partial / "0")
+        tasks = [ChunkTask(str(input_path), source, array_path, options, plan, start, stop)
+                 for start, stop in plan_chunks(shape[plan.axis], plan.chunk)]
+        # The cluster is closed (its workers stopped) before open_output removes a partial
+        # output after an error, so no straggling task can write into a removed folder.
+        with _connect(client, workers, scheduler_address) as dask_client:
+            results = _run_tasks(dask_client, tasks, progress, should_stop)
+        results.sort(key=lambda r: r.start)
+        predictions = [r.predictions for r in results if len(r.positions)]
+        stacked = (np.concatenate(predictions) if predictions
+                   else np.zeros((0, len(loaded.card.class_names)), dtype=np.float32))
+        positions = [p for r in results for p in r.positions]
+        order = sorted(range(len(positions)), key=lambda i: positions[i])
+        stacked = stacked[order] if len(order) else stacked
+        positions = [positions[i] for i in order]
+        value_range = (min(r.low for r in results), max(r.high for r in results))
+        if np.dtype(options.dtype) == np.float16:  # what the file holds after rounding
+            value_range = tuple(float(np.float16(v)) for v in value_range)
+        seconds = time.perf_counter() - started
+        attrs = _prediction_attrs(stacked, positions, loaded.card.class_names, value_range,
+                                  seconds)
+        attrs["workers_used"] = len({r.worker_pid for r in results})
+        _finish_output(output, attrs)
+    record.update(attrs)
+    return RunSummary(Path(out_path).expanduser(), shape, voxel.scale, voxel.unit, seconds,
+                      plan.mode, plan.axis if plan.mode == "slices" else None, plan.window,
+                      tuple(loaded.card.class_names), stacked, positions, value_range, record)
+
+
+class _connect:
+    """Context manager giving a dask client: the caller's, a remote one, or a local cluster."""
+
+    def __init__(self, client: Any, workers: int | None, address: str | None) -> None:
+        self.client, self.workers, self.address = client, workers, address
+        self._owned: list[Any] = []
+
+    def __enter__(self) -> Any:
+        if self.client is not None:
+            return self.client
+        from distributed import Client, LocalCluster
+
+        if self.address is not None:
+            try:
+                client = Client(self.address, timeout="20s")
+            except OSError as error:
+                raise ValueError(f"cannot reach the dask scheduler at {self.address} "
+                                 f"({error}); check the address and that it is running"
+                                 ) from None
+            self._owned.append(client)
+            return client
+        cluster = LocalCluster(n_workers=self.workers or 2, threads_per_worker=1,
+                               processes=True, dashboard_address=None)
+        self._owned.append(cluster)
+        client = Client(cluster)
+        self._owned.insert(0, client)
+        return client
+
+    def __exit__(self, *exc: object) -> None:
+        for owned in self._owned:
+            owned.close()
+
+
+def _run_tasks(client: Any, tasks: list[ChunkTask], progress: ProgressCallback | None,
+               should_stop: Callable[[], bool] | None) -> list[ChunkResult]:
+    from distributed import as_completed
+
+    from napari_gradcam.core.volume import Cancelled
+
+    futures = client.map(explain_chunk, tasks, pure=False)
+    results: list[ChunkResult] = []
+    try:
+        for future in as_completed(futures):
+            results.append(future.result())
+            if progress is not None:
+                progress(len(results), len(tasks))
+            if should_stop is not None and should_stop() and len(results) < len(tasks):
+                raise Cancelled(f"stopped by the user after {len(results)} of {len(tasks)} "
+                                "chunks")
+    except BaseException:
+        client.cancel(futures)
+        raise
+    return results
+
+
+__all__ = [
+    "ATTRS_KEY",
+    "ChunkResult",
+    "ChunkTask",
+    "ExplainOptions",
+    "Plan",
+    "RunSummary",
+    "clear_model_cache",
+    "describe_target",
+    "explain_chunk",
+    "explain_file",
+    "get_model",
+    "make_plan",
+    "plan_chunks",
+    "resolve_class_target",
+    "run_distributed",
+]
