@@ -114,6 +114,35 @@ def test_saliency_probability_score_matches_softmax_gradient() -> None:
     np.testing.assert_allclose(maps[0], expected, rtol=1e-5, atol=1e-7)
 
 
+class PixelLogits(nn.Module):
+    """A 'segmentation' model with logits (x, -x) per pixel: class 0's logit is the pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, -x], dim=1)
+
+
+def test_region_target_with_one_mask_per_sample_follows_the_rows() -> None:
+    """Score = sum of x inside sample n's mask, so the gradient is exactly that mask, even when
+    a batch mixes perturbed copies of different samples."""
+    x = torch.randn(3, 1, 5, 6)
+    masks = np.zeros((3, 5, 6), dtype=bool)
+    masks[0, :2] = True
+    masks[1, :, 4:] = True
+    masks[2, 3, 3] = True
+    target = SegmentationRegion(0, masks)
+    model = PixelLogits().eval()
+    np.testing.assert_array_equal(saliency(model, x, target=target, batch_size=2), masks)
+    np.testing.assert_array_equal(
+        smoothgrad(model, x, target=target, n_samples=3, batch_size=4), masks
+    )
+    np.testing.assert_allclose(
+        integrated_gradients(model, x, target=target, steps=2, batch_size=5),
+        np.where(masks, x[:, 0].numpy(), 0.0), rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="one mask per sample"):
+        saliency(model, x, target=SegmentationRegion(0, masks[:2]))
+
+
 # ---------------------------------------------------------------------------- SmoothGrad
 
 

@@ -40,6 +40,7 @@ from napari_gradcam.core.targets import (
     AllClasses,
     ClassTarget,
     PredictedClass,
+    SegmentationRegion,
     TargetSpec,
     resolve_target,
 )
@@ -144,18 +145,32 @@ class ResolvedTarget:
 
     ``indices`` is set for class targets (a fixed class, one per sample, or the predicted
     class of the clean input); ``function`` for everything else (``SegmentationRegion``, a
-    callable, any custom :class:`~napari_gradcam.core.targets.Target`).
+    callable, any custom :class:`~napari_gradcam.core.targets.Target`). Batches of perturbed
+    copies mix rows of different samples, so scoring always goes through the sample index of
+    each row (:meth:`rows`); a function target must therefore score each row on its own, and a
+    ``SegmentationRegion`` with one mask per sample gets the masks of the batch's rows.
     """
 
     indices: np.ndarray | None
     function: Callable[[torch.Tensor], torch.Tensor] | None
     description: str = ""
+    per_sample_region: SegmentationRegion | None = None
 
-    def rows(self, sample_indices: np.ndarray | Sequence[int]) -> np.ndarray | None:
-        """The class index of each row of a batch built from the given samples."""
-        if self.indices is None:
-            return None
-        return self.indices[np.asarray(sample_indices, dtype=np.int64)]
+    def rows(self, sample_indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The sample index of each row of a batch (what :func:`target_scores` needs)."""
+        return np.asarray(sample_indices, dtype=np.int64).reshape(-1)
+
+    def function_for(self, samples: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The score function for a batch whose rows come from ``samples``."""
+        assert self.function is not None
+        region = self.per_sample_region
+        if region is None:
+            return self.function
+        mask = region.mask
+        picked = mask[torch.as_tensor(samples)] if isinstance(mask, torch.Tensor) else np.asarray(
+            mask
+        )[samples]
+        return SegmentationRegion(region.class_index, picked).score
 
 
 def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -198,16 +213,27 @@ def resolve_scorer(
     if isinstance(spec, (ClassTarget, PredictedClass)):
         indices = spec.class_indices(forward_in_batches(model, x, batch_size))
         return ResolvedTarget(np.asarray(indices, dtype=np.int64), None, spec.describe())
-    return ResolvedTarget(None, spec.score, spec.describe())
+    per_sample = None
+    # A mask (N, *spatial) holds one mask per sample; (*spatial) is shared by all.
+    if isinstance(spec, SegmentationRegion) and np.ndim(spec.mask) == x.ndim - 1:
+        if spec.mask.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"the region has {spec.mask.shape[0]} masks but the input has {x.shape[0]} "
+                "samples; give one mask per sample or one mask for all"
+            )
+        per_sample = spec
+    return ResolvedTarget(None, spec.score, spec.describe(), per_sample)
 
 
 def target_scores(
     output: torch.Tensor,
-    rows: np.ndarray | None,
+    rows: np.ndarray,
     target: ResolvedTarget,
     kind: ScoreKind = "logit",
 ) -> torch.Tensor:
     """One score per row of ``output``: the target logit or probability, or the function's value.
+
+    ``rows`` holds the sample index of each row (from :meth:`ResolvedTarget.rows`).
 
     * classifier output ``(B, K)``: the logit of the row's class, or its softmax probability;
     * dense output ``(B, K, *spatial)`` (segmentation): the class logits summed over all pixels
@@ -218,16 +244,17 @@ def target_scores(
     if kind not in ("logit", "probability"):
         raise ValueError(f"score must be 'logit' or 'probability', got {kind!r}")
     batch = output.shape[0]
+    samples = target.rows(rows)
     if target.function is not None:
-        scores = target.function(output)
+        scores = target.function_for(samples)(output)
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (batch,):
             shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)
             raise ValueError(
                 f"the target must give one score per sample, shape ({batch},), got {shape}"
             )
         return scores
-    assert rows is not None and output.ndim >= 2  # class targets were checked on the output
-    index = torch.as_tensor(rows, device=output.device, dtype=torch.long)
+    assert target.indices is not None and output.ndim >= 2  # checked on the clean output
+    index = torch.as_tensor(target.indices[samples], device=output.device, dtype=torch.long)
     picked = output if kind == "logit" else torch.softmax(output, dim=1)
     picked = picked[torch.arange(batch, device=output.device), index]
     if picked.ndim == 1:
@@ -239,7 +266,7 @@ def target_scores(
 def _input_gradients(
     model: nn.Module,
     inputs: torch.Tensor,
-    rows: np.ndarray | None,
+    rows: np.ndarray,
     target: ResolvedTarget,
     kind: ScoreKind,
 ) -> tuple[torch.Tensor, torch.Tensor]:
