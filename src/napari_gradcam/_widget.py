@@ -1,0 +1,803 @@
+"""The napari dock widget: gather choices, run a job in a thread, turn results into layers.
+
+No computation lives here: the job (:func:`napari_gradcam.jobs.explain_job`) is a generator
+that yields progress and returns maps, predictions and provenance; this widget captures what
+it needs from the viewer when *Run* is pressed (the source layer's data, transforms and
+current position, so switching layers mid-run cannot misplace the result), runs the job in a
+napari thread worker (the GUI stays responsive, *Run* becomes *Cancel*, cancelling stops before
+the next batch and adds nothing), and finally adds or updates one layer per map.
+
+Also here: Alt-click (or Ctrl-click) on the image explains the plane / window / predicted
+region under the cursor; hovering a result layer shows the CAM value and the predicted class in
+the status bar; and a per-label table of a CAM inside a Labels layer (stored in that Labels
+layer's ``features`` -- the one change this plugin makes to a user's layer, on request --
+and exportable to CSV).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image, Labels, Shapes
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.transforms import Affine
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_gradcam.core.device import available_devices
+from napari_gradcam.core.labels_stats import as_features, label_statistics, write_csv
+from napari_gradcam.core.methods import METHODS
+from napari_gradcam.jobs import (
+    ExplainRequest,
+    ExplainResult,
+    ImageSource,
+    JobError,
+    TargetChoice,
+    explain_job,
+    plan_explanation,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_gradcam.core.models import LoadedModel
+
+METADATA_KEY = "napari_gradcam"
+"""Result layers keep their provenance and predictions under this metadata key."""
+BROWSE = "Browse card / .pt2 …"
+COLORMAPS = ("turbo", "inferno", "magma", "viridis", "hot")
+MODE_LABELS = {
+    "current": "current slice / window",
+    "slices": "every slice along axis",
+    "windows": "3D windows",
+}
+CLICK_MODIFIERS = ("Alt", "Control")
+PREDICTED, ALL_CLASSES = "predicted class", "all classes"
+
+
+def _modifier_names(event: Any) -> set[str]:
+    names = set()
+    for modifier in getattr(event, "modifiers", ()) or ():
+        names.add(getattr(modifier, "name", None) or str(modifier))
+    return names
+
+
+class _Capture:
+    """The source layer as it was when a run started: data, RGB flag, transforms."""
+
+    def __init__(self, layer: Image, current_index: tuple[int, ...]) -> None:
+        data = layer.data[0] if layer.multiscale else layer.data
+        self.name = layer.name
+        self.source = ImageSource(layer.name, data, rgb=bool(layer.rgb),
+                                  current_index=current_index)
+        self.scale = tuple(float(s) for s in layer.scale)
+        self.translate = tuple(float(t) for t in layer.translate)
+        self.rotate = np.array(layer.rotate, dtype=float)
+        self.shear = np.array(layer.shear, dtype=float)
+        self.affine = np.array(layer.affine.affine_matrix, dtype=float)
+        self.units = tuple(layer.units)
+        self.axis_labels = tuple(layer.axis_labels)
+
+    def placement(self, origin: Sequence[int]) -> dict[str, Any]:
+        """Layer kwargs that put a map whose first pixel is data index ``origin`` in place."""
+        linear = Affine(scale=self.scale, translate=self.translate, rotate=self.rotate,
+                        shear=self.shear)
+        return {
+            "scale": self.scale,
+            "translate": tuple(float(t) for t in linear(np.asarray(origin, dtype=float))),
+            "rotate": self.rotate,
+            "shear": self.shear,
+            "affine": self.affine,
+            "units": self.units,
+            "axis_labels": self.axis_labels,
+        }
+
+
+class GradCAMWidget(QWidget):
+    """Grad-CAM explainer dock widget (see the module docstring)."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.loaded: LoadedModel | None = None
+        self.worker: Any = None
+        self.last_result: ExplainResult | None = None
+        self.last_table: dict[str, np.ndarray] | None = None
+        self._results: dict[str, ExplainResult] = {}
+        self._model_cache: dict[tuple[str, bool, str], LoadedModel] = {}
+        self._pending: tuple[_Capture, ExplainRequest] | None = None
+        self._build()
+        self._connect_viewer()
+        self._fill_models()
+        self._refresh_layers()
+
+    # ---------------------------------------------------------------------------------------
+    # Construction
+
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        layout.addLayout(form)
+
+        self.image_combo = QComboBox()
+        form.addRow("Image layer", self.image_combo)
+
+        self.model_combo = QComboBox()
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.trust_check = QCheckBox("trust pickled file / factory")
+        self.trust_check.setToolTip("Unpickling or calling a factory runs code from the file: "
+                                    "only for files you trust.")
+        self.trust_check.toggled.connect(lambda _on: self._on_model_activated())
+        form.addRow("Model", self.model_combo)
+        form.addRow("", self.trust_check)
+        self.model_info = QLabel("no model")
+        self.model_info.setWordWrap(True)
+        form.addRow("", self.model_info)
+
+        self.layer_combo = QComboBox()
+        form.addRow("Target layer", self.layer_combo)
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(list(METHODS))
+        form.addRow("Method", self.method_combo)
+        self.target_combo = QComboBox()
+        form.addRow("Target", self.target_combo)
+        self.region_combo = QComboBox()
+        self.region_combo.setToolTip("Segmentation models: explain the class inside the "
+                                     "non-zero pixels of a Labels layer or inside Shapes.")
+        form.addRow("Region", self.region_combo)
+
+        self.mode_combo = QComboBox()
+        for key, text in MODE_LABELS.items():
+            self.mode_combo.addItem(text, key)
+        form.addRow("Mode", self.mode_combo)
+        self.axis_spin = QSpinBox()
+        self.axis_spin.setRange(0, 8)
+        form.addRow("Slice axis", self.axis_spin)
+        window_row = QHBoxLayout()
+        self.window_spins = []
+        for _ in range(3):
+            spin = QSpinBox()
+            spin.setRange(4, 1024)
+            spin.setValue(32)
+            self.window_spins.append(spin)
+            window_row.addWidget(spin)
+        self.overlap_spin = QDoubleSpinBox()
+        self.overlap_spin.setRange(0.0, 0.9)
+        self.overlap_spin.setSingleStep(0.05)
+        self.overlap_spin.setValue(0.25)
+        window_row.addWidget(QLabel("overlap"))
+        window_row.addWidget(self.overlap_spin)
+        form.addRow("Window", window_row)
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 512)
+        self.batch_spin.setValue(8)
+        form.addRow("Batch size", self.batch_spin)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(available_devices())
+        form.addRow("Device", self.device_combo)
+        self.colormap_combo = QComboBox()
+        self.colormap_combo.addItems(list(COLORMAPS))
+        self.opacity_spin = QDoubleSpinBox()
+        self.opacity_spin.setRange(0.0, 1.0)
+        self.opacity_spin.setSingleStep(0.1)
+        self.opacity_spin.setValue(0.6)
+        display_row = QHBoxLayout()
+        display_row.addWidget(self.colormap_combo)
+        display_row.addWidget(QLabel("opacity"))
+        display_row.addWidget(self.opacity_spin)
+        form.addRow("Display", display_row)
+
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        layout.addWidget(self.run_button)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        layout.addWidget(self.progress_bar)
+        hint = QLabel("Alt-click on the image: explain what is under the cursor.")
+        hint.setWordWrap(True)
+        layout.addWidget(hint)
+
+        predictions_box = QGroupBox("Predictions")
+        predictions_layout = QVBoxLayout(predictions_box)
+        self.predictions_title = QLabel("run a model to see its predictions")
+        predictions_layout.addWidget(self.predictions_title)
+        self.predictions_table = QTableWidget(0, 2)
+        self.predictions_table.setHorizontalHeaderLabels(["class", "probability"])
+        self.predictions_table.setMaximumHeight(140)
+        predictions_layout.addWidget(self.predictions_table)
+        layout.addWidget(predictions_box)
+
+        labels_box = QGroupBox("CAM inside labels")
+        labels_form = QFormLayout(labels_box)
+        self.cam_combo = QComboBox()
+        labels_form.addRow("CAM layer", self.cam_combo)
+        self.labels_combo = QComboBox()
+        labels_form.addRow("Labels layer", self.labels_combo)
+        self.tolerance_spin = QDoubleSpinBox()
+        self.tolerance_spin.setRange(0.0, 1000.0)
+        self.tolerance_spin.setToolTip("pointing-game tolerance, in the layer's units")
+        labels_form.addRow("Tolerance", self.tolerance_spin)
+        buttons = QHBoxLayout()
+        self.table_button = QPushButton("Label table")
+        self.table_button.clicked.connect(self.compute_label_table)
+        self.export_button = QPushButton("Export CSV …")
+        self.export_button.clicked.connect(self._on_export_clicked)
+        buttons.addWidget(self.table_button)
+        buttons.addWidget(self.export_button)
+        labels_form.addRow(buttons)
+        self.labels_table = QTableWidget(0, 0)
+        labels_form.addRow(self.labels_table)
+        layout.addWidget(labels_box)
+        layout.addStretch(1)
+
+    def _connect_viewer(self) -> None:
+        layers = self.viewer.layers
+        layers.events.inserted.connect(self._refresh_layers)
+        layers.events.removed.connect(self._refresh_layers)
+        layers.events.reordered.connect(self._refresh_layers)
+        layers.selection.events.active.connect(self._follow_active_layer)
+        self.viewer.dims.events.current_step.connect(self._update_predictions_view)
+        self.viewer.mouse_drag_callbacks.append(self._on_mouse_press)
+        self.destroyed.connect(self._disconnect_viewer_factory())
+
+    def _disconnect_viewer_factory(self) -> Any:
+        viewer_ref = weakref.ref(self.viewer)
+        callback = self._on_mouse_press
+
+        def disconnect() -> None:
+            viewer = viewer_ref()
+            if viewer is not None and callback in viewer.mouse_drag_callbacks:
+                viewer.mouse_drag_callbacks.remove(callback)
+
+        return disconnect
+
+    # ---------------------------------------------------------------------------------------
+    # Layer lists
+
+    def _refresh_layers(self, *_event: object) -> None:
+        def refill(combo: QComboBox, names: list[str], keep_first: Sequence[str] = ()) -> None:
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems([*keep_first, *names])
+            if current in (*keep_first, *names):
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+
+        images = [layer.name for layer in self.viewer.layers
+                  if isinstance(layer, Image) and not self._is_result(layer)]
+        refill(self.image_combo, images)
+        refill(self.region_combo, [layer.name for layer in self.viewer.layers
+                                   if isinstance(layer, (Labels, Shapes))], ["none"])
+        refill(self.labels_combo, [layer.name for layer in self.viewer.layers
+                                   if isinstance(layer, Labels)])
+        refill(self.cam_combo, [layer.name for layer in self.viewer.layers
+                                if self._is_result(layer)])
+        self._follow_active_layer()
+
+    @staticmethod
+    def _is_result(layer: object) -> bool:
+        return isinstance(layer, Image) and METADATA_KEY in getattr(layer, "metadata", {})
+
+    def _follow_active_layer(self, *_event: object) -> None:
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Image) and not self._is_result(active):
+            self.image_combo.setCurrentText(active.name)
+        elif self._is_result(active):
+            self.cam_combo.setCurrentText(active.name)
+
+    def _layer(self, name: str) -> Any:
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    # ---------------------------------------------------------------------------------------
+    # Models
+
+    def _fill_models(self) -> None:
+        from napari_gradcam.core.models import list_demo_models
+
+        self.model_combo.clear()
+        try:
+            names = [card.name for card in list_demo_models()]
+        except Exception as error:  # a broken card must not break the widget
+            show_warning(f"napari-gradcam: could not list the demo models ({error})")
+            names = []
+        self.model_combo.addItem("— choose a model —", None)
+        for name in names:
+            self.model_combo.addItem(name, name)
+        self.model_combo.addItem(BROWSE, BROWSE)
+
+    def _on_model_activated(self, *_args: object) -> None:
+        source = self.model_combo.currentData()
+        if source is None:
+            return
+        if source == BROWSE:
+            path, _ = QFileDialog.getOpenFileName(
+                self, "Open a model card or exported model", "",
+                "Models (*.yaml *.yml *.pt2 *.pt *.pth);;All files (*)")
+            if not path:
+                return
+            source = path
+        self.load_model_source(source)
+
+    def load_model_source(self, source: str | Path) -> LoadedModel | None:
+        """Load a demo model by name or a file (card, .pt2, trusted pickle); show errors."""
+        from napari_gradcam.core.models import load_model
+
+        trust = self.trust_check.isChecked()
+        key = (str(source), trust, self.device_combo.currentText())
+        try:
+            loaded = self._model_cache.get(key) or load_model(source, trust=trust)
+        except Exception as error:
+            show_error(f"Could not load the model {source}: {error}")
+            return None
+        self._model_cache[key] = loaded
+        index = self.model_combo.findData(str(source))
+        if index < 0:
+            self.model_combo.insertItem(self.model_combo.count() - 1, Path(str(source)).name,
+                                        str(source))
+            index = self.model_combo.findData(str(source))
+        self.model_combo.setCurrentIndex(index)
+        self.use_model(loaded)
+        return loaded
+
+    def use_model(self, loaded: LoadedModel) -> None:
+        """Explain with an already loaded model (e.g. ``load_model(my_module)`` from Python)."""
+        from napari_gradcam.core.layer_discovery import discover_feature_layers
+
+        card = loaded.card
+        self.loaded = loaded
+        layers = list(loaded.feature_layers) or discover_feature_layers(
+            loaded.model, card.spatial_dims, card.in_channels, card.input_size)
+        self.layer_combo.clear()
+        for info in layers:
+            shape = "×".join(str(s) for s in info.output_shape)
+            self.layer_combo.addItem(f"{info.name} — {info.type_name} ({shape})", info.name)
+        chosen = self.layer_combo.findData(card.target_layer)
+        if chosen >= 0:
+            self.layer_combo.setCurrentIndex(chosen)
+        self.target_combo.clear()
+        if card.task != "segmentation":
+            self.target_combo.addItem(PREDICTED, ("predicted", None))
+        for index, name in enumerate(card.class_names):
+            self.target_combo.addItem(name, ("class", index))
+        self.target_combo.addItem(ALL_CLASSES, ("all", None))
+        self.region_combo.setEnabled(card.task == "segmentation")
+        if card.spatial_dims == 3:
+            self.mode_combo.setCurrentIndex(self.mode_combo.findData("windows"))
+            for spin, size in zip(self.window_spins, card.input_size or (32, 32, 32),
+                                  strict=False):
+                spin.setValue(int(size))
+        else:
+            self.mode_combo.setCurrentIndex(self.mode_combo.findData("current"))
+        self.model_info.setText(
+            f"{card.name}: {card.task}, {card.spatial_dims}D, {card.in_channels} channel(s), "
+            f"classes {', '.join(card.class_names)}. {card.description}".strip())
+
+    # ---------------------------------------------------------------------------------------
+    # Gathering the choices
+
+    def _current_index(self, layer: Image, world_point: Sequence[float] | None = None
+                       ) -> tuple[int, ...]:
+        point = self.viewer.dims.point if world_point is None else world_point
+        data_point = np.asarray(layer.world_to_data(point), dtype=float)
+        shape = layer.data[0].shape if layer.multiscale else layer.data.shape
+        shape = shape[:-1] if layer.rgb else shape
+        return tuple(int(min(max(round(p), 0), s - 1))
+                     for p, s in zip(data_point, shape, strict=False))
+
+    def _displayed_plane(self, layer: Image) -> tuple[int, ...] | None:
+        offset = self.viewer.dims.ndim - layer.ndim
+        plane = tuple(a - offset for a in self.viewer.dims.displayed if a - offset >= 0)
+        return plane if len(plane) == 2 else None
+
+    def _region_mask(self, capture: _Capture) -> object | None:
+        layer = self._layer(self.region_combo.currentText())
+        if layer is None or not self.region_combo.isEnabled():
+            return None
+        shape = capture.source.shape
+        if isinstance(layer, Shapes):
+            return layer.to_labels(labels_shape=shape)
+        if tuple(layer.data.shape) != tuple(shape):
+            raise ValueError(f"the region layer {layer.name!r} has shape {layer.data.shape} but "
+                             f"the image {capture.name!r} has {shape}; they must match")
+        return layer.data
+
+    def _gather(self, click_point: tuple[int, ...] | None = None
+                ) -> tuple[_Capture, ExplainRequest]:
+        """Capture the source layer and the choices now; raise ValueError on bad input."""
+        if self.loaded is None:
+            raise ValueError("Choose a model first (a demo model or Browse for a card / .pt2).")
+        name = self.image_combo.currentText()
+        layer = self._layer(name)
+        if layer is None:
+            active = self.viewer.layers.selection.active
+            what = (f"the active layer {active.name!r} is a {type(active).__name__} layer"
+                    if active is not None else "no layer is selected")
+            raise ValueError(f"Select an image layer to explain ({what}).")
+        if not isinstance(layer, Image):
+            raise ValueError(f"{name!r} is not an image layer.")
+        index = click_point or self._current_index(layer)
+        capture = _Capture(layer, index)
+        kind, class_index = self.target_combo.currentData() or ("predicted", None)
+        mask = None
+        if click_point is not None:
+            target = TargetChoice("click", point=click_point)
+        else:
+            if self.loaded.card.task == "segmentation" and kind == "class":
+                mask = self._region_mask(capture)
+                kind = "region"
+            target = TargetChoice(kind, class_index=class_index, mask=mask)
+        mode = "current" if click_point is not None else self.mode_combo.currentData()
+        request = ExplainRequest(
+            method=self.method_combo.currentText(),
+            layer=self.layer_combo.currentData() or None,
+            target=target,
+            mode=mode,
+            axis=self.axis_spin.value() if mode == "slices" else None,
+            plane=self._displayed_plane(layer),
+            window=tuple(spin.value() for spin in self.window_spins),
+            overlap=self.overlap_spin.value(),
+            batch_size=self.batch_spin.value(),
+            device=self.device_combo.currentText() or None,
+        )
+        plan_explanation(self.loaded, capture.source, request)
+        return capture, request
+
+    # ---------------------------------------------------------------------------------------
+    # Running
+
+    def run(self, *_args: object, click_point: tuple[int, ...] | None = None) -> Any:
+        """Start a run (or cancel the running one). Returns the worker, or None."""
+        if self.worker is not None:
+            self.cancel()
+            return None
+        try:
+            capture, request = self._gather(click_point)
+        except (ValueError, TypeError) as error:
+            show_error(str(error))
+            return None
+        job = explain_job(self.loaded, capture.source, request)
+        self._pending = (capture, request)
+        self.progress_bar.setRange(0, 0)  # busy until the first batch reports
+        self.run_button.setText("Cancel")
+        self.worker = create_worker(
+            _guarded, job,
+            _start_thread=True,
+            _connect={
+                "yielded": self._on_progress,
+                "returned": self._on_returned,
+                "errored": self._on_errored,
+                "finished": self._on_finished,
+            },
+        )
+        return self.worker
+
+    def cancel(self) -> None:
+        """Stop the running job before its next batch; no layer is added or changed."""
+        if self.worker is not None:
+            self.worker.quit()
+            self.run_button.setText("Cancelling …")
+            self.run_button.setEnabled(False)
+
+    def _on_progress(self, value: tuple[int, int]) -> None:
+        done, total = value
+        self.progress_bar.setRange(0, max(int(total), 1))
+        self.progress_bar.setValue(int(done))
+
+    def _on_returned(self, result: ExplainResult) -> None:
+        if self._pending is None:
+            return
+        capture, _request = self._pending
+        try:
+            self._show_result(capture, result)
+        except Exception as error:  # adding a layer must never take the widget down
+            show_error(f"Could not add the result layer: {error}")
+
+    def _on_errored(self, error: BaseException) -> None:
+        show_error(str(error) if isinstance(error, JobError)
+                   else f"The explanation failed: {type(error).__name__}: {error}")
+
+    def _on_finished(self) -> None:
+        if self.worker is not None and self.worker.abort_requested:
+            show_info("Grad-CAM run cancelled; nothing was added.")
+        self.worker = None
+        self._pending = None
+        self.run_button.setText("Run")
+        self.run_button.setEnabled(True)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+
+    # ---------------------------------------------------------------------------------------
+    # Results → layers
+
+    def result_name(self, source: str, method: str, label: str) -> str:
+        return f"{source} · {method} · {label}"
+
+    def _show_result(self, capture: _Capture, result: ExplainResult) -> None:
+        placement = capture.placement(result.origin)
+        predictions = {
+            "class_names": list(result.class_names),
+            "probabilities": np.asarray(result.predictions).round(6).tolist(),
+            "positions": [list(p) for p in result.positions],
+            "sample_axis": result.sample_axis,
+            "target_indices": (None if result.target_indices is None
+                               else [int(i) for i in result.target_indices]),
+        }
+        names = []
+        for label, data in result.maps.items():
+            name = self.result_name(capture.name, result.method, label)
+            metadata = {METADATA_KEY: {**result.provenance, "target": label,
+                                       "predictions": predictions}}
+            kwargs = {
+                "colormap": self.colormap_combo.currentText(),
+                "blending": "additive",
+                "opacity": self.opacity_spin.value(),
+                "contrast_limits": result.contrast_limits[label],
+                "metadata": metadata,
+                **placement,
+            }
+            existing = self._layer(name)
+            if isinstance(existing, Image) and self._is_result(existing):
+                self._update_layer(existing, data, kwargs)
+                layer = existing
+            else:
+                layer = self.viewer.add_image(data, name=name, **kwargs)
+            self._install_status(layer)
+            self._results[name] = result
+            names.append(name)
+        self.last_result = result
+        self._refresh_layers()
+        self.cam_combo.setCurrentText(names[0])
+        self._update_predictions_view()
+
+    @staticmethod
+    def _update_layer(layer: Image, data: np.ndarray, kwargs: dict[str, Any]) -> None:
+        with layer.events.blocker_all():
+            layer.affine = kwargs["affine"]
+            layer.scale = kwargs["scale"]
+            layer.translate = kwargs["translate"]
+            layer.rotate = kwargs["rotate"]
+            layer.shear = kwargs["shear"]
+        layer.data = data
+        layer.units = kwargs["units"]
+        layer.axis_labels = kwargs["axis_labels"]
+        layer.metadata = kwargs["metadata"]
+        layer.colormap = kwargs["colormap"]
+        layer.opacity = kwargs["opacity"]
+        layer.contrast_limits = kwargs["contrast_limits"]
+        layer.refresh()
+
+    # ---------------------------------------------------------------------------------------
+    # Predictions and hover
+
+    def _result_index(self, layer: Image, world: Sequence[float]) -> tuple[int, ...] | None:
+        """Index into the result layer's data under a world position (None: outside)."""
+        point = np.asarray(layer.world_to_data(world), dtype=float)
+        index = tuple(math.floor(p + 0.5) for p in point)
+        if all(0 <= i < s for i, s in zip(index, layer.data.shape, strict=True)):
+            return index
+        return None
+
+    def hover_text(self, layer: Image, world: Sequence[float]) -> str:
+        """'CAM 0.12 · predicted crack (0.93)' for a world position over a result layer."""
+        result = self._results.get(layer.name)
+        index = self._result_index(layer, world)
+        if result is None or index is None:
+            return ""
+        value = float(layer.data[index])
+        source_index = tuple(i + o for i, o in zip(index, result.origin, strict=True))
+        if result.class_map is not None:
+            predicted = int(result.class_map[index])
+            return f"CAM {value:.4g} · predicted {_class_name(result, predicted)} (this pixel)"
+        probabilities = result.prediction_at(source_index)
+        if probabilities is None or len(probabilities) == 0:
+            return f"CAM {value:.4g}"
+        best = int(np.argmax(probabilities))
+        return (f"CAM {value:.4g} · predicted {_class_name(result, best)} "
+                f"({float(probabilities[best]):.2f})")
+
+    def _install_status(self, layer: Image) -> None:
+        """Add the CAM value and predicted class to the layer's status-bar text.
+
+        Only public API: the layer's bound ``get_status`` is wrapped by an instance attribute
+        (napari hands plugins proxies that refuse private access, so no private hooks).
+        """
+        if getattr(layer.get_status, "napari_gradcam_hover", False):
+            return
+        original = layer.get_status
+        widget_ref = weakref.ref(self)
+
+        def get_status(position: Any = None, *, view_direction: Any = None,
+                       dims_displayed: Any = None, world: bool = False, value: Any = None
+                       ) -> dict[str, str]:
+            status = original(position, view_direction=view_direction,
+                              dims_displayed=dims_displayed, world=world, value=value)
+            widget = widget_ref()
+            if widget is None or position is None or not world:
+                return status
+            try:
+                extra = widget.hover_text(layer, position)
+            except Exception:  # the status bar must never raise
+                extra = ""
+            if extra:
+                status["coordinates"] = f"{status.get('coordinates', '')} | {extra}"
+            return status
+
+        get_status.napari_gradcam_hover = True  # type: ignore[attr-defined]
+        layer.get_status = get_status
+
+    def _update_predictions_view(self, *_event: object) -> None:
+        result = self.last_result
+        if result is None:
+            return
+        name = self.result_name(result.source_name, result.method, next(iter(result.maps)))
+        layer = self._layer(name)
+        probabilities = None
+        where = "image"
+        if layer is not None:
+            index = self._result_index(layer, self.viewer.dims.point)
+            if index is None:
+                # outside the result (another slice): take the nearest sample
+                point = np.asarray(layer.world_to_data(self.viewer.dims.point), dtype=float)
+                index = tuple(int(min(max(round(p), 0), s - 1))
+                              for p, s in zip(point, layer.data.shape, strict=True))
+            source_index = tuple(i + o for i, o in zip(index, result.origin, strict=True))
+            probabilities = result.prediction_at(source_index)
+            if result.sample_axis is not None:
+                where = f"index {source_index[result.sample_axis]} of axis {result.sample_axis}"
+            elif result.mode == "windows":
+                where = "nearest window"
+        if probabilities is None:
+            probabilities = result.predictions.mean(0)
+            where = "mean over all samples"
+        self.predictions_title.setText(f"{result.source_name}: {where}")
+        self.predictions_table.setRowCount(len(probabilities))
+        for row, probability in enumerate(probabilities):
+            self.predictions_table.setItem(row, 0, QTableWidgetItem(_class_name(result, row)))
+            self.predictions_table.setItem(row, 1, QTableWidgetItem(f"{probability:.3f}"))
+
+    def predictions_shown(self) -> dict[str, float]:
+        """The class → probability pairs the predictions table shows now."""
+        shown = {}
+        for row in range(self.predictions_table.rowCount()):
+            shown[self.predictions_table.item(row, 0).text()] = float(
+                self.predictions_table.item(row, 1).text())
+        return shown
+
+    # ---------------------------------------------------------------------------------------
+    # Click to explain
+
+    def _on_mouse_press(self, viewer: Any, event: Any) -> None:
+        if not _modifier_names(event) & set(CLICK_MODIFIERS):
+            return
+        self.explain_at(event.position)
+
+    def explain_at(self, world_position: Sequence[float]) -> Any:
+        """Explain what is under a world position (what Alt-click does); returns the worker."""
+        if self.worker is not None:
+            show_warning("A Grad-CAM run is in progress; wait for it or cancel it first.")
+            return None
+        layer = self._layer(self.image_combo.currentText())
+        if layer is None:
+            show_error("Select an image layer to explain before clicking on it.")
+            return None
+        point = np.asarray(layer.world_to_data(world_position), dtype=float)
+        shape = layer.data[0].shape if layer.multiscale else layer.data.shape
+        shape = shape[:-1] if layer.rgb else shape
+        index = tuple(round(p) for p in point)
+        if not all(0 <= i < s for i, s in zip(index, shape, strict=True)):
+            show_warning("The click is outside the image.")
+            return None
+        return self.run(click_point=index)
+
+    # ---------------------------------------------------------------------------------------
+    # Labels table
+
+    def compute_label_table(self, *_args: object) -> dict[str, np.ndarray] | None:
+        """Per-label CAM statistics of the chosen CAM inside the chosen Labels layer.
+
+        The table is shown here and written to the Labels layer's ``features`` (so hovering a
+        label shows its row): the one, explicit change to a user's layer.
+        """
+        cam_layer = self._layer(self.cam_combo.currentText())
+        labels_layer = self._layer(self.labels_combo.currentText())
+        if cam_layer is None or not self._is_result(cam_layer):
+            show_error("Run Grad-CAM first, then choose its result as the CAM layer.")
+            return None
+        if not isinstance(labels_layer, Labels):
+            show_error("Choose a Labels layer (e.g. your segmented defects) for the table.")
+            return None
+        record = cam_layer.metadata[METADATA_KEY]
+        origin = record["options"]["origin"]
+        cam = np.asarray(cam_layer.data)
+        labels_shape = tuple(labels_layer.data.shape)
+        source_shape = tuple(record["options"].get("source_shape", labels_shape))
+        if labels_shape != source_shape or len(origin) != len(labels_shape):
+            show_error(f"The Labels layer {labels_layer.name!r} has shape {labels_shape} but the "
+                       f"CAM was computed on an image of shape {source_shape}; they must match.")
+            return None
+        box = tuple(slice(o, o + s) for o, s in zip(origin, cam.shape, strict=True))
+        labels = np.asarray(labels_layer.data[box])
+        spacing = tuple(abs(float(s)) for s in cam_layer.scale)
+        try:
+            table = label_statistics(cam, labels, tolerance=self.tolerance_spin.value(),
+                                     spacing=spacing)
+        except (ValueError, TypeError) as error:
+            show_error(f"Could not compute the label table: {error}")
+            return None
+        labels_layer.features = as_features(table)
+        self.last_table = table
+        self._show_table(table)
+        return table
+
+    def _show_table(self, table: dict[str, np.ndarray]) -> None:
+        columns = list(table)
+        rows = len(next(iter(table.values()))) if columns else 0
+        self.labels_table.setColumnCount(len(columns))
+        self.labels_table.setHorizontalHeaderLabels(columns)
+        self.labels_table.setRowCount(rows)
+        for c, column in enumerate(columns):
+            for r, value in enumerate(table[column]):
+                text = f"{value:.4g}" if isinstance(value, (float, np.floating)) else str(value)
+                item = QTableWidgetItem(text)
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
+                self.labels_table.setItem(r, c, item)
+
+    def _on_export_clicked(self, *_args: object) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export label table", "cam_labels.csv",
+                                              "CSV (*.csv)")
+        if path:
+            self.export_csv(path)
+
+    def export_csv(self, path: str | Path) -> Path | None:
+        """Write the last label table to ``path`` as CSV."""
+        if self.last_table is None:
+            show_error("Compute a label table first.")
+            return None
+        try:
+            return write_csv(self.last_table, path)
+        except OSError as error:
+            show_error(f"Could not write {path}: {error}")
+            return None
+
+
+def _class_name(result: ExplainResult, index: int) -> str:
+    names = result.class_names
+    return str(names[index]) if 0 <= index < len(names) else f"class {index}"
+
+
+def _guarded(job: Any) -> Any:
+    """Run a job inside the worker, turning any failure into a :class:`JobError`.
+
+    Qt workers swallow RuntimeErrors (taken for "the worker was deleted"), and torch raises
+    RuntimeErrors for most model failures: without this the run would end silently.
+    """
+    try:
+        return (yield from job)
+    except JobError:
+        raise
+    except Exception as error:
+        raise JobError(f"The explanation failed: {type(error).__name__}: {error}") from error

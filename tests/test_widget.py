@@ -1,0 +1,425 @@
+"""The dock widget in a real napari viewer: runs, placement, cancel, clicks, tables, errors.
+
+Run under a virtual display: ``xvfb-run -a pytest tests/test_widget.py``. Models are small
+built-in networks saved as real cards in ``tmp_path`` (fast); one test uses a shipped demo model
+when the zoo holds its weights. Errors are observed through napari's notification manager,
+which records every ``show_error`` / ``show_warning``.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari.layers import Image
+from napari.utils.notifications import NotificationSeverity, notification_manager
+from qtpy.QtCore import QTimer
+
+from napari_gradcam._widget import METADATA_KEY, GradCAMWidget
+from napari_gradcam.core.architectures import build_architecture
+from napari_gradcam.core.models import list_demo_models, load_model
+
+pytestmark = pytest.mark.gui
+MANIFEST = Path(__file__).resolve().parents[1] / "src" / "napari_gradcam" / "napari.yaml"
+CLASSES = ("clean", "precipitates", "crack")
+
+
+def write_card(folder: Path, name: str, *, architecture: str = "resnet_like",
+               spatial_dims: int = 2, task: str = "classification",
+               widths: tuple[int, ...] = (4, 8, 8)) -> Path:
+    torch.manual_seed(0)
+    model = build_architecture(architecture, spatial_dims=spatial_dims, in_channels=1,
+                               num_classes=3, widths=widths)
+    save_file(model.state_dict(), folder / f"{name}.safetensors")
+    card = folder / f"{name}.yaml"
+    card.write_text(
+        f"name: {name}\narchitecture: {architecture}\n"
+        f"architecture_kwargs: {{spatial_dims: {spatial_dims}, in_channels: 1, num_classes: 3, "
+        f"widths: {list(widths)}}}\nweights: {name}.safetensors\nspatial_dims: {spatial_dims}\n"
+        f"in_channels: 1\ntask: {task}\nclass_names: [{', '.join(CLASSES)}]\n"
+        + ("input_size: [8, 8, 8]\n" if spatial_dims == 3 else ""),
+        encoding="utf-8",
+    )
+    return card
+
+
+@pytest.fixture(scope="module")
+def cards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("widget_cards")
+    return {
+        "c2": write_card(folder, "c2"),
+        "c1": write_card(folder, "c1", spatial_dims=1, widths=(4, 8)),
+        "c3": write_card(folder, "c3", spatial_dims=3, widths=(2, 4)),
+        "unet": write_card(folder, "unet", architecture="unet", task="segmentation",
+                           widths=(4, 8)),
+    }
+
+
+@pytest.fixture
+def errors() -> list[str]:
+    """Messages of errors and warnings shown during the test."""
+    start = len(notification_manager.records)
+
+    class Recorded(list):
+        def __call__(self) -> list[str]:
+            return [str(n.message) for n in notification_manager.records[start:]
+                    if n.severity in (NotificationSeverity.ERROR, NotificationSeverity.WARNING)]
+
+    return Recorded()
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, qtbot):
+    def factory(card: Path | None = None):
+        viewer = make_napari_viewer()
+        widget = GradCAMWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Grad-CAM explainer")
+        if card is not None:
+            assert widget.load_model_source(card) is not None
+        return viewer, widget
+
+    yield factory
+
+
+def finish(qtbot, widget: GradCAMWidget, timeout: int = 30000) -> None:
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+def volume(shape=(6, 32, 40), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+def set_mode(widget: GradCAMWidget, mode: str, axis: int = 0) -> None:
+    widget.mode_combo.setCurrentIndex(widget.mode_combo.findData(mode))
+    widget.axis_spin.setValue(axis)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_widget_from_the_manifest(make_napari_viewer, qtbot, cards) -> None:
+    npe2 = pytest.importorskip("npe2")
+    manager = npe2.PluginManager.instance()
+    manifest = npe2.PluginManifest.from_file(MANIFEST)
+    if manifest.name not in manager._manifests:
+        manager.register(manifest)
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-gradcam", "Grad-CAM explainer")
+    assert isinstance(widget, GradCAMWidget)
+    assert widget.device_combo.itemText(widget.device_combo.count() - 1) == "cpu"
+    # napari hands plugins a public-only proxy of the viewer: a whole run must work through it
+    viewer.add_image(volume((16, 16)), name="img")
+    assert widget.image_combo.currentText() == "img"
+    widget.load_model_source(cards["c2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # napari's private-access warning
+        widget.run()
+        finish(qtbot, widget)
+        layer = viewer.layers["img · gradcam · predicted"]
+        assert "predicted" in layer.get_status((3.0, 3.0), world=True)["coordinates"]
+
+
+def test_slices_run_places_the_result_on_the_source(make_widget, qtbot, cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    data = volume((6, 32, 40))
+    source = viewer.add_image(data, name="stack", scale=(2.0, 0.5, 0.25),
+                              translate=(10.0, 1.0, -3.0), units=("um", "um", "um"),
+                              axis_labels=("z", "y", "x"))
+    set_mode(widget, "slices", axis=0)
+    widget.batch_spin.setValue(4)
+    widget.colormap_combo.setCurrentText("inferno")
+    widget.run()
+    assert widget.run_button.text() == "Cancel"
+    finish(qtbot, widget)
+    assert widget.run_button.text() == "Run"
+    layer = viewer.layers["stack · gradcam · predicted"]
+    assert layer.data.shape == (6, 32, 40) and layer.data.max() > 0
+    np.testing.assert_allclose(layer.scale, source.scale)
+    np.testing.assert_allclose(layer.translate, source.translate)
+    assert tuple(str(u) for u in layer.units) == ("micrometer",) * 3
+    assert tuple(layer.axis_labels) == ("z", "y", "x")
+    assert layer.blending == "additive" and layer.colormap.name == "inferno"
+    low, high = layer.contrast_limits
+    assert low == 0.0 < high <= float(layer.data.max())
+    record = layer.metadata[METADATA_KEY]
+    assert record["method"] == "gradcam" and record["model"] == "c2"
+    assert record["layers"] == ["features.3"] and record["source"] == "stack"
+    assert len(record["weights_sha256"]) == 64 and "torch" in record["versions"]
+    assert np.asarray(record["predictions"]["probabilities"]).shape == (6, 3)
+    # predictions of the current slice are shown
+    viewer.dims.set_point(0, 10.0 + 2.0 * 4)  # world z of slice 4
+    shown = widget.predictions_shown()
+    expected = record["predictions"]["probabilities"][4]
+    assert list(shown) == list(CLASSES)
+    np.testing.assert_allclose(list(shown.values()), expected, atol=1e-3)
+    # the user's layer is untouched
+    assert np.array_equal(source.data, data) and source.metadata == {}
+
+
+def test_rerun_with_the_same_settings_updates_the_layer_in_place(make_widget, qtbot,
+                                                                 cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    source = viewer.add_image(volume((3, 16, 16)), name="img")
+    viewer.dims.set_point(0, 0)
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["img · gradcam · predicted"]
+    assert layer.data.shape == (1, 16, 16) and layer.translate[0] == 0
+    count = len(viewer.layers)
+    viewer.dims.set_point(0, 2)
+    widget.run()
+    finish(qtbot, widget)
+    assert len(viewer.layers) == count and viewer.layers["img · gradcam · predicted"] is layer
+    assert layer.translate[0] == 2  # now the map of slice 2, placed there
+    assert layer.metadata[METADATA_KEY]["options"]["origin"] == [2, 0, 0]
+    assert source.translate[0] == 0
+
+
+def test_gui_stays_responsive_and_cancel_adds_nothing(make_widget, qtbot, cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((40, 48, 48)), name="big")
+    set_mode(widget, "slices", axis=0)
+    widget.batch_spin.setValue(1)
+    ticks: list[int] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(widget.progress_bar.value()))
+    timer.start(5)
+    before = len(viewer.layers)
+    worker = widget.run()
+    progress: list[tuple[int, int]] = []
+    worker.yielded.connect(progress.append)
+    qtbot.waitUntil(lambda: len(progress) >= 2, timeout=20000)
+    widget.run()  # the Run button is now Cancel
+    finish(qtbot, widget)
+    timer.stop()
+    assert len(ticks) > 3, "the event loop did not run during the job"
+    assert progress[-1][0] < 40, "the job ran to the end despite the cancel"
+    assert len(viewer.layers) == before
+    assert widget.run_button.text() == "Run" and widget.run_button.isEnabled()
+
+
+def test_switching_layers_mid_run_cannot_misplace_the_result(make_widget, qtbot,
+                                                             cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    first = viewer.add_image(volume((12, 32, 32)), name="first", scale=(3.0, 1.0, 1.0))
+    set_mode(widget, "slices", axis=0)
+    widget.batch_spin.setValue(1)
+    widget.image_combo.setCurrentText("first")
+    worker = widget.run()
+    started = []
+    worker.yielded.connect(started.append)
+    qtbot.waitUntil(lambda: bool(started), timeout=20000)
+    viewer.add_image(volume((5, 8, 8), seed=2), name="second")  # becomes active
+    first.scale = (7.0, 7.0, 7.0)
+    finish(qtbot, widget)
+    assert widget.image_combo.currentText() == "second"
+    layer = viewer.layers["first · gradcam · predicted"]
+    assert layer.data.shape == (12, 32, 32)
+    np.testing.assert_allclose(layer.scale, (3.0, 1.0, 1.0))  # the transform at the start
+
+
+def test_alt_click_explains_the_slice_under_the_cursor(make_widget, qtbot, cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((8, 16, 16)), name="stack", scale=(2.0, 1.0, 1.0))
+    plain = SimpleNamespace(modifiers=(), position=(10.0, 4.0, 4.0))
+    widget._on_mouse_press(viewer, plain)
+    assert widget.worker is None  # a click without the modifier does nothing
+    alt = SimpleNamespace(modifiers=("Alt",), position=(10.0, 4.0, 4.0))
+    widget._on_mouse_press(viewer, alt)
+    finish(qtbot, widget)
+    layer = viewer.layers["stack · gradcam · clicked"]
+    assert layer.data.shape == (1, 16, 16) and layer.translate[0] == 10.0  # slice 5
+    text = widget.hover_text(layer, (10.0, 4.0, 4.0))
+    assert text.startswith("CAM ") and "predicted" in text
+    status = layer.get_status((10.0, 4.0, 4.0), world=True)
+    assert "predicted" in status["coordinates"]
+
+
+def test_click_on_a_segmentation_explains_the_object_there(make_widget, qtbot, cards) -> None:
+    viewer, widget = make_widget(cards["unet"])
+    viewer.add_image(volume((16, 16)), name="slice")
+    assert widget.target_combo.itemText(0) == "clean"  # no "predicted class" for segmenters
+    widget.explain_at((5.0, 7.0))
+    finish(qtbot, widget)
+    layer = viewer.layers["slice · gradcam · clicked"]
+    record = layer.metadata[METADATA_KEY]
+    assert record["predictions"]["target_indices"][0] in (0, 1, 2)
+    assert "this pixel" in widget.hover_text(layer, (5.0, 7.0))
+
+
+def test_label_table_is_shown_stored_and_exported(make_widget, qtbot, cards,
+                                                  tmp_path) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((32, 32)), name="micrograph")
+    labels = np.zeros((32, 32), dtype=np.uint8)
+    labels[2:10, 2:10] = 1
+    labels[20:30, 18:28] = 2
+    labels_layer = viewer.add_labels(labels, name="defects")
+    widget.image_combo.setCurrentText("micrograph")
+    widget.run()
+    finish(qtbot, widget)
+    widget.cam_combo.setCurrentText("micrograph · gradcam · predicted")
+    widget.labels_combo.setCurrentText("defects")
+    table = widget.compute_label_table()
+    cam = viewer.layers["micrograph · gradcam · predicted"].data
+    assert table["label"].tolist() == [1, 2]
+    np.testing.assert_allclose(table["mean_cam"][1], cam[20:30, 18:28].mean(), rtol=1e-5)
+    assert widget.labels_table.rowCount() == 2
+    assert widget.labels_table.horizontalHeaderItem(3).text() == "max_cam"
+    assert list(labels_layer.features["index"]) == [1, 2]
+    assert np.array_equal(labels_layer.data, labels)  # only the features table changed
+    path = widget.export_csv(tmp_path / "table.csv")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][0] == "label" and len(rows) == 3
+
+
+def test_spectra_dask_rgb_and_4d_layers(make_widget, qtbot, cards) -> None:
+    viewer, widget = make_widget(cards["c1"])
+    viewer.add_image(volume((5, 64)), name="spectra")
+    widget.run()
+    finish(qtbot, widget)
+    assert viewer.layers["spectra · gradcam · predicted"].data.shape == (5, 64)
+    assert np.asarray(viewer.layers["spectra · gradcam · predicted"].metadata[METADATA_KEY]
+                      ["predictions"]["probabilities"]).shape == (5, 3)
+
+    widget.load_model_source(cards["c2"])
+    viewer.add_image(da.from_array(volume((4, 16, 16)), chunks=(1, 16, 16)), name="lazy")
+    set_mode(widget, "slices", axis=0)
+    widget.run()
+    finish(qtbot, widget)
+    lazy_result = viewer.layers["lazy · gradcam · predicted"]
+    assert isinstance(lazy_result.data, np.ndarray) and lazy_result.data.shape == (4, 16, 16)
+
+    rgb = np.random.default_rng(0).integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    viewer.add_image(rgb, name="colour", rgb=True)
+    set_mode(widget, "current")
+    widget.run()
+    finish(qtbot, widget)
+    assert viewer.layers["colour · gradcam · predicted"].data.shape == (16, 16)
+
+    viewer.add_image(volume((2, 3, 16, 16)), name="time")
+    viewer.dims.set_point(0, 1)
+    viewer.dims.set_point(1, 2)
+    widget.run()
+    finish(qtbot, widget)
+    result = viewer.layers["time · gradcam · predicted"]
+    assert result.data.shape == (1, 1, 16, 16) and tuple(result.translate[:2]) == (1, 2)
+
+
+def test_3d_model_in_windows(make_widget, qtbot, cards) -> None:
+    viewer, widget = make_widget(cards["c3"])
+    viewer.add_image(volume((12, 16, 16)), name="ct", scale=(1.0, 0.65, 0.65))
+    assert widget.mode_combo.currentData() == "windows"
+    assert [s.value() for s in widget.window_spins] == [8, 8, 8]
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["ct · gradcam · predicted"]
+    assert layer.data.shape == (12, 16, 16)
+    np.testing.assert_allclose(layer.scale, (1.0, 0.65, 0.65))
+    assert layer.metadata[METADATA_KEY]["options"]["window"] == [8, 8, 8]
+
+
+def test_demo_model_on_a_ct_volume(make_widget, qtbot) -> None:
+    names = {card.name for card in list_demo_models()}
+    if "ct-slice-unet" not in names:
+        pytest.skip("the demo zoo has no ct-slice-unet yet")
+    from napari_gradcam._sample_data import ct_volume_sample
+
+    viewer, widget = make_widget()
+    assert widget.model_combo.findData("ct-slice-unet") >= 0
+    widget.load_model_source("ct-slice-unet")
+    (data, kwargs, _), (labels, labels_kwargs, _) = ct_volume_sample()
+    viewer.add_image(data[40:56, 32:96, 32:96], **kwargs)
+    viewer.add_labels(labels[40:56, 32:96, 32:96], **labels_kwargs)
+    widget.image_combo.setCurrentText(kwargs["name"])
+    widget.target_combo.setCurrentText("crack")
+    set_mode(widget, "slices", axis=0)
+    widget.run()
+    finish(qtbot, widget, timeout=60000)
+    layer = viewer.layers[f"{kwargs['name']} · gradcam · crack"]
+    assert layer.data.shape == (16, 64, 64)
+    np.testing.assert_allclose(layer.scale, kwargs["scale"])
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: an error is shown and nothing changes
+
+
+def test_no_model_no_layer_and_non_image_layers_are_refused(make_widget, cards,
+                                                            errors) -> None:
+    viewer, widget = make_widget()
+    viewer.add_image(volume((16, 16)), name="img")
+    assert widget.run() is None
+    assert "Choose a model" in errors()[-1]
+    viewer.layers.clear()
+    widget.load_model_source(cards["c2"])
+    assert widget.run() is None
+    assert "Select an image layer" in errors()[-1]
+    viewer.add_labels(np.zeros((16, 16), dtype=np.uint8), name="only labels")
+    assert widget.run() is None
+    assert "Labels layer" in errors()[-1]
+    assert [layer.name for layer in viewer.layers] == ["only labels"]
+
+
+def test_a_model_that_does_not_fit_is_refused(make_widget, cards, errors) -> None:
+    viewer, widget = make_widget(cards["c3"])
+    viewer.add_image(volume((16, 16)), name="flat")
+    assert widget.run() is None
+    assert "explains 3D data" in errors()[-1]
+    assert len(viewer.layers) == 1
+    widget.load_model_source(Path(cards["c3"]).with_name("missing.yaml"))
+    assert "Could not load the model" in errors()[-1]
+
+
+def test_nan_in_the_data_is_reported_and_nothing_added(make_widget, qtbot, cards,
+                                                       errors) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    data = volume((16, 16))
+    data[3, 3] = np.nan
+    viewer.add_image(data, name="holes")
+    widget.run()
+    finish(qtbot, widget)
+    assert "NaN" in errors()[-1]
+    assert [layer.name for layer in viewer.layers] == ["holes"]
+
+
+class Picky(nn.Module):
+    """Fails on inputs wider than 64 pixels, as a real model can."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        super().__init__()
+        self.error = error
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 64:
+            raise self.error("boom: the input is too large")
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize(("error", "words"), [(RuntimeError, "the model failed"),
+                                              (MemoryError, "out of memory")])
+def test_failures_inside_the_model_are_reported(make_widget, qtbot, errors, error,
+                                                words) -> None:
+    viewer, widget = make_widget()
+    widget.use_model(load_model(Picky(error)))
+    viewer.add_image(volume((80, 80)), name="wide")
+    widget.run()
+    finish(qtbot, widget)
+    assert words in errors()[-1]
+    assert len(viewer.layers) == 1
+    assert isinstance(viewer.layers[0], Image)
