@@ -490,7 +490,7 @@ def energy_in_region(cam_map: np.ndarray | torch.Tensor, mask: np.ndarray) -> fl
     """Share of the map's energy (sum of absolute values) that lies inside ``mask``.
 
     ``cam_map`` is one map ``(*spatial)`` (returns a float) or a batch ``(N, *spatial)``
-    (returns ``(N,)``); ``mask`` is boolean with the spatial shape, or one per sample. Absolute
+    (returns ``(N,)``, one mask for all); ``mask`` is boolean with the spatial shape. Absolute
     values make signed attributions (IG, occlusion) count by magnitude; CAM maps are
     non-negative anyway. A map with no energy at all has no share anywhere: NaN.
     """
@@ -507,13 +507,11 @@ def energy_in_region(cam_map: np.ndarray | torch.Tensor, mask: np.ndarray) -> fl
     if not np.isfinite(values).all():
         raise ValueError("cam_map contains NaN or infinite values")
     single = values.shape == region.shape
-    if not single and values.shape[1:] != region.shape[-(values.ndim - 1):]:
+    if not single and values.shape[1:] != region.shape:
         raise ValueError(
             f"mask shape {region.shape} does not match the map shape {values.shape}; give a "
-            "mask with the map's spatial shape"
+            "mask with the map's spatial shape (for a batch of maps, its shape without N)"
         )
-    if not single and region.ndim == values.ndim and region.shape != values.shape:
-        raise ValueError(f"mask shape {region.shape} does not match the map shape {values.shape}")
     batch = values if not single else values[None]
     region = np.broadcast_to(region, batch.shape)
     totals = batch.reshape(batch.shape[0], -1).sum(axis=1)
