@@ -42,6 +42,7 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -137,7 +138,14 @@ class GradCAMWidget(QWidget):
     # Construction
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        self.tabs = QTabWidget()
+        outer.addWidget(self.tabs)
+        explain_tab, labels_tab = QWidget(), QWidget()
+        self.tabs.addTab(explain_tab, "Explain")
+        self.tabs.addTab(labels_tab, "CAM inside labels")
+        layout = QVBoxLayout(explain_tab)
         form = QFormLayout()
         layout.addLayout(form)
 
@@ -172,6 +180,7 @@ class GradCAMWidget(QWidget):
         for key, text in MODE_LABELS.items():
             self.mode_combo.addItem(text, key)
         form.addRow("Mode", self.mode_combo)
+        self.mode_combo.currentIndexChanged.connect(self._enable_mode_options)
         self.axis_spin = QSpinBox()
         self.axis_spin.setRange(0, 8)
         form.addRow("Slice axis", self.axis_spin)
@@ -226,12 +235,19 @@ class GradCAMWidget(QWidget):
         predictions_layout.addWidget(self.predictions_title)
         self.predictions_table = QTableWidget(0, 2)
         self.predictions_table.setHorizontalHeaderLabels(["class", "probability"])
-        self.predictions_table.setMaximumHeight(140)
+        self.predictions_table.setMinimumHeight(110)
+        self.predictions_table.horizontalHeader().setStretchLastSection(True)
         predictions_layout.addWidget(self.predictions_table)
         layout.addWidget(predictions_box)
+        layout.addStretch(1)
 
-        labels_box = QGroupBox("CAM inside labels")
-        labels_form = QFormLayout(labels_box)
+        labels_layout = QVBoxLayout(labels_tab)
+        labels_intro = QLabel("Per-label statistics of a CAM inside a Labels layer. The table "
+                              "is also written to the Labels layer's features.")
+        labels_intro.setWordWrap(True)
+        labels_layout.addWidget(labels_intro)
+        labels_form = QFormLayout()
+        labels_layout.addLayout(labels_form)
         self.cam_combo = QComboBox()
         labels_form.addRow("CAM layer", self.cam_combo)
         self.labels_combo = QComboBox()
@@ -249,9 +265,7 @@ class GradCAMWidget(QWidget):
         buttons.addWidget(self.export_button)
         labels_form.addRow(buttons)
         self.labels_table = QTableWidget(0, 0)
-        labels_form.addRow(self.labels_table)
-        layout.addWidget(labels_box)
-        layout.addStretch(1)
+        labels_layout.addWidget(self.labels_table, 1)
 
     def _connect_viewer(self) -> None:
         layers = self.viewer.layers
@@ -392,9 +406,19 @@ class GradCAMWidget(QWidget):
                 spin.setValue(int(size))
         else:
             self.mode_combo.setCurrentIndex(self.mode_combo.findData("current"))
+        self._enable_mode_options()
         self.model_info.setText(
             f"{card.name}: {card.task}, {card.spatial_dims}D, {card.in_channels} channel(s), "
             f"classes {', '.join(card.class_names)}. {card.description}".strip())
+
+    def _enable_mode_options(self, *_args: object) -> None:
+        """Grey out what the chosen mode and model do not use."""
+        mode = self.mode_combo.currentData()
+        three_d = self.loaded is not None and self.loaded.card.spatial_dims == 3
+        self.axis_spin.setEnabled(mode == "slices")
+        for spin in self.window_spins:
+            spin.setEnabled(three_d)
+        self.overlap_spin.setEnabled(three_d and mode == "windows")
 
     # ---------------------------------------------------------------------------------------
     # Gathering the choices
