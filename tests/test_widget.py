@@ -185,6 +185,17 @@ def test_rerun_with_the_same_settings_updates_the_layer_in_place(make_widget, qt
     assert layer.translate[0] == 2  # now the map of slice 2, placed there
     assert layer.metadata[METADATA_KEY]["options"]["origin"] == [2, 0, 0]
     assert source.translate[0] == 0
+    # the label table of a one-slice CAM uses that slice of a 3D Labels layer
+    labels = np.zeros((3, 16, 16), dtype=np.uint8)
+    labels[2, 0:4, 0:4] = 5
+    labels[0, 8:, 8:] = 6  # not on slice 2: not in the table
+    viewer.add_labels(labels, name="objects")
+    widget.tabs.setCurrentIndex(1)
+    widget.cam_combo.setCurrentText("img · gradcam · predicted")
+    widget.labels_combo.setCurrentText("objects")
+    table = widget.compute_label_table()
+    assert table["label"].tolist() == [5]
+    np.testing.assert_allclose(table["mean_cam"][0], layer.data[0, 0:4, 0:4].mean(), rtol=1e-5)
 
 
 def test_gui_stays_responsive_and_cancel_adds_nothing(make_widget, qtbot, cards) -> None:
@@ -257,6 +268,23 @@ def test_click_on_a_segmentation_explains_the_object_there(make_widget, qtbot, c
     record = layer.metadata[METADATA_KEY]
     assert record["predictions"]["target_indices"][0] in (0, 1, 2)
     assert "this pixel" in widget.hover_text(layer, (5.0, 7.0))
+    # a class inside the region painted in a Labels layer (Seg-Grad-CAM)
+    region = np.zeros((16, 16), dtype=np.uint8)
+    region[4:10, 4:10] = 1
+    viewer.add_labels(region, name="painted")
+    widget.image_combo.setCurrentText("slice")
+    widget.target_combo.setCurrentText("crack")
+    widget.region_combo.setCurrentText("painted")
+    widget.run()
+    finish(qtbot, widget)
+    in_region = viewer.layers["slice · gradcam · crack in region"]
+    assert in_region.metadata[METADATA_KEY]["target"] == "crack in region"
+    # all classes: one layer per class
+    widget.target_combo.setCurrentText("all classes")
+    widget.run()
+    finish(qtbot, widget)
+    for name in CLASSES:
+        assert f"slice · gradcam · {name}" in viewer.layers
 
 
 def test_label_table_is_shown_stored_and_exported(make_widget, qtbot, cards,
