@@ -584,10 +584,13 @@ class GradCAMWidget(QWidget):
                 **placement,
             }
             existing = self._layer(name)
-            if isinstance(existing, Image) and self._is_result(existing):
+            if (isinstance(existing, Image) and self._is_result(existing)
+                    and existing.ndim == data.ndim):
                 self._update_layer(existing, data, kwargs)
                 layer = existing
             else:
+                if existing is not None and self._is_result(existing):
+                    self.viewer.layers.remove(existing)  # our own earlier map, other axes
                 layer = self.viewer.add_image(data, name=name, **kwargs)
             self._install_status(layer)
             self._results[name] = result
