@@ -9,6 +9,22 @@ The napari dock widget lives in ``napari_gradcam._widget`` and is only imported 
 through the manifest (``napari.yaml``).
 """
 
+from napari_gradcam.core.attribution import (
+    completeness_residual,
+    integrated_gradients,
+    occlusion,
+    saliency,
+    score_cam,
+    smoothgrad,
+)
+from napari_gradcam.core.evidence import (
+    agreement,
+    check_forbidden_region,
+    deletion_insertion,
+    energy_in_region,
+    randomisation_check,
+    region_test,
+)
 from napari_gradcam.core.layer_discovery import (
     LayerInfo,
     default_target_layer,
@@ -66,11 +82,23 @@ __all__ = [
     "VolumeResult",
     "XGradCAM",
     "__version__",
+    "agreement",
+    "check_forbidden_region",
+    "completeness_residual",
     "default_target_layer",
+    "deletion_insertion",
     "discover_feature_layers",
+    "energy_in_region",
     "explain_volume",
+    "integrated_gradients",
     "list_demo_models",
     "load_model",
     "make_explainer",
+    "occlusion",
+    "randomisation_check",
+    "region_test",
+    "saliency",
+    "score_cam",
+    "smoothgrad",
     "volume_job",
 ]
