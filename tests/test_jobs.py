@@ -355,3 +355,16 @@ def test_out_of_memory_even_for_one_slice_is_reported(models) -> None:
           pytest.raises(JobError, match="out of memory")):
         explain(loaded, ImageSource("big", volume((2, 80, 80))),
                 ExplainRequest(mode="slices", axis=0, batch_size=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_chosen_device_gives_the_same_maps(models, tmp_path) -> None:
+    loaded = load_model(write_card(tmp_path, "gpu", preprocessing=""))
+    data = volume((4, 24, 20))
+    on_cpu = explain(loaded, ImageSource("v", data),
+                     ExplainRequest(mode="slices", axis=0, device="cpu"))
+    on_gpu = explain(loaded, ImageSource("v", data),
+                     ExplainRequest(mode="slices", axis=0, device="cuda"))
+    np.testing.assert_allclose(on_gpu.maps["predicted"], on_cpu.maps["predicted"],
+                               rtol=1e-3, atol=1e-6)
+    assert on_gpu.provenance["options"]["device"] == "cuda"
