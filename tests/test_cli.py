@@ -77,7 +77,7 @@ def test_explain_writes_an_ome_zarr_with_the_scan_scale(files, tmp_path, capsys)
 def test_progress_goes_to_stderr_as_plain_lines_when_not_a_terminal(files, tmp_path, capsys):
     assert main(explain_args(files, tmp_path / "maps.zarr")[:-1]) == 0
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("batches: 10/10 (100 %)")
+    assert lines[-1].startswith("explain: 10/10 (100 %)")
 
 
 @pytest.mark.parametrize("extra, message", [

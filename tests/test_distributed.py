@@ -266,3 +266,46 @@ def test_distributed_input_and_output_checks(models, tmp_path):
         run_distributed(volume, models["2d"], tmp_path / "m.zarr", workers=1,
                         scheduler_address="tcp://localhost:1")
     assert sorted(p.name for p in tmp_path.iterdir()) == [volume.name]
+
+
+def test_a_cached_model_is_reloaded_when_its_weights_change(tmp_path):
+    from napari_gradcam.core.models import file_sha256
+    from napari_gradcam.distributed import clear_model_cache
+
+    card = write_model(tmp_path, 2, "changing")
+    first = get_model(str(card), "cpu")
+    assert get_model(str(card), "cpu") is first  # cached per process
+    old_hash = first.weights_sha256
+    state = {k: v + 1.0 if v.is_floating_point() else v
+             for k, v in first.model.state_dict().items()}
+    save_file(state, str(tmp_path / "changing.safetensors"))  # same card, other weights
+    new_hash = file_sha256(tmp_path / "changing.safetensors")
+    # A worker that still holds the weights the run started with keeps using them...
+    assert get_model(str(card), "cpu", expected_sha256=old_hash) is first
+    # ...one asked for the new weights reloads...
+    second = get_model(str(card), "cpu", expected_sha256=new_hash)
+    assert second is not first and second.weights_sha256 == new_hash
+    # ...and a fresh worker that finds other weights than the driver saw refuses to go on.
+    clear_model_cache()
+    with pytest.raises(ValueError, match="changed during the run"):
+        get_model(str(card), "cpu", expected_sha256=old_hash)
+
+
+def test_chunks_of_a_5d_ome_zarr_input_equal_the_engine(models, tmp_path):
+    import zarr
+
+    scan = read_volume(make_volume(tmp_path))[0]
+    group = zarr.open_group(str(tmp_path / "tczyx.zarr"), mode="w", zarr_format=2)
+    array = group.create_array("0", shape=(1, 1, *scan.shape), dtype=scan.dtype,
+                               chunks=(1, 1, 5, 24, 26))
+    array[:] = scan[None, None]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [
+        {"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+        *({"name": n, "type": "space", "unit": "micrometer"} for n in "zyx")],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1, 1, 1.0, 0.65, 0.65]}]}]}]
+    options = ExplainOptions(batch_size=4, chunk=8, device="cpu")
+    expected = reference(models["2d"], tmp_path / "tczyx.zarr", options)
+    maps, _ = run_chunks_here(models["2d"], tmp_path / "tczyx.zarr", options, tmp_path)
+    np.testing.assert_array_equal(maps, expected.maps)
+    assert expected.maps.shape == scan.shape and expected.maps.max() > 0

@@ -144,7 +144,8 @@ def run_explain(args: argparse.Namespace) -> int:
         chunk=args.chunk,
     )
     distributed = args.workers is not None or args.scheduler is not None
-    progress = None if args.quiet else ProgressBar("chunks" if distributed else "batches")
+    label = "explain (chunks)" if distributed else "explain"
+    progress = None if args.quiet else ProgressBar(label)
     if distributed:
         summary = run_distributed(args.input, args.model, args.out, options=options,
                                   overwrite=args.overwrite, workers=args.workers,

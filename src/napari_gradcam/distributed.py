@@ -392,12 +392,14 @@ _CACHE_LOCK = threading.Lock()
 
 
 def get_model(source: Any, device: str | None = "auto", trust: bool = False,
-              torch_threads: int | None = None) -> Any:
+              torch_threads: int | None = None, expected_sha256: str | None = None) -> Any:
     """The :class:`LoadedModel` for ``source``, loaded once per process and then reused.
 
-    Strings and paths are cached by value; a live module by identity. Each cached model has a
-    lock (:func:`_model_lock`): the engine's hooks are per model, so two threads of one worker
-    must not explain with the same model at the same time.
+    Strings and paths are cached by value; a live module by identity. ``expected_sha256`` (the
+    weights the driver saw) makes a long-lived worker reload a card whose weights file has
+    changed since it was cached, and refuse weights that differ from the driver's. Each cached
+    model has a lock (:func:`_model_lock`): the engine's hooks are per model, so two threads of
+    one worker must not explain with the same model at the same time.
     """
     from napari_gradcam.core.models import load_model
 
@@ -410,10 +412,16 @@ def get_model(source: Any, device: str | None = "auto", trust: bool = False,
     key = (str(key_source), device, trust)
     with _CACHE_LOCK:
         loaded = _MODELS.get(key)
-        if loaded is None:
+        if loaded is None or (expected_sha256 and loaded.weights_sha256 != expected_sha256):
             loaded = load_model(source, trust=trust, device=device)
             _MODELS[key] = loaded
             _LOCKS[id(loaded)] = threading.Lock()
+    if expected_sha256 and loaded.weights_sha256 != expected_sha256:
+        raise ValueError(
+            f"the weights of {source} changed during the run (sha256 {loaded.weights_sha256} "
+            f"on this worker, {expected_sha256} when the run started); rerun when the file is "
+            "stable, or share it read-only"
+        )
     return loaded
 
 
@@ -443,6 +451,7 @@ class ChunkTask:
     plan: Plan
     start: int
     stop: int
+    weights_sha256: str | None = None
 
 
 @dataclass
@@ -456,25 +465,34 @@ class ChunkResult:
     worker_pid: int
 
 
-_VOLUMES: dict[str, Any] = {}
+_VOLUMES: dict[tuple[str, int, int], Any] = {}
 
 
 def _open_input(path: str) -> Any:
+    """The input opened lazily, once per process (re-opened if the file was replaced)."""
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size)
     with _CACHE_LOCK:
-        if path not in _VOLUMES:
-            _VOLUMES[path] = read_volume(path, lazy=True)[0]
-        return _VOLUMES[path]
+        if key not in _VOLUMES:
+            for old in [k for k in _VOLUMES if k[0] == path]:
+                del _VOLUMES[old]
+            _VOLUMES[key] = read_volume(path, lazy=True)[0]
+        return _VOLUMES[key]
 
 
 def explain_chunk(task: ChunkTask) -> ChunkResult:
     """Run one chunk (in a worker process): explain it and write its region of the output."""
+    import dask
     import zarr
 
     volume = _open_input(task.input_path)
     options, plan = task.options, task.plan
-    loaded = get_model(task.model_source, options.device, options.trust, options.torch_threads)
+    loaded = get_model(task.model_source, options.device, options.trust, options.torch_threads,
+                       task.weights_sha256)
     explainer = make_explainer_for(loaded, plan, options.method)
-    with _model_lock(loaded):
+    # A dask input (a 5D OME-Zarr) is read in this task's thread, never by scheduling more
+    # tasks on the cluster from inside a task.
+    with _model_lock(loaded), dask.config.set(scheduler="synchronous"):
         if plan.mode == "slices":
             maps, predictions, positions = _slices_chunk(explainer, loaded, volume, task)
         else:
@@ -631,7 +649,8 @@ def run_distributed(
     with open_output(out_path, shape, scale=voxel.scale, unit=voxel.unit, dtype=options.dtype,
                      chunks=plan.chunks, attrs=record, overwrite=overwrite) as output:
         array_path = str(output.partial / "0")
-        tasks = [ChunkTask(str(input_path), source, array_path, options, plan, start, stop)
+        tasks = [ChunkTask(str(input_path), source, array_path, options, plan, start, stop,
+                           loaded.weights_sha256)
                  for start, stop in plan_chunks(shape[plan.axis], plan.chunk)]
         # The cluster is closed (its workers stopped) before open_output removes a partial
         # output after an error, so no straggling task can write into a removed folder.
