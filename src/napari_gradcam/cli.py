@@ -263,8 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     from napari_gradcam import __version__
 
     for module in COMMAND_MODULES:
-        with contextlib.suppress(ModuleNotFoundError):
+        try:
             importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:  # the module exists but something it needs is missing
+                raise
     parser = argparse.ArgumentParser(
         prog="napari-gradcam",
         description="Grad-CAM for materials-science CNNs, headless: explain volumes, list "

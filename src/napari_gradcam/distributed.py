@@ -688,7 +688,11 @@ class _connect:
     def __enter__(self) -> Any:
         if self.client is not None:
             return self.client
-        from distributed import Client, LocalCluster
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise RuntimeError("running on dask workers needs the 'distributed' package: pip "
+                               "install 'napari-gradcam[distributed]'") from None
 
         if self.address is not None:
             try:
