@@ -1,0 +1,647 @@
+"""The "Grad-CAM evidence" dock widget: is the heatmap on screen evidence? Test it, export it.
+
+Choose a model, a layer and a target as in the explainer; the widget takes the current image
+(or the current slice / window of a stack) of the chosen image layer, optionally a region from
+a Labels or Shapes layer, and runs :func:`napari_gradcam.evidence_report.evidence_job` in a
+napari thread worker: the GUI stays responsive, a progress bar names the running check, *Run*
+becomes *Cancel* (cancelling stops before the next batch and adds nothing). The verdicts fill a
+table, the deletion/insertion and randomisation curves an embedded matplotlib canvas, and the
+maps of the other methods (occlusion, gradients, Integrated Gradients...) are added as image
+layers placed exactly on the source (its scale, translate, rotation, units), each with its
+provenance in the layer metadata. *Export …* writes the report folder (figures, CSV/JSON
+numbers, provenance) for a paper's supplement.
+
+No computation lives here; the source layer, its transforms and the current position are
+captured when *Run* is pressed, so switching layers mid-run cannot misplace the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image, Labels, Shapes
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.transforms import Affine
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_gradcam.core.methods import METHODS
+from napari_gradcam.evidence_report import (
+    CHECK_TITLES,
+    DEFAULT_CHECKS,
+    Cancelled,
+    EvidenceError,
+    EvidenceReport,
+    EvidenceSettings,
+    evidence_job,
+    format_value,
+    plot_deletion_insertion,
+    plot_randomisation,
+)
+from napari_gradcam.jobs import ExplainRequest, ImageSource, TargetChoice, plan_explanation
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_gradcam.core.models import LoadedModel
+
+METADATA_KEY = "napari_gradcam"
+"""Same key as the explainer's result layers: provenance (with ``options.origin`` and
+``options.source_shape``), so the explainer's label table can use these maps too."""
+EVIDENCE_KEY = "napari_gradcam_evidence"
+"""The verdict table of the run that made a layer."""
+BROWSE = "Browse card / .pt2 …"
+PREDICTED = "predicted class"
+SELECTABLE_CHECKS = ("deletion", "insertion", "randomisation", "occlusion", "saliency",
+                     "smoothgrad", "integrated_gradients", "score_cam")
+CAM_METHODS = tuple(name for name in METHODS if name != "guided-backprop")
+REGION_KINDS = {
+    "evidence": "where the evidence is (crack, precipitate)",
+    "forbidden": "must not matter (scale bar, label, holder)",
+}
+_RGB_TO_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma
+
+try:  # the curves need matplotlib; without it the table still works
+    from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+    from matplotlib.figure import Figure
+except ImportError:  # pragma: no cover - matplotlib comes with the napari extra
+    FigureCanvasQTAgg = None
+    Figure = None
+
+
+@dataclass
+class CapturedSample:
+    """The one sample a run explains, cut from the source layer when *Run* was pressed.
+
+    ``data``: raw values ``(*spatial)`` (or ``(C, *spatial)`` for RGB into a 3-channel model);
+    ``origin``: data index of its first pixel in the source (one per non-channel axis);
+    ``map_shape``: the shape a map layer gets (1 along the fixed axes), so a map of a slice
+    sits on that slice; ``placement``: the layer kwargs that put it there.
+    """
+
+    name: str
+    data: np.ndarray
+    region: np.ndarray | None
+    origin: tuple[int, ...]
+    map_shape: tuple[int, ...]
+    source_shape: tuple[int, ...]
+    placement: dict[str, Any]
+
+
+class _ProgressBridge(QObject):
+    """Carries progress from inside a long check (worker thread) to the GUI thread."""
+
+    progressed = Signal(object)
+
+
+class EvidenceWidget(QWidget):
+    """Grad-CAM evidence dock widget (see the module docstring)."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.loaded: LoadedModel | None = None
+        self.report: EvidenceReport | None = None
+        self.worker: Any = None
+        self.result_layers: list[str] = []
+        self._pending: CapturedSample | None = None
+        self._model_cache: dict[str, LoadedModel] = {}
+        self._bridge = _ProgressBridge()
+        self._bridge.progressed.connect(self._on_progress)
+        self._build()
+        layers = self.viewer.layers
+        layers.events.inserted.connect(self._refresh_layers)
+        layers.events.removed.connect(self._refresh_layers)
+        layers.events.reordered.connect(self._refresh_layers)
+        layers.selection.events.active.connect(self._follow_active_layer)
+        self._fill_models()
+        self._refresh_layers()
+
+    # ---------------------------------------------------------------------------------------
+    # Construction
+
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        layout.addLayout(form)
+        self.image_combo = QComboBox()
+        form.addRow("Image layer", self.image_combo)
+        self.model_combo = QComboBox()
+        self.model_combo.activated.connect(self._on_model_activated)
+        form.addRow("Model", self.model_combo)
+        self.model_info = QLabel("no model")
+        self.model_info.setWordWrap(True)
+        form.addRow("", self.model_info)
+        self.layer_combo = QComboBox()
+        form.addRow("Target layer", self.layer_combo)
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(list(CAM_METHODS))
+        form.addRow("Method", self.method_combo)
+        self.target_combo = QComboBox()
+        form.addRow("Target", self.target_combo)
+        self.region_combo = QComboBox()
+        self.region_combo.setToolTip("Optional: a Labels or Shapes layer marking a region "
+                                     "(non-zero pixels) of the current image.")
+        form.addRow("Region", self.region_combo)
+        self.region_kind_combo = QComboBox()
+        for key, text in REGION_KINDS.items():
+            self.region_kind_combo.addItem(text, key)
+        form.addRow("Region is", self.region_kind_combo)
+
+        checks_box = QGroupBox("Checks")
+        grid = QGridLayout(checks_box)
+        self.check_boxes: dict[str, QCheckBox] = {}
+        for number, name in enumerate(SELECTABLE_CHECKS):
+            box = QCheckBox(CHECK_TITLES[name])
+            box.setChecked(name in DEFAULT_CHECKS)
+            self.check_boxes[name] = box
+            grid.addWidget(box, number // 2, number % 2)
+        layout.addWidget(checks_box)
+        options = QFormLayout()
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(5, 500)
+        self.steps_spin.setValue(EvidenceSettings().steps)
+        self.steps_spin.setToolTip("points of the deletion / insertion curves")
+        options.addRow("Curve steps", self.steps_spin)
+        self.random_spin = QSpinBox()
+        self.random_spin.setRange(1, 20)
+        self.random_spin.setValue(EvidenceSettings().n_random)
+        self.random_spin.setToolTip("random pixel orders averaged into the baseline")
+        options.addRow("Random orders", self.random_spin)
+        layout.addLayout(options)
+
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        layout.addWidget(self.run_button)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        layout.addWidget(self.progress_bar)
+        self.stage_label = QLabel("")
+        layout.addWidget(self.stage_label)
+
+        self.results_tabs = QTabWidget()
+        self.table = QTableWidget(0, 5)
+        self.table.setHorizontalHeaderLabels(["check", "measure", "value", "reference",
+                                              "verdict"])
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.results_tabs.addTab(self.table, "Summary")
+        self.curves_canvas = self._canvas()
+        self.randomisation_canvas = self._canvas()
+        for canvas, title in ((self.curves_canvas, "Curves"),
+                              (self.randomisation_canvas, "Randomisation")):
+            if canvas is not None:
+                self.results_tabs.addTab(canvas, title)
+            else:
+                note = QLabel("install matplotlib to see the curves")
+                self.results_tabs.addTab(note, title)
+        layout.addWidget(self.results_tabs, 1)
+        buttons = QHBoxLayout()
+        self.export_button = QPushButton("Export …")
+        self.export_button.setToolTip("Write figures (PNG), numbers (CSV, JSON) and provenance "
+                                      "into a folder")
+        self.export_button.clicked.connect(self._on_export_clicked)
+        self.export_button.setEnabled(False)
+        buttons.addWidget(self.export_button)
+        layout.addLayout(buttons)
+
+    @staticmethod
+    def _canvas() -> Any:
+        if FigureCanvasQTAgg is None:
+            return None
+        canvas = FigureCanvasQTAgg(Figure(figsize=(5.0, 3.2), layout="constrained"))
+        canvas.setMinimumHeight(240)
+        return canvas
+
+    # ---------------------------------------------------------------------------------------
+    # Layer lists
+
+    @staticmethod
+    def _is_result(layer: object) -> bool:
+        return isinstance(layer, Image) and METADATA_KEY in getattr(layer, "metadata", {})
+
+    def _refresh_layers(self, *_event: object) -> None:
+        def refill(combo: QComboBox, names: list[str], keep_first: Sequence[str] = ()) -> None:
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems([*keep_first, *names])
+            if current in (*keep_first, *names):
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+
+        refill(self.image_combo, [layer.name for layer in self.viewer.layers
+                                  if isinstance(layer, Image) and not self._is_result(layer)])
+        refill(self.region_combo, [layer.name for layer in self.viewer.layers
+                                   if isinstance(layer, (Labels, Shapes))], ["none"])
+        self._follow_active_layer()
+
+    def _follow_active_layer(self, *_event: object) -> None:
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Image) and not self._is_result(active):
+            self.image_combo.setCurrentText(active.name)
+
+    def _layer(self, name: str) -> Any:
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    # ---------------------------------------------------------------------------------------
+    # Models
+
+    def _fill_models(self) -> None:
+        from napari_gradcam.core.models import list_demo_models
+
+        self.model_combo.clear()
+        try:
+            names = [card.name for card in list_demo_models()]
+        except Exception as error:  # a broken card must not break the widget
+            show_warning(f"napari-gradcam: could not list the demo models ({error})")
+            names = []
+        self.model_combo.addItem("— choose a model —", None)
+        for name in names:
+            self.model_combo.addItem(name, name)
+        self.model_combo.addItem(BROWSE, BROWSE)
+
+    def _on_model_activated(self, *_args: object) -> None:
+        source = self.model_combo.currentData()
+        if source is None:
+            return
+        if source == BROWSE:
+            path, _ = QFileDialog.getOpenFileName(
+                self, "Open a model card or exported model", "",
+                "Models (*.yaml *.yml *.pt2);;All files (*)")
+            if not path:
+                return
+            source = path
+        self.load_model_source(source)
+
+    def load_model_source(self, source: str | Path) -> LoadedModel | None:
+        """Load a demo model by name or a card / ``.pt2`` file; errors become notifications."""
+        from napari_gradcam.core.models import load_model
+
+        key = str(source)
+        try:
+            loaded = self._model_cache.get(key) or load_model(source)
+        except Exception as error:
+            show_error(f"Could not load the model {source}: {error}")
+            return None
+        self._model_cache[key] = loaded
+        index = self.model_combo.findData(key)
+        if index < 0:
+            self.model_combo.insertItem(self.model_combo.count() - 1, Path(key).name, key)
+            index = self.model_combo.findData(key)
+        self.model_combo.setCurrentIndex(index)
+        self.use_model(loaded)
+        return loaded
+
+    def use_model(self, loaded: LoadedModel) -> None:
+        """Test an already loaded model (e.g. ``load_model(my_module)`` from Python)."""
+        from napari_gradcam.core.layer_discovery import discover_feature_layers
+
+        card = loaded.card
+        self.loaded = loaded
+        layers = list(loaded.feature_layers) or discover_feature_layers(
+            loaded.model, card.spatial_dims, card.in_channels, card.input_size)
+        self.layer_combo.clear()
+        for info in layers:
+            shape = "×".join(str(s) for s in info.output_shape)
+            self.layer_combo.addItem(f"{info.name} — {info.type_name} ({shape})", info.name)
+        chosen = self.layer_combo.findData(card.target_layer)
+        if chosen >= 0:
+            self.layer_combo.setCurrentIndex(chosen)
+        self.target_combo.clear()
+        if card.task != "segmentation":
+            self.target_combo.addItem(PREDICTED, None)
+        for index, name in enumerate(card.class_names):
+            self.target_combo.addItem(name, index)
+        self.model_info.setText(
+            f"{card.name}: {card.task}, {card.spatial_dims}D, classes "
+            f"{', '.join(card.class_names)}. {card.description}".strip())
+
+    # ---------------------------------------------------------------------------------------
+    # Capturing the sample
+
+    def _current_index(self, layer: Image, shape: tuple[int, ...]) -> tuple[int, ...]:
+        point = np.asarray(layer.world_to_data(self.viewer.dims.point), dtype=float)
+        return tuple(int(min(max(round(p), 0), s - 1))
+                     for p, s in zip(point, shape, strict=False))
+
+    def _displayed_plane(self, layer: Image) -> tuple[int, ...] | None:
+        offset = self.viewer.dims.ndim - layer.ndim
+        plane = tuple(a - offset for a in self.viewer.dims.displayed if a - offset >= 0)
+        return plane if len(plane) == 2 else None
+
+    def capture(self) -> CapturedSample:
+        """Cut the current image / slice / window from the chosen layer; ValueError if unfit."""
+        if self.loaded is None:
+            raise ValueError("Choose a model first (a demo model or Browse for a card / .pt2).")
+        layer = self._layer(self.image_combo.currentText())
+        if not isinstance(layer, Image):
+            active = self.viewer.layers.selection.active
+            what = (f"the active layer {active.name!r} is a {type(active).__name__} layer"
+                    if active is not None else "there is no image layer")
+            raise ValueError(f"Select an image layer to test ({what}).")
+        card = self.loaded.card
+        data = layer.data[0] if layer.multiscale else layer.data
+        rgb = bool(layer.rgb)
+        shape = tuple(int(s) for s in data.shape)[: -1 if rgb else None]
+        index = self._current_index(layer, shape)
+        class_index = self.target_combo.currentData()
+        target = TargetChoice("predicted") if class_index is None else TargetChoice(
+            "class", class_index=int(class_index))
+        request = ExplainRequest(method=self.method_combo.currentText(), mode="current",
+                                 plane=self._displayed_plane(layer), target=target,
+                                 layer=self.layer_combo.currentData())
+        source = ImageSource(layer.name, data, rgb=rgb, current_index=index)
+        plan = plan_explanation(self.loaded, source, request)
+        fixed = dict(plan.fixed)
+        if plan.sample_axis is not None:  # 1D models on a stack: the current row only
+            fixed[plan.sample_axis] = index[plan.sample_axis]
+        key: list[Any] = []
+        origin, map_shape = [], []
+        for axis, size in enumerate(shape):
+            if axis in fixed:
+                key.append(fixed[axis])
+                origin.append(fixed[axis])
+                map_shape.append(1)
+            else:
+                begin, end = plan.box.get(axis, (0, size))
+                key.append(slice(begin, end))
+                origin.append(begin)
+                map_shape.append(end - begin)
+        sample = np.asarray(data[(*key, slice(None)) if rgb else tuple(key)])
+        if rgb:
+            sample = sample[..., :3].astype(np.float32)
+            sample = sample @ _RGB_TO_GREY if card.in_channels == 1 else np.moveaxis(
+                sample, -1, 0)
+        region = self._region(tuple(key), shape)
+        return CapturedSample(
+            name=layer.name, data=sample, region=region, origin=tuple(origin),
+            map_shape=tuple(map_shape), source_shape=shape,
+            placement=_placement(layer, origin),
+        )
+
+    def _region(self, key: tuple[Any, ...], shape: tuple[int, ...]) -> np.ndarray | None:
+        layer = self._layer(self.region_combo.currentText())
+        if layer is None:
+            return None
+        if isinstance(layer, Shapes):
+            labels = layer.to_labels(labels_shape=shape)
+        else:
+            if tuple(layer.data.shape) != shape:
+                raise ValueError(f"the region layer {layer.name!r} has shape "
+                                 f"{tuple(layer.data.shape)} but the image has {shape}; they "
+                                 "must match")
+            labels = layer.data
+        region = np.asarray(labels[key]) != 0
+        if not region.any():
+            raise ValueError(f"the region layer {layer.name!r} has no pixels in the current "
+                             "image / slice; paint the region there or choose 'none'")
+        return region
+
+    def settings(self) -> EvidenceSettings:
+        """The evidence settings the widget's controls describe."""
+        return EvidenceSettings(steps=self.steps_spin.value(), n_random=self.random_spin.value())
+
+    def chosen_checks(self) -> tuple[str, ...]:
+        return tuple(name for name, box in self.check_boxes.items() if box.isChecked())
+
+    # ---------------------------------------------------------------------------------------
+    # Running
+
+    def run(self, *_args: object) -> Any:
+        """Start a run (or cancel the running one). Returns the worker, or None."""
+        if self.worker is not None:
+            self.cancel()
+            return None
+        try:
+            sample = self.capture()
+            job = evidence_job(
+                self.loaded, sample.data,
+                layer=self.layer_combo.currentData() or None,
+                target=self.target_combo.currentData(),
+                checks=self.chosen_checks(),
+                region_mask=sample.region,
+                region_kind=self.region_kind_combo.currentData(),
+                method=self.method_combo.currentText(),
+                settings=self.settings(),
+                source=sample.name,
+                progress=self._emit_progress,
+                should_stop=self._stop_requested,
+            )
+        except (ValueError, TypeError) as error:
+            show_error(str(error))
+            return None
+        self._pending = sample
+        self.progress_bar.setRange(0, 0)
+        self.stage_label.setText("starting …")
+        self.run_button.setText("Cancel")
+        self.export_button.setEnabled(False)
+        self.worker = create_worker(
+            _guarded, job,
+            _start_thread=True,
+            _connect={
+                "yielded": self._on_progress,
+                "returned": self._on_returned,
+                "errored": self._on_errored,
+                "finished": self._on_finished,
+            },
+        )
+        return self.worker
+
+    def _emit_progress(self, done: int, total: int, stage: str) -> None:
+        self._bridge.progressed.emit((done, total, stage))
+
+    def _stop_requested(self) -> bool:
+        worker = self.worker
+        return worker is not None and bool(worker.abort_requested)
+
+    def cancel(self) -> None:
+        """Stop the running checks before their next batch; nothing is added."""
+        if self.worker is not None:
+            self.worker.quit()
+            self.run_button.setText("Cancelling …")
+            self.run_button.setEnabled(False)
+
+    def _on_progress(self, value: tuple[int, int, str]) -> None:
+        done, total, stage = value
+        if self.worker is None:
+            return
+        self.progress_bar.setRange(0, max(int(total), 1))
+        self.progress_bar.setValue(int(done))
+        title = CHECK_TITLES.get(stage, {"map": "computing the map", "done": "done"}.get(
+            stage, stage))
+        self.stage_label.setText(f"{title} ({done}/{total})")
+
+    def _on_returned(self, report: EvidenceReport | None) -> None:
+        sample = self._pending
+        if report is None or sample is None:
+            return
+        try:
+            self._show(sample, report)
+        except Exception as error:  # adding a layer must never take the widget down
+            show_error(f"Could not show the evidence: {error}")
+
+    def _on_errored(self, error: BaseException) -> None:
+        show_error(str(error) if isinstance(error, EvidenceError)
+                   else f"The evidence run failed: {type(error).__name__}: {error}")
+
+    def _on_finished(self) -> None:
+        if self.worker is not None and self.worker.abort_requested:
+            show_info("Evidence run cancelled; nothing was added.")
+        self.worker = None
+        self._pending = None
+        self.run_button.setText("Run")
+        self.run_button.setEnabled(True)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.stage_label.setText("")
+        self.export_button.setEnabled(self.report is not None)
+
+    # ---------------------------------------------------------------------------------------
+    # Results
+
+    def layer_name(self, source: str, map_name: str) -> str:
+        return f"{source} · evidence · {map_name}"
+
+    def _show(self, sample: CapturedSample, report: EvidenceReport) -> None:
+        self.report = report
+        summary = [
+            {"check": row.check, "measure": row.measure, "value": row.value,
+             "reference": row.reference, "verdict": row.verdict}
+            for row in report.rows()
+        ]
+        names = []
+        for map_name, values in report.maps.items():
+            name = self.layer_name(sample.name, map_name)
+            metadata = {
+                METADATA_KEY: report.map_provenance(
+                    map_name, origin=list(sample.origin),
+                    source_shape=list(sample.source_shape)),
+                EVIDENCE_KEY: {"passed": report.passed, "summary": summary},
+            }
+            data = np.asarray(values, dtype=np.float32).reshape(sample.map_shape)
+            low, high = float(data.min()), float(data.max())
+            signed = low < 0
+            limit = max(abs(low), abs(high)) or 1.0
+            existing = self._layer(name)
+            if existing is not None and self._is_result(existing):
+                self.viewer.layers.remove(existing)  # our own earlier map
+            self.viewer.add_image(
+                data, name=name, metadata=metadata,
+                colormap="bwr" if signed else "inferno",
+                contrast_limits=(-limit, limit) if signed else (0.0, high if high > 0 else 1.0),
+                blending="translucent" if signed else "additive",
+                opacity=0.6, visible=map_name == report.method,
+                **sample.placement,
+            )
+            names.append(name)
+        self.result_layers = names
+        self._fill_table(report)
+        if self.curves_canvas is not None:
+            plot_deletion_insertion(report, self.curves_canvas.figure)
+            self.curves_canvas.draw_idle()
+        if self.randomisation_canvas is not None:
+            plot_randomisation(report, self.randomisation_canvas.figure)
+            self.randomisation_canvas.draw_idle()
+        verdict = "every check passed" if report.passed else "some checks FAILED (see table)"
+        show_info(f"Evidence for {report.target}: {verdict}.")
+
+    def _fill_table(self, report: EvidenceReport) -> None:
+        rows = report.rows()
+        self.table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            cells = (row.check, row.measure, format_value(row.value),
+                     "" if row.reference is None else format_value(row.reference), row.verdict)
+            for c, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
+                if c == 4:
+                    item.setToolTip(row.criterion)
+                self.table.setItem(r, c, item)
+        self.table.resizeColumnsToContents()
+
+    def table_rows(self) -> list[list[str]]:
+        """The summary table as shown (for tests and copy-paste)."""
+        return [[self.table.item(r, c).text() for c in range(self.table.columnCount())]
+                for r in range(self.table.rowCount())]
+
+    # ---------------------------------------------------------------------------------------
+    # Export
+
+    def _on_export_clicked(self, *_args: object) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder for the evidence report")
+        if folder:
+            self.export(folder)
+
+    def export(self, folder: str | Path) -> Path | None:
+        """Write the last report (figures, numbers, provenance) into ``folder``.
+
+        The user chose the folder, so an earlier report there is replaced.
+        """
+        if self.report is None:
+            show_error("Run the evidence checks first; there is nothing to export yet.")
+            return None
+        try:
+            self.report.export(folder, overwrite=True)
+        except (OSError, ImportError, ValueError) as error:
+            show_error(f"Could not write the report to {folder}: {error}")
+            return None
+        show_info(f"Evidence report written to {folder}")
+        return Path(folder)
+
+
+def _placement(layer: Image, origin: Sequence[int]) -> dict[str, Any]:
+    """Layer kwargs that put a map whose first pixel is data index ``origin`` on ``layer``."""
+    scale = tuple(float(s) for s in layer.scale)
+    translate = tuple(float(t) for t in layer.translate)
+    rotate = np.array(layer.rotate, dtype=float)
+    shear = np.array(layer.shear, dtype=float)
+    linear = Affine(scale=scale, translate=translate, rotate=rotate, shear=shear)
+    return {
+        "scale": scale,
+        "translate": tuple(float(t) for t in linear(np.asarray(origin, dtype=float))),
+        "rotate": rotate,
+        "shear": shear,
+        "affine": np.array(layer.affine.affine_matrix, dtype=float),
+        "units": tuple(layer.units),
+        "axis_labels": tuple(layer.axis_labels),
+    }
+
+
+def _guarded(job: Any) -> Any:
+    """Run the job in the worker: a cancel returns None, any failure becomes EvidenceError.
+
+    :class:`Cancelled` and torch's model errors are RuntimeErrors, which Qt workers take for
+    "the worker was deleted" and swallow (no ``finished`` signal): never let one escape.
+    """
+    try:
+        return (yield from job)
+    except Cancelled:
+        return None
+    except EvidenceError:
+        raise
+    except Exception as error:
+        raise EvidenceError(f"The evidence run failed: {type(error).__name__}: {error}"
+                            ) from error

@@ -1,0 +1,253 @@
+"""The "Grad-CAM evidence" dock widget in a real napari viewer.
+
+Run under a virtual display: ``xvfb-run -a pytest tests/test_evidence_widget.py``. The model is
+a small built-in network saved as a real card in ``tmp_path`` (the widget's mechanics do not
+need a trained model; the checks' meaning is tested in ``test_evidence_report.py``); one test
+uses the shipped micrograph demo model when the zoo holds it. Errors are observed through
+napari's notification manager, which records every ``show_error`` / ``show_info``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari.utils.notifications import NotificationSeverity, notification_manager
+
+from napari_gradcam._evidence_widget import EVIDENCE_KEY, METADATA_KEY, EvidenceWidget
+from napari_gradcam.core.architectures import build_architecture
+from napari_gradcam.core.models import list_demo_models
+
+pytestmark = pytest.mark.gui
+QUICK_CHECKS = ("deletion", "insertion", "randomisation", "occlusion", "saliency")
+
+
+@pytest.fixture(scope="module")
+def card(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("evidence_cards")
+    torch.manual_seed(0)
+    model = build_architecture("resnet_like", spatial_dims=2, in_channels=1, num_classes=3,
+                               widths=(4, 8, 8))
+    save_file(model.state_dict(), folder / "small.safetensors")
+    path = folder / "small.yaml"
+    path.write_text(
+        "name: small\narchitecture: resnet_like\n"
+        "architecture_kwargs: {spatial_dims: 2, in_channels: 1, num_classes: 3, "
+        "widths: [4, 8, 8]}\nweights: small.safetensors\nspatial_dims: 2\nin_channels: 1\n"
+        "task: classification\nclass_names: [clean, precipitates, crack]\n"
+        "target_layer: features.3\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture
+def messages():
+    """Notifications shown during the test, as (severity, text)."""
+    start = len(notification_manager.records)
+    return lambda: [(n.severity, str(n.message)) for n in notification_manager.records[start:]]
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, card):
+    def factory(load: bool = True):
+        viewer = make_napari_viewer()
+        widget = EvidenceWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Grad-CAM evidence")
+        if load:
+            assert widget.load_model_source(card) is not None
+        for name, box in widget.check_boxes.items():
+            box.setChecked(name in QUICK_CHECKS)
+        widget.steps_spin.setValue(10)
+        widget.random_spin.setValue(1)
+        return viewer, widget
+
+    return factory
+
+
+def finish(qtbot, widget: EvidenceWidget, timeout: int = 30000) -> None:
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+def image(shape=(32, 32), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+def test_run_adds_maps_on_the_source_with_provenance_and_fills_table_and_plot(
+        make_widget, qtbot) -> None:
+    viewer, widget = make_widget()
+    data = image()
+    source = viewer.add_image(data, name="micro", scale=(0.5, 0.25), translate=(10.0, -4.0),
+                              units=("um", "um"), axis_labels=("y", "x"))
+    assert widget.image_combo.currentText() == "micro"
+    widget.run()
+    assert widget.run_button.text() == "Cancel"
+    finish(qtbot, widget)
+    assert widget.run_button.text() == "Run"
+    report = widget.report
+    assert report is not None
+    expected = {f"micro · evidence · {name}" for name in
+                ("gradcam", "occlusion", "saliency")}
+    assert set(widget.result_layers) == expected
+    for name in expected:
+        layer = viewer.layers[name]
+        np.testing.assert_allclose(layer.scale, source.scale)
+        np.testing.assert_allclose(layer.translate, source.translate)
+        assert tuple(layer.axis_labels) == ("y", "x")
+        assert tuple(str(u) for u in layer.units) == ("micrometer",) * 2
+        record = layer.metadata[METADATA_KEY]
+        method = name.rsplit(" · ", 1)[1]
+        assert record["method"] == method and record["model"] == "small"
+        assert record["mode"] == "evidence" and record["source"] == "micro"
+        assert len(record["weights_sha256"]) == 64
+        assert record["options"]["origin"] == [0, 0]
+        assert record["options"]["source_shape"] == [32, 32]
+        assert layer.metadata[EVIDENCE_KEY]["summary"][0]["check"] == "Deletion"
+        np.testing.assert_array_equal(layer.data, report.maps[method])
+    assert viewer.layers["micro · evidence · gradcam"].visible
+    assert not viewer.layers["micro · evidence · saliency"].visible
+    # the table shows the report's rows; the canvas the two curves with their baselines
+    rows = widget.table_rows()
+    assert [row[0] for row in rows] == [row.check for row in report.rows()]
+    assert {row[4] for row in rows} <= {"pass", "FAIL", "info"}
+    axes = widget.curves_canvas.figure.axes
+    assert len(axes) == 2 and all(len(axis.lines) == 2 for axis in axes)
+    np.testing.assert_allclose(axes[0].lines[0].get_ydata(), report.deletion.scores[0])
+    assert widget.randomisation_canvas.figure.axes
+    assert widget.export_button.isEnabled()
+    # the user's layer is untouched
+    assert np.array_equal(source.data, data) and source.metadata == {}
+
+
+def test_current_slice_of_a_stack_with_a_labels_region(make_widget, qtbot) -> None:
+    viewer, widget = make_widget()
+    stack = image((5, 32, 32))
+    source = viewer.add_image(stack, name="stack", scale=(2.0, 0.5, 0.5),
+                              translate=(100.0, 0.0, 0.0))
+    labels = np.zeros((5, 32, 32), dtype=np.uint8)
+    labels[3, 8:16, 8:16] = 1
+    viewer.add_labels(labels, name="crack", scale=source.scale, translate=source.translate)
+    viewer.layers.selection.active = source
+    viewer.dims.set_point(0, 100.0 + 2.0 * 3)  # world z of slice 3
+    widget.region_combo.setCurrentText("crack")
+    for name, box in widget.check_boxes.items():
+        box.setChecked(name == "deletion")
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["stack · evidence · gradcam"]
+    assert layer.data.shape == (1, 32, 32)
+    np.testing.assert_allclose(layer.translate, (106.0, 0.0, 0.0))
+    assert layer.metadata[METADATA_KEY]["options"]["origin"] == [3, 0, 0]
+    report = widget.report
+    np.testing.assert_array_equal(report.image, stack[3])
+    np.testing.assert_array_equal(report.region_mask, labels[3] == 1)
+    assert report.region is not None and report.region_energy is not None
+    assert "Region test" in [row[0] for row in widget.table_rows()]
+
+
+def test_shapes_region_marked_forbidden(make_widget, qtbot) -> None:
+    viewer, widget = make_widget()
+    viewer.add_image(image(), name="micro")
+    viewer.add_shapes([np.array([[24, 0], [31, 0], [31, 31], [24, 31]])],
+                      shape_type="rectangle", name="scale bar")
+    widget.image_combo.setCurrentText("micro")
+    widget.region_combo.setCurrentText("scale bar")
+    widget.region_kind_combo.setCurrentIndex(widget.region_kind_combo.findData("forbidden"))
+    for box in widget.check_boxes.values():
+        box.setChecked(False)
+    widget.run()
+    finish(qtbot, widget)
+    report = widget.report
+    assert report.region_kind == "forbidden" and report.forbidden is not None
+    assert report.region_mask[24:, :].all() and not report.region_mask[:24].any()
+    assert "Forbidden region" in [row[0] for row in widget.table_rows()]
+
+
+def test_export_from_the_widget_writes_the_report_folder(make_widget, qtbot, tmp_path,
+                                                         messages) -> None:
+    viewer, widget = make_widget()
+    assert widget.export(tmp_path / "early") is None
+    assert any("nothing to export" in text for _, text in messages())
+    assert not (tmp_path / "early").exists()
+    viewer.add_image(image(), name="micro")
+    widget.run()
+    finish(qtbot, widget)
+    folder = tmp_path / "supplement"
+    assert widget.export(folder) == folder
+    for name in ("summary.csv", "report.json", "provenance.json", "curves.csv",
+                 "figures/deletion_insertion.png", "figures/maps.png"):
+        assert (folder / name).is_file(), name
+    provenance = json.loads((folder / "provenance.json").read_text(encoding="utf-8"))
+    assert provenance["model"] == "small" and provenance["source"] == "micro"
+    # exporting again into the folder the user chose replaces the report
+    assert widget.export(folder) == folder
+
+
+def test_no_model_or_a_bad_model_file_is_a_clear_error(make_widget, tmp_path,
+                                                      messages) -> None:
+    viewer, widget = make_widget(load=False)
+    viewer.add_image(image(), name="micro")
+    before = len(viewer.layers)
+    assert widget.run() is None
+    assert any("Choose a model first" in text for _, text in messages())
+    not_a_model = tmp_path / "weights.pt2"
+    not_a_model.write_text("not a model", encoding="utf-8")
+    assert widget.load_model_source(not_a_model) is None
+    assert any("Could not load the model" in text for _, text in messages())
+    assert widget.loaded is None and len(viewer.layers) == before
+
+
+def test_no_image_layer_with_a_model_loaded(make_widget, messages) -> None:
+    viewer, widget = make_widget()
+    viewer.add_labels(np.zeros((16, 16), dtype=np.uint8), name="only labels")
+    before = len(viewer.layers)
+    assert widget.run() is None
+    errors = [text for severity, text in messages() if severity == NotificationSeverity.ERROR]
+    assert any("Select an image layer" in text and "Labels" in text for text in errors)
+    assert len(viewer.layers) == before and widget.worker is None
+    assert widget.report is None and widget.table.rowCount() == 0
+
+
+def test_cancel_adds_nothing(make_widget, qtbot, messages) -> None:
+    viewer, widget = make_widget()
+    viewer.add_image(image((64, 64)), name="micro")
+    widget.steps_spin.setValue(200)
+    widget.random_spin.setValue(10)
+    before = len(viewer.layers)
+    assert widget.run() is not None
+    # cancel inside the long deletion check: the core stops before its next batch
+    qtbot.waitUntil(lambda: widget.stage_label.text().startswith("Deletion ("), timeout=20000)
+    qtbot.waitUntil(lambda: widget.progress_bar.value() > 50, timeout=20000)
+    widget.run()  # the same button now cancels
+    assert widget.run_button.text() == "Cancelling …"
+    finish(qtbot, widget)
+    assert len(viewer.layers) == before and widget.report is None
+    assert any("cancelled" in text for _, text in messages())
+    assert widget.run_button.text() == "Run" and widget.run_button.isEnabled()
+
+
+@pytest.mark.skipif(not any(c.name == "micrograph-classifier" for c in list_demo_models()),
+                    reason="the demo micrograph-classifier is not in src/napari_gradcam/zoo")
+def test_demo_micrograph_model_on_a_crack(make_widget, qtbot) -> None:
+    from napari_gradcam.samples import make_micrograph
+
+    viewer, widget = make_widget(load=False)
+    assert widget.load_model_source("micrograph-classifier") is not None
+    sample = make_micrograph((64, 64), seed=3, n_precipitates=0, crack=True, dtype="uint8")
+    viewer.add_image(sample.image, name="micrograph")
+    viewer.add_labels((sample.labels == 2).astype(np.uint8), name="crack")
+    widget.region_combo.setCurrentText("crack")
+    widget.target_combo.setCurrentText("crack")
+    widget.run()
+    finish(qtbot, widget, timeout=60000)
+    report = widget.report
+    assert report.target_index == 2
+    assert report.deletion.better_than_random[0]
