@@ -27,6 +27,8 @@ from napari_gradcam.core.architectures import build_architecture
 from napari_gradcam.core.models import list_demo_models
 
 pytestmark = pytest.mark.gui
+MANIFEST = Path(__file__).resolve().parents[1] / "src" / "napari_gradcam" / "napari.yaml"
+COMMAND = "evidence_widget"
 QUICK_CHECKS = ("deletion", "insertion", "randomisation", "occlusion", "saliency")
 
 
@@ -125,6 +127,44 @@ def test_run_adds_maps_on_the_source_with_provenance_and_fills_table_and_plot(
     assert widget.export_button.isEnabled()
     # the user's layer is untouched
     assert np.array_equal(source.data, data) and source.metadata == {}
+
+
+def test_widget_from_a_plugin_manifest_through_the_public_viewer(make_napari_viewer, npe2pm,
+                                                                qtbot, card) -> None:
+    """napari hands plugins a public-only proxy of the viewer: a whole run must work with it.
+
+    Uses the shipped manifest once it lists the evidence widget, else the same entries in a
+    test manifest.
+    """
+    import warnings
+
+    from npe2 import PluginManifest
+
+    shipped = PluginManifest.from_file(MANIFEST)
+    if any(command.id == f"{shipped.name}.{COMMAND}" for command in shipped.contributions.commands):
+        manifest = shipped
+    else:
+        manifest = PluginManifest(name="evidence-test", contributions={
+            "commands": [{"id": f"evidence-test.{COMMAND}", "title": "Grad-CAM evidence",
+                          "python_name": "napari_gradcam._evidence_widget:EvidenceWidget"}],
+            "widgets": [{"command": f"evidence-test.{COMMAND}",
+                         "display_name": "Grad-CAM evidence"}],
+        })
+    with npe2pm.tmp_plugin(manifest=manifest):
+        viewer = make_napari_viewer()
+        _dock, widget = viewer.window.add_plugin_dock_widget(manifest.name, "Grad-CAM evidence")
+        assert isinstance(widget, EvidenceWidget)
+        viewer.add_image(image((16, 16)), name="img", scale=(2.0, 2.0))
+        widget.load_model_source(card)
+        for name, box in widget.check_boxes.items():
+            box.setChecked(name == "deletion")
+        widget.steps_spin.setValue(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # napari's private-access warning
+            assert widget.run() is not None
+            finish(qtbot, widget)
+        layer = viewer.layers["img · evidence · gradcam"]
+        np.testing.assert_allclose(layer.scale, (2.0, 2.0))
 
 
 def test_current_slice_of_a_stack_with_a_labels_region(make_widget, qtbot) -> None:
