@@ -1,0 +1,278 @@
+"""explain_volume: slice-wise and windowed explanations of whole volumes, on arrays that may
+live on disk (memmap, zarr) or be lazy (dask), with progress, cancelling and OOM back-off."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_gradcam import Cancelled, GradCAM, explain_volume
+from napari_gradcam.core.architectures import ResNetLike
+from napari_gradcam.core.volume import blending_weights, window_starts
+
+VOLUME_SHAPE = (6, 12, 10)
+
+
+@pytest.fixture
+def volume() -> np.ndarray:
+    return np.random.default_rng(0).random(VOLUME_SHAPE).astype(np.float32)
+
+
+@pytest.fixture
+def cam2d(resnet2d):
+    return GradCAM(resnet2d, "features.3")
+
+
+def _slicewise_reference(cam, volume: np.ndarray, axis: int, target=None) -> np.ndarray:
+    slices = np.moveaxis(volume, axis, 0)[:, None]  # (n, 1, h, w)
+    return np.moveaxis(cam(slices, target), 0, axis)
+
+
+# --- slices -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_slices_along_each_axis_equal_the_explainer_on_the_stacked_slices(cam2d, volume,
+                                                                          axis):
+    result = explain_volume(cam2d, volume, mode="slices", axis=axis, batch_size=4)
+    expected = _slicewise_reference(cam2d, volume, axis)
+    assert result.maps.shape == VOLUME_SHAPE and result.maps.dtype == np.float32
+    assert expected.max() > 0
+    np.testing.assert_allclose(result.maps, expected, rtol=1e-5, atol=1e-7)
+    count = VOLUME_SHAPE[axis]
+    assert result.predictions.shape == (count, 3)
+    np.testing.assert_allclose(result.predictions.sum(1), 1.0, rtol=1e-5)
+    assert result.positions == [(i,) for i in range(count)]
+    assert result.axis == axis % 3
+
+
+def test_batch_size_does_not_change_the_result(cam2d, volume):
+    results = [explain_volume(cam2d, volume, batch_size=b).maps for b in (1, 4, 64)]
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-7)
+
+
+def test_slices_with_a_fixed_target_and_a_preprocess(cam2d, volume):
+    def preprocess(batch: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((batch - 0.5) / 0.25)[:, None]
+
+    result = explain_volume(cam2d, volume, target=2, preprocess=preprocess)
+    expected = cam2d((volume[:, None] - 0.5) / 0.25, 2)
+    np.testing.assert_allclose(result.maps, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(result.target_indices, np.full(VOLUME_SHAPE[0], 2))
+
+
+def test_memmap_dask_and_zarr_inputs_and_zarr_output(cam2d, volume, tmp_path):
+    expected = _slicewise_reference(cam2d, volume, 0)
+    memmap = np.lib.format.open_memmap(tmp_path / "ct.npy", mode="w+", dtype=np.float32,
+                                       shape=VOLUME_SHAPE)
+    memmap[:] = volume
+    memmap.flush()
+    on_disk = np.load(tmp_path / "ct.npy", mmap_mode="r")
+    lazy = da.from_array(volume, chunks=(2, 12, 10))
+    stored = zarr.open_array(str(tmp_path / "ct.zarr"), mode="w", shape=VOLUME_SHAPE,
+                             chunks=(2, 12, 10), dtype="f4")
+    stored[:] = volume
+    for source in (on_disk, lazy, stored):
+        result = explain_volume(cam2d, source, batch_size=4)
+        np.testing.assert_allclose(np.asarray(result.maps), expected, rtol=1e-5, atol=1e-7)
+    out = zarr.open_array(str(tmp_path / "maps.zarr"), mode="w", shape=VOLUME_SHAPE,
+                          chunks=(1, 12, 10), dtype="f4")
+    result = explain_volume(cam2d, lazy, batch_size=4, out=out)
+    assert result.maps is out
+    reopened = zarr.open_array(str(tmp_path / "maps.zarr"), mode="r")
+    np.testing.assert_allclose(reopened[:], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_out_of_the_wrong_shape_is_rejected(cam2d, volume):
+    with pytest.raises(ValueError, match=r"out has shape \(6, 12, 9\), the volume \(6, 12, 10\)"):
+        explain_volume(cam2d, volume, out=np.zeros((6, 12, 9), np.float32))
+
+
+def test_integer_volume_is_accepted(cam2d, volume):
+    grey = (volume * 1000).astype(np.uint16)
+    result = explain_volume(cam2d, grey)
+    np.testing.assert_allclose(result.maps, _slicewise_reference(cam2d, grey.astype(
+        np.float32), 0), rtol=1e-5, atol=1e-7)
+
+
+def test_progress_is_increasing_and_ends_at_the_total(cam2d, volume):
+    calls = []
+    explain_volume(cam2d, volume, batch_size=4, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(4, 6), (6, 6)]
+    calls.clear()
+    explain_volume(cam2d, volume, axis=1, batch_size=5, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(5, 12), (10, 12), (12, 12)]
+
+
+def test_should_stop_cancels_after_the_first_batch(cam2d, volume):
+    calls = []
+    out = np.zeros(VOLUME_SHAPE, np.float32)
+    with pytest.raises(Cancelled, match="after 2 of 6"):
+        explain_volume(cam2d, volume, batch_size=2, out=out,
+                       progress=lambda d, t: calls.append(d), should_stop=lambda: True)
+    assert calls == [2]
+    assert out[:2].any() and not out[2:].any()  # nothing was computed after the stop
+
+
+def test_bad_volumes_and_options(cam2d, volume):
+    with pytest.raises(ValueError, match=r"expected a 3D volume \(Z, Y, X\), got shape \(12, 10\)"):
+        explain_volume(cam2d, volume[0])
+    with pytest.raises(ValueError, match="expected a 3D volume"):
+        explain_volume(cam2d, volume[None])
+    with pytest.raises(ValueError, match="the volume is empty"):
+        explain_volume(cam2d, np.zeros((0, 12, 10), np.float32))
+    with pytest.raises(TypeError, match="dtype bool"):
+        explain_volume(cam2d, volume > 0.5)
+    with pytest.raises(ValueError, match="mode must be 'slices' or 'windows'"):
+        explain_volume(cam2d, volume, mode="tiles")
+    with pytest.raises(ValueError, match="axis must be 0, 1 or 2"):
+        explain_volume(cam2d, volume, axis=3)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        explain_volume(cam2d, volume, batch_size=0)
+    with pytest.raises(ValueError, match=r"one 2D map per slice.*single target"):
+        explain_volume(cam2d, volume, target="all")
+
+
+# --- OOM back-off ---------------------------------------------------------------------------
+
+
+class _OutOfMemoryAbove2(ResNetLike):
+    """Raises the error CUDA raises when a batch does not fit (more than 2 slices here).
+
+    A real CUDA out-of-memory cannot be produced on CPU CI; this is the same exception type
+    and message the CUDA allocator raises, coming from inside the model's forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(x)
+
+
+def test_out_of_memory_backs_off_and_gives_the_same_result(resnet2d, volume):
+    fragile = _OutOfMemoryAbove2(widths=(8, 16, 16)).eval()
+    fragile.load_state_dict(resnet2d.state_dict())
+    messages = []
+    with pytest.warns(RuntimeWarning, match="retrying with batch size 4") as caught:
+        result = explain_volume(GradCAM(fragile, "features.3"), volume, batch_size=8,
+                                notify=messages.append)
+    assert any("retrying with batch size 2" in str(w.message) for w in caught)
+    assert messages == ["out of memory on cpu: retrying with batch size 4",
+                        "out of memory on cpu: retrying with batch size 2"]
+    expected = explain_volume(GradCAM(resnet2d, "features.3"), volume, batch_size=8).maps
+    np.testing.assert_allclose(result.maps, expected, rtol=1e-5, atol=1e-7)
+    assert all(not m._forward_hooks for m in fragile.modules())
+
+
+class _AlwaysOutOfMemory(ResNetLike):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def test_out_of_memory_even_for_one_slice_gives_advice(volume):
+    cam = GradCAM(_AlwaysOutOfMemory(widths=(4, 8, 8)).eval(), "features.3")
+    with pytest.warns(RuntimeWarning), pytest.raises(
+            MemoryError, match=r"even for a batch of one.*amp='bf16'"):
+        explain_volume(cam, volume, batch_size=2)
+
+
+# --- windows (3D models) --------------------------------------------------------------------
+
+
+@pytest.fixture
+def cam3d():
+    torch.manual_seed(0)
+    return GradCAM(ResNetLike(spatial_dims=3, widths=(4, 8, 8)).eval(), "features.3")
+
+
+def test_one_window_as_big_as_the_volume_equals_a_direct_3d_call(cam3d):
+    volume = np.random.default_rng(1).random((8, 12, 10)).astype(np.float32)
+    result = explain_volume(cam3d, volume, mode="windows", window=(8, 12, 10), target=1)
+    direct = cam3d(volume[None, None], 1)[0]
+    assert direct.max() > 0
+    np.testing.assert_allclose(result.maps, direct, rtol=1e-5, atol=1e-6 * direct.max())
+    assert result.positions == [(0, 0, 0)] and result.predictions.shape == (1, 3)
+
+
+@pytest.fixture
+def pointwise3d(hand):
+    """GAP + linear with a 1x1x1 conv and positive weights: the Grad-CAM of a voxel depends
+    only on that voxel and on the window's size Z (the gradient is W/Z), so a windowed map
+    must equal the direct map × Z_volume / Z_window everywhere, seams included."""
+    model = hand.set_known_weights(hand.GapLinear(3, in_channels=1), seed=2, positive=True)
+    return GradCAM(model.eval(), "relu")
+
+
+@pytest.mark.parametrize(("overlap", "blend"), [(0.25, "gaussian"), (0.5, "gaussian"),
+                                                (0.0, "constant"), (0.4, "constant")])
+def test_overlapping_windows_blend_without_seams(pointwise3d, overlap, blend):
+    shape, window = (13, 11, 17), (6, 5, 8)
+    volume = np.random.default_rng(3).random(shape).astype(np.float32) + 0.1
+    result = explain_volume(pointwise3d, volume, mode="windows", window=window,
+                            overlap=overlap, target=0, batch_size=3, blend=blend)
+    direct = pointwise3d(volume[None, None], 0)[0]
+    assert (direct > 0).all()
+    maps = np.asarray(result.maps)
+    assert np.isfinite(maps).all() and (maps > 0).all()  # covered everywhere, no zero seams
+    scale = np.prod(shape) / np.prod(window)
+    np.testing.assert_allclose(maps, direct * scale, rtol=1e-4)
+    starts = [window_starts(s, w, overlap) for s, w in zip(shape, window, strict=True)]
+    assert len(result.positions) == np.prod([len(s) for s in starts])
+    assert result.predictions.shape == (len(result.positions), 3)
+
+
+def test_windows_on_a_resnet_are_finite_non_negative_and_cover_the_volume(cam3d, tmp_path):
+    volume = np.random.default_rng(4).random((14, 12, 12)).astype(np.float32)
+    lazy = da.from_array(volume, chunks=(4, 12, 12))
+    out = zarr.open_array(str(tmp_path / "maps.zarr"), mode="w", shape=volume.shape,
+                          chunks=(4, 12, 12), dtype="f4")
+    calls = []
+    result = explain_volume(cam3d, lazy, mode="windows", window=(8, 8, 8), overlap=0.25,
+                            batch_size=2, out=out, progress=lambda d, t: calls.append((d, t)))
+    maps = out[:]
+    assert result.maps is out
+    assert np.isfinite(maps).all() and (maps >= 0).all()
+    assert all(maps[z].max() > 0 for z in range(volume.shape[0]))  # every plane was written
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and calls[-1] == (len(result.positions),) * 2
+
+
+def test_window_starts_cover_the_axis():
+    assert window_starts(20, 8, 0.5) == [0, 4, 8, 12]
+    assert window_starts(21, 8, 0.5) == [0, 4, 8, 12, 13]
+    assert window_starts(5, 8, 0.5) == [0]
+    for size, window, overlap in [(100, 32, 0.25), (33, 7, 0.0), (64, 64, 0.9)]:
+        starts = window_starts(size, window, overlap)
+        covered = np.zeros(size, bool)
+        for start in starts:
+            covered[start:start + window] = True
+        assert covered.all() and starts[-1] + window == max(size, window)
+
+
+def test_blending_weights_are_symmetric_positive_and_peak_in_the_middle():
+    weights = blending_weights((7, 8, 5), "gaussian")
+    for axis in range(3):
+        np.testing.assert_allclose(weights, np.flip(weights, axis), rtol=1e-6)
+    # each axis' profile is floored at 1e-3, so even a corner keeps a usable weight
+    assert weights.min() >= 1e-9 * weights.max() > 0
+    assert weights[3, 3:5, 2].min() == pytest.approx(weights.max())
+    assert weights[0, 0, 0] < 0.2 * weights.max()
+    np.testing.assert_array_equal(blending_weights((3, 4, 5), "constant"), 1.0)
+    with pytest.raises(ValueError, match="blend must be"):
+        blending_weights((3, 3, 3), "cosine")
+
+
+def test_window_options_are_checked(cam3d):
+    volume = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="overlap must be in"):
+        explain_volume(cam3d, volume, mode="windows", window=(4, 4, 4), overlap=1.0)
+    with pytest.raises(ValueError, match="window must be three positive sizes"):
+        explain_volume(cam3d, volume, mode="windows", window=(4, 4))
+    with pytest.raises(ValueError, match="one 3D map per window"):
+        explain_volume(GradCAM(ResNetLike(widths=(4, 8, 8)).eval(), "features.3"), volume,
+                       mode="windows", window=(4, 4, 4), preprocess=lambda b: torch.from_numpy(
+                           b[:, :1]))
