@@ -164,8 +164,9 @@ def check_input(x: object, model: nn.Module) -> torch.Tensor:
         raise TypeError(f"expected a torch tensor or an array, got {type(x).__name__}")
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"the input has dtype {tensor.dtype}; give real numbers (float32)")
-    if not tensor.is_floating_point():
-        tensor = tensor.float()
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                       torch.float32)
+    tensor = tensor.to(model_dtype)  # float64 numpy arrays meet a float32 model, and ints
     if tensor.ndim not in (3, 4, 5):
         raise ValueError(
             f"expected a batch of shape (N, C, *spatial) with 1, 2 or 3 spatial dims, got shape "

@@ -250,7 +250,7 @@ class HiResCAM(BaseCAM):
     """HiResCAM: element-wise gradient × activation, summed over channels (Draelos & Carin 2020).
 
     Provably faithful to the score for a model whose head is linear in the activations; equals
-    Grad-CAM times the number of positions when the gradient is constant over space.
+    Grad-CAM exactly when the gradient is constant over space (a GAP + linear head).
     """
 
     name = "hirescam"

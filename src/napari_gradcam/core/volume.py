@@ -147,7 +147,7 @@ def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, no
         raise ValueError(f"axis must be 0, 1 or 2 for a volume, got {axis}")
     axis %= ndim
     count = volume.shape[axis]
-    predictions: dict[int, np.ndarray] = {}
+    predictions: dict[int, list[float]] = {}
     indices: dict[int, int] = {}
     device = getattr(explainer, "device", torch.device("cpu"))
 
@@ -162,7 +162,7 @@ def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, no
                              f"returned maps of shape {maps.shape}. Use a single target.")
         out[tuple(index)] = np.moveaxis(maps, 0, axis)
         for offset, probs in enumerate(_probabilities(result.outputs)):
-            predictions[chunk.start + offset] = probs
+            predictions[chunk.start + offset] = probs.tolist()
             if result.target_indices is not None:
                 indices[chunk.start + offset] = int(result.target_indices[offset])
 
@@ -171,7 +171,7 @@ def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, no
     order = sorted(predictions)
     return VolumeResult(
         maps=out,
-        predictions=np.stack([predictions[i] for i in order]),
+        predictions=np.array([predictions[i] for i in order], dtype=np.float32),
         positions=[(i,) for i in order],
         mode="slices",
         axis=axis,
@@ -222,18 +222,19 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
     accumulated = np.zeros((depth, shape[1], shape[2]), dtype=np.float32)
     weight_sum = np.zeros_like(accumulated)
     buffer_start = 0
-    predictions: list[np.ndarray] = []
+    predictions: list[list[float]] = []
     positions: list[tuple[int, ...]] = []
     done = 0
 
     def flush(until: int) -> None:
-        nonlocal accumulated, weight_sum, buffer_start
+        nonlocal buffer_start
         planes = until - buffer_start
         if planes <= 0:
             return
         out[buffer_start:until] = accumulated[:planes] / np.maximum(weight_sum[:planes], 1e-12)
-        accumulated = np.concatenate([accumulated[planes:], np.zeros_like(accumulated[:planes])])
-        weight_sum = np.concatenate([weight_sum[planes:], np.zeros_like(weight_sum[:planes])])
+        for buffer in (accumulated, weight_sum):  # shift in place: no new volume-wide buffers
+            buffer[:-planes] = buffer[planes:].copy()
+            buffer[-planes:] = 0.0
         buffer_start = until
 
     for z0 in starts[0]:
@@ -255,14 +256,15 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
                           slice(x0, x0 + width))
                 accumulated[region] += cam
                 weight_sum[region] += weights
-            predictions.extend(_probabilities(result.outputs))
+            predictions.extend(_probabilities(result.outputs).tolist())
             positions.extend((z0, y0, x0) for y0, x0 in chunk)
 
         for finished in run_with_oom_backoff(corners, batch_size, work, device, notify):
             yield done + finished, total
         done += len(corners)
     flush(shape[0])
-    return VolumeResult(maps=out, predictions=np.stack(predictions), positions=positions,
+    return VolumeResult(maps=out, predictions=np.array(predictions, dtype=np.float32),
+                        positions=positions,
                         mode="windows", window=window)
 
 
