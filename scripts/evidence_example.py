@@ -40,6 +40,7 @@ from napari_gradcam.evidence_report import (
 PREFERRED = ("ct-patch-classifier", "micrograph-classifier")
 EVAL_SEED = 20240  # held-out data, as in napari_gradcam.samples.demo_models
 OUT = Path(__file__).resolve().parents[1] / "docs" / "evidence"
+REMOVAL = {"mean": "the image mean", "blur": "a blurred copy"}
 
 
 def choose_model(name: str | None) -> LoadedModel:
@@ -87,7 +88,8 @@ def crack_sample(loaded: LoadedModel, seed: int) -> tuple[np.ndarray, np.ndarray
     raise SystemExit(f"the model {card.name!r} misclassifies every generated crack sample")
 
 
-def readme(report: EvidenceReport, sample: str, seconds: float) -> str:
+def readme(report: EvidenceReport, sample: str, seconds: float, command: str,
+           report_has_maps: bool) -> str:
     """The paragraph for the project README, with this run's numbers."""
     deletion, insertion = report.deletion, report.insertion
     randomisation = report.randomisation
@@ -97,14 +99,15 @@ def readme(report: EvidenceReport, sample: str, seconds: float) -> str:
         "# Evidence for a crack heatmap",
         "",
         f"Model `{report.model_name}`, {report.method} at `{report.layer}`, target "
-        f"{report.target}; sample: {sample}; the crack's true mask is the region. Made by "
-        "`python scripts/evidence_example.py` "
-        f"in {seconds:.0f} s on a CPU.",
+        f"{report.target}; sample: {sample}, the first held-out crack sample the model "
+        f"classifies as crack; the crack's true mask is the region. Made by `{command}` in "
+        f"{seconds:.0f} s on a CPU.",
         "",
     ]
     if deletion is not None and insertion is not None:
         lines.append(
-            f"* **Deletion** (pixels replaced by the image mean in Grad-CAM order): AUC "
+            f"* **Deletion** (pixels replaced by {REMOVAL.get(deletion.removal, deletion.removal)}"
+            " in Grad-CAM order): AUC "
             f"{deletion.auc[0]:.3f} vs {deletion.random_auc[0]:.3f} for random orders "
             f"(lower is better). **Insertion**: AUC {insertion.auc[0]:.3f} vs "
             f"{insertion.random_auc[0]:.3f} (higher is better)."
@@ -117,10 +120,18 @@ def readme(report: EvidenceReport, sample: str, seconds: float) -> str:
             f"{'FAILED: the map barely changes' if randomisation.barely_changes else 'passed'}."
         )
     if occlusion is not None:
+        chance = occlusion.top_k / (2 - occlusion.top_k)
+        agrees = occlusion.top_k_iou >= report.settings.agreement_factor * chance
         lines.append(
             f"* **Agreement with occlusion**: IoU of the top {occlusion.top_k:.0%} pixels "
-            f"{occlusion.top_k_iou:.2f} (chance {occlusion.top_k / (2 - occlusion.top_k):.2f}), "
-            f"Spearman {format_value(occlusion.spearman)}."
+            f"{occlusion.top_k_iou:.2f} (chance {chance:.2f}), Spearman "
+            f"{format_value(occlusion.spearman)}: "
+            + ("the two maps point at the same places." if agrees else
+               "they do NOT agree on this sample. Occlusion measures what hiding one small "
+               "patch at a time does; where the evidence is spread over a large object, each "
+               "patch alone matters little (and a flat grey patch can itself look like a "
+               "defect), which deletion and the region test, removing many pixels at once, "
+               "do not suffer from.")
         )
     if report.region is not None and report.region.probability_before is not None:
         extent = "volume" if report.spatial_dims == 3 else "image"
@@ -150,7 +161,9 @@ def readme(report: EvidenceReport, sample: str, seconds: float) -> str:
         "",
         "Numbers: `summary.csv`, `curves.csv`, `randomisation.csv`, `agreement.csv`, "
         "`report.json`; provenance (model, weights SHA-256, layer, target, preprocessing, "
-        "settings, versions): `provenance.json`; maps: `maps.npz`.",
+        "settings, versions): `provenance.json`"
+        + ("; maps: `maps.npz`." if report_has_maps else " (rerun with `--with-maps` for the "
+           "maps as `maps.npz`)."),
         "",
     ]
     return "\n".join(lines)
@@ -164,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the sample data")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--with-maps", action="store_true",
+                        help="also write maps.npz (every map as float32; large for volumes)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 1 when a check fails (default: 0 once written)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -181,14 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     crack = loaded.card.class_names.index("crack")
     report = run_evidence(
         loaded, image, target=crack, checks=(*DEFAULT_CHECKS, "region"), region_mask=mask,
-        settings=EvidenceSettings(), source=sample, export_folder=args.out, overwrite=True,
-        progress=progress,
+        settings=EvidenceSettings(), source=sample, progress=progress,
     )
+    report.export(args.out, maps=args.with_maps, overwrite=True)
     seconds = time.perf_counter() - started
-    (args.out / "README.md").write_text(readme(report, sample, seconds), encoding="utf-8")
+    command = " ".join(["python scripts/evidence_example.py",
+                        *(sys.argv[1:] if argv is None else argv)])
+    text = readme(report, sample, seconds, command.strip(), args.with_maps)
+    (args.out / "README.md").write_text(text, encoding="utf-8")
     print(report.summary())
     print(f"wrote {args.out} in {seconds:.1f} s")
-    return 0 if report.passed else 1
+    return 1 if args.strict and not report.passed else 0
 
 
 if __name__ == "__main__":

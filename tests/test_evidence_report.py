@@ -254,10 +254,11 @@ def test_export_writes_figures_numbers_and_provenance(full_report: EvidenceRepor
 def test_export_numbers_only_and_bad_folder(tiny: Subject, tmp_path: Path) -> None:
     report = run_evidence(tiny.module, tiny.x, layer=tiny.layer, checks=("deletion",),
                           settings=FAST)
-    files = report.export(tmp_path / "numbers", figures=False)
+    files = report.export(tmp_path / "numbers", figures=False, maps=False)
     assert "maps_png" not in files and not (tmp_path / "numbers" / "figures").exists()
     assert set(files) == {"summary_csv", "summary_txt", "report_json", "provenance_json",
-                          "maps_npz", "curves_csv"}
+                          "curves_csv"}
+    assert not (tmp_path / "numbers" / "maps.npz").exists()
     a_file = tmp_path / "file.txt"
     a_file.write_text("x", encoding="utf-8")
     with pytest.raises(NotADirectoryError, match="give a folder"):

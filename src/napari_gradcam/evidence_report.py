@@ -481,7 +481,7 @@ class EvidenceReport:
     # ---------------------------------------------------------------------------------------
     # Export
 
-    def export(self, folder: str | Path, *, figures: bool = True,
+    def export(self, folder: str | Path, *, figures: bool = True, maps: bool = True,
                overwrite: bool = False) -> dict[str, Path]:
         """Write the report into ``folder`` (created if needed) and return the files by role.
 
@@ -489,13 +489,14 @@ class EvidenceReport:
         random baseline), ``randomisation.csv``, ``agreement.csv``, ``report.json`` (every
         number), ``provenance.json``, ``maps.npz`` (image, maps, region mask), ``summary.txt``
         and, with ``figures``, ``figures/deletion_insertion.png``, ``figures/randomisation.png``
-        and ``figures/maps.png``. An existing report in ``folder`` is only replaced with
+        and ``figures/maps.png``. ``maps=False`` leaves out ``maps.npz`` (the largest file, and
+        one that a rerun reproduces). An existing report in ``folder`` is only replaced with
         ``overwrite=True``. Figures need matplotlib (``figures=False`` writes numbers only).
         """
         folder = Path(folder).expanduser()
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"{folder} is a file; give a folder for the report")
-        planned = self._planned_files(folder, figures)
+        planned = self._planned_files(folder, figures, maps)
         existing = [path for path in planned.values() if path.exists()]
         if existing and not overwrite:
             raise FileExistsError(
@@ -511,14 +512,15 @@ class EvidenceReport:
             self._write_figures(planned)
         return {role: path for role, path in planned.items() if path.exists()}
 
-    def _planned_files(self, folder: Path, figures: bool) -> dict[str, Path]:
+    def _planned_files(self, folder: Path, figures: bool, maps: bool) -> dict[str, Path]:
         files = {
             "summary_csv": folder / "summary.csv",
             "summary_txt": folder / "summary.txt",
             "report_json": folder / "report.json",
             "provenance_json": folder / "provenance.json",
-            "maps_npz": folder / "maps.npz",
         }
+        if maps:
+            files["maps_npz"] = folder / "maps.npz"
         if self.deletion is not None or self.insertion is not None:
             files["curves_csv"] = folder / "curves.csv"
         if self.randomisation is not None:
@@ -575,11 +577,12 @@ class EvidenceReport:
         files["report_json"].write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
         files["provenance_json"].write_text(json.dumps(self.provenance, indent=2, default=str),
                                             encoding="utf-8")
-        arrays = {f"map_{name}": values for name, values in self.maps.items()}
-        arrays["image"] = self.image
-        if self.region_mask is not None:
-            arrays["region_mask"] = self.region_mask
-        np.savez_compressed(files["maps_npz"], **arrays)
+        if "maps_npz" in files:
+            arrays = {f"map_{name}": values for name, values in self.maps.items()}
+            arrays["image"] = self.image
+            if self.region_mask is not None:
+                arrays["region_mask"] = self.region_mask
+            np.savez_compressed(files["maps_npz"], **arrays)
         files["summary_txt"].write_text(self.summary() + "\n", encoding="utf-8")
 
     def _write_figures(self, files: Mapping[str, Path]) -> None:
@@ -658,8 +661,10 @@ def _display_slice(report: EvidenceReport) -> tuple[tuple[int | slice, ...], str
     return (index,), f" (slice {index})"
 
 
-def _plot_map(axis: Any, report: EvidenceReport, values: np.ndarray | None, title: str) -> None:
+def _plot_map(axis: Any, report: EvidenceReport, values: np.ndarray | None, title: str,
+              say_where: bool = True) -> None:
     key, where = _display_slice(report)
+    where = where if say_where else ""
     image = np.asarray(report.image, dtype=np.float64)[key]
     if image.ndim == 1:
         axis.plot(image, color="0.5", lw=1)
@@ -726,7 +731,8 @@ def plot_randomisation(report: EvidenceReport, figure: Figure) -> None:
         _plot_map(first, report, _first_map(result.original_map), "original")
         for column, step in enumerate(steps, start=1):
             axis = figure.add_subplot(grid[0, column])
-            _plot_map(axis, report, _first_map(step.saliency_map), f"+ {step.layer}")
+            _plot_map(axis, report, _first_map(step.saliency_map), f"+ {step.layer}",
+                      say_where=False)
         curve = figure.add_subplot(grid[1, :])
     else:
         curve = figure.add_subplot(grid[0, 0])
