@@ -8,7 +8,8 @@
     napari maps.zarr                                        # opens with the right scale
 
 Exit codes: 0 done, 1 failure, 2 bad usage or input (one line on stderr, no traceback),
-130 cancelled (Ctrl-C or SIGTERM; the partial output is removed).
+130 cancelled (Ctrl-C or SIGTERM stop the run at the next batch, a second one at once; the
+partial output is removed either way).
 
 Adding a subcommand: write ``def add_x(subparsers)`` that calls ``subparsers.add_parser(...)``
 and ``parser.set_defaults(handler=function)`` where ``function(args) -> int``, decorate it
@@ -149,10 +150,12 @@ def run_explain(args: argparse.Namespace) -> int:
     if distributed:
         summary = run_distributed(args.input, args.model, args.out, options=options,
                                   overwrite=args.overwrite, workers=args.workers,
-                                  scheduler_address=args.scheduler, progress=progress)
+                                  scheduler_address=args.scheduler, progress=progress,
+                                  should_stop=getattr(args, "should_stop", None))
     else:
         summary = explain_file(args.input, args.model, args.out, options=options,
                                overwrite=args.overwrite, progress=progress,
+                               should_stop=getattr(args, "should_stop", None),
                                notify=lambda message: print(message, file=sys.stderr))
     if not args.quiet:
         print(summary.describe())
@@ -281,21 +284,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a batch system's kill) unwinds like Ctrl-C, so partial outputs are removed."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the run to stop at the next batch (or chunk) boundary, where no
+    write is in flight, so the partial output can be removed cleanly; a second signal aborts
+    at once. Calling it returns True once asked, so it serves as ``should_stop``."""
 
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self) -> None:
+        self.requested = False
+        self.aborted = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.aborted:  # already unwinding: further signals change nothing
+            return
+        if self.requested:
+            self.aborted = True
+            raise KeyboardInterrupt(f"signal {signum} (second)")
+        self.requested = True
+        print("\nnapari-gradcam: stopping after the current batch (again to abort now)",
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        signals = (signal.SIGINT, signal.SIGTERM)
+        try:
+            previous = [signal.signal(number, self._handle) for number in signals]
+        except ValueError:  # not the main thread: leave signals alone
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            for number, handler in zip(signals, previous, strict=True):
+                signal.signal(number, handler)
 
 
 def _error(message: str) -> None:
@@ -312,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from napari_gradcam.core.volume import Cancelled
 
     try:
-        with _sigterm_as_interrupt():
+        with StopRequest().installed() as stop:
+            args.should_stop = stop
             return int(args.handler(args))
     except (KeyboardInterrupt, Cancelled):
         print("\nnapari-gradcam: cancelled; no output was written", file=sys.stderr)

@@ -21,6 +21,7 @@ name, and an existing output is only replaced when asked (``overwrite=True``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -373,8 +374,70 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
             raise RuntimeError(f"nothing was written to {partial}")
         _replace(partial, path, overwrite)
     except BaseException:
-        _remove(partial)
+        with _signals_deferred():  # a second Ctrl-C must not stop the clean-up half way
+            settle_zarr_writes()
+            _remove(partial)
         raise
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block has run, then hand them to their handlers.
+
+    Python runs signal handlers in the main thread whichever thread the signal hit, so
+    blocking the signal mask is not enough: the handlers themselves are swapped for one that
+    only takes note.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    received: list[int] = []
+    previous = {number: signal.getsignal(number) for number in numbers}
+    for number in numbers:
+        signal.signal(number, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in received:
+            handler = previous[number]
+            if callable(handler):
+                handler(number, None)
+            elif handler == signal.SIG_DFL and number == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), number)
+
+
+def settle_zarr_writes(timeout: float = 30.0) -> None:
+    """Wait until zarr's background IO loop has finished every write in flight.
+
+    zarr 3 writes chunks on its own thread. When Ctrl-C interrupts the main thread while it
+    waits for a write, that write still completes there, and it would recreate a partial
+    output folder just removed. zarr 2 writes synchronously and needs nothing.
+    """
+    try:
+        from zarr.core import sync as zarr_sync
+    except ImportError:
+        return
+    loops = getattr(zarr_sync, "loop", None)
+    loop = loops[0] if isinstance(loops, list) and loops else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def others_done() -> None:
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(others_done(), loop).result(timeout + 1.0)
 
 
 def _replace(partial: Path, path: Path, overwrite: bool) -> None:
