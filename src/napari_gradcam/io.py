@@ -594,8 +594,8 @@ class OutputVolume:
         self.attrs = attrs
 
     def update_attrs(self, updates: Mapping[str, Any]) -> None:
-        """Add to the stored provenance (TIFF: only before :func:`open_output` creates it, so
-        later additions are kept in the ``.json`` sidecar of ``.npy`` files and zarr only)."""
+        """Add to the provenance record. OME-Zarr attributes and the ``.npy`` sidecar store it;
+        a TIFF keeps only the record it was created with (its header is written first)."""
         self.attrs.update(_jsonable(dict(updates)))
         if self.kind == "zarr":
             update_zarr_attrs(self.partial, updates)
