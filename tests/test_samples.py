@@ -104,6 +104,9 @@ def test_micrograph_patches_are_balanced_and_masks_match_classes() -> None:
         assert present == [set(), {1}, {2}][image_class]
     again = make_micrograph_patches(n_per_class=6, size=48, seed=5)
     np.testing.assert_array_equal(patches.images, again.images)
+    grey = make_micrograph_patches(n_per_class=6, size=48, seed=5, dtype="uint8")
+    assert grey.images.dtype == np.uint8
+    np.testing.assert_allclose(grey.images / 255.0, patches.images, atol=1 / 255)
     with pytest.raises(ValueError, match="n_per_class"):
         make_micrograph_patches(n_per_class=0)
     with pytest.raises(ValueError, match="patch size"):

@@ -1,0 +1,151 @@
+"""The shipped demo models: they load, they are as good as their cards say, and they can be
+retrained by the training script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from napari_gradcam.core.architectures import build_architecture
+from napari_gradcam.samples.demo_models import (
+    EVAL_SEED,
+    RECIPES,
+    ZOO_DIR,
+    evaluate_model,
+    get_recipe,
+    load_demo_model,
+    train_model,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = list(RECIPES)
+
+# held-out samples per class for the reproduction check: small enough to be fast, large enough
+# that the tolerance below is about three standard errors of an accuracy near 0.9
+SMALL_SET = {"micrograph-classifier": 40, "ct-patch-classifier": 20, "ct-slice-unet": 20,
+             "xrd-phase-classifier": 40}
+TOLERANCE = 0.12
+
+
+def _card(name: str) -> dict:
+    return yaml.safe_load((ZOO_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_card_matches_its_recipe_and_weights_load(name: str) -> None:
+    card = _card(name)
+    recipe = get_recipe(name)
+    assert card["name"] == name
+    assert tuple(card["class_names"]) == recipe.class_names
+    assert card["preprocessing"] == recipe.preprocessing
+    weights = ZOO_DIR / card["weights"]
+    assert weights.suffix == ".safetensors"
+    assert weights.stat().st_size < 5 * 1024 * 1024
+    model = build_architecture(card["architecture"], **card["architecture_kwargs"])
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    assert card["target_layer"] in dict(model.named_modules())
+    # the card records what was measured, and what it claims is a model worth shipping
+    metrics = card["metrics"]
+    if card["task"] == "classification":
+        assert metrics["accuracy"] >= 0.85
+    else:
+        assert min(metrics["iou"]["pore"], metrics["iou"]["crack"]) >= 0.5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_cards_pass_the_model_card_validator(name: str) -> None:
+    model_card = pytest.importorskip("napari_gradcam.core.model_card")
+    card = model_card.ModelCard.from_yaml(ZOO_DIR / f"{name}.yaml")
+    assert card.weights_path == (ZOO_DIR / _card(name)["weights"]).resolve()
+    assert card.weights_path.is_file()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_model_reproduces_its_card_on_a_small_seeded_set(name: str) -> None:
+    torch.set_num_threads(2)
+    claimed = _card(name)["metrics"]
+    measured = evaluate_model(name, per_class=SMALL_SET[name], seed=EVAL_SEED)
+    if "accuracy" in claimed:
+        assert measured["accuracy"] == pytest.approx(claimed["accuracy"], abs=TOLERANCE)
+    else:
+        for class_name in ("pore", "crack"):
+            assert measured["iou"][class_name] == pytest.approx(
+                claimed["iou"][class_name], abs=TOLERANCE
+            )
+    for class_name, loc in measured["localisation"].items():
+        card_loc = claimed["localisation"][class_name]
+        # fewer samples: allow a wider band, but the heat map must still find the defect
+        assert loc["pointing_game"] >= card_loc["pointing_game"] - 0.2, class_name
+        assert loc["energy_share"] > loc["mask_area_share"], class_name
+
+
+@pytest.mark.parametrize("name", ["micrograph-classifier", "ct-patch-classifier"])
+def test_card_pointing_game_meets_the_target_for_defect_classes(name: str) -> None:
+    localisation = _card(name)["metrics"]["localisation"]
+    defect_classes = [c for c in localisation if c in ("crack", "pore", "precipitates")]
+    assert defect_classes
+    for class_name in defect_classes:
+        assert localisation[class_name]["pointing_game"] >= 0.8, class_name
+
+
+def test_training_script_retrains_a_model_quickly(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_demo_models.py"),
+         "--models", "xrd-phase-classifier", "--quick", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, env=env, timeout=120,
+    )
+    card = yaml.safe_load((tmp_path / "xrd-phase-classifier.yaml").read_text())
+    assert card["training"]["steps"] == 5 and "metrics" not in card
+    trained = load_file(str(tmp_path / card["weights"]))
+    torch.manual_seed(0)  # the script's initialisation before its first step
+    initial = build_architecture(card["architecture"], **card["architecture_kwargs"]).state_dict()
+    assert trained.keys() == initial.keys()
+    changed = [k for k in trained if not torch.equal(trained[k], initial[k])]
+    assert "classifier.weight" in changed
+
+
+def test_segmenter_trains_and_evaluates_end_to_end(tmp_path: Path) -> None:
+    card_path = train_model("ct-slice-unet", steps=3, out_dir=tmp_path, train_per_class=3,
+                            log=None)
+    model, card = load_demo_model("ct-slice-unet", tmp_path)
+    assert card_path.name == "ct-slice-unet.yaml" and card["task"] == "segmentation"
+    result = evaluate_model("ct-slice-unet", model, per_class=2, seed=1)
+    assert set(result["iou"]) == {"background", "pore", "crack"}
+    for loc in result["localisation"].values():
+        assert 0.0 <= loc["pointing_game"] <= 1.0 and 0.0 <= loc["energy_share"] <= 1.0
+        assert loc["n"] >= 1
+
+
+def test_demo_model_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown demo model 'resnet50'"):
+        get_recipe("resnet50")
+    with pytest.raises(FileNotFoundError, match="train it with"):
+        load_demo_model("micrograph-classifier", tmp_path)
+    with pytest.raises(ValueError, match="steps"):
+        train_model("xrd-phase-classifier", steps=0, out_dir=tmp_path, log=None)
+    assert np.isfinite(EVAL_SEED)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_demo_model_loads_by_name_and_agrees_with_the_training_path(name: str) -> None:
+    # the GUI/CLI path (card -> Preprocessor -> model) must see the data exactly as training did
+    from napari_gradcam.core.models import load_model
+
+    loaded = load_model(name)
+    assert loaded.card.name == name and loaded.target_layer == _card(name)["target_layer"]
+    recipe = get_recipe(name)
+    data = recipe.make_data(2, 7)
+    reference, _ = load_demo_model(name)
+    with torch.no_grad():
+        ours = reference(recipe.preprocessor()(data.images))
+        theirs = loaded.model(loaded.preprocess(data.images))
+    torch.testing.assert_close(theirs, ours)
