@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     viewer = napari.Viewer(title="napari-gradcam", show=True)
-    viewer.window.resize(1500, 950)
+    viewer.window.resize(1600, 1000)
     (volume, volume_kwargs, _), (labels, labels_kwargs, _) = ct_volume_sample()
     image = viewer.add_image(volume, **volume_kwargs)
     defects = viewer.add_labels(labels, **{**labels_kwargs, "opacity": 0.35})
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("slices"))
         widget.axis_spin.setValue(0)
     widget.batch_spin.setValue(8)
-    widget.colormap_combo.setCurrentText("turbo")
-    widget.opacity_spin.setValue(0.55)
+    widget.colormap_combo.setCurrentText("inferno")
+    widget.opacity_spin.setValue(0.9)
 
     app = QApplication.instance()
     started = time.perf_counter()
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     z = int(np.median(np.nonzero(labels == 2)[0]))
     viewer.dims.set_point(0, z * volume_kwargs["scale"][0])
     viewer.layers.selection.active = results[0]
+    viewer.reset_view()
     for _ in range(20):
         app.processEvents()
         time.sleep(0.02)

@@ -358,6 +358,9 @@ def test_3d_model_in_windows(make_widget, qtbot, cards) -> None:
     assert layer.data.shape == (12, 16, 16)
     np.testing.assert_allclose(layer.scale, (1.0, 0.65, 0.65))
     assert layer.metadata[METADATA_KEY]["options"]["window"] == [8, 8, 8]
+    viewer.dims.set_point(0, 10.0)
+    assert "windows through plane 10" in widget.predictions_title.text()
+    assert abs(sum(widget.predictions_shown().values()) - 1.0) < 0.01
 
 
 def test_demo_model_on_a_ct_volume(make_widget, qtbot) -> None:

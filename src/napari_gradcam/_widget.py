@@ -68,7 +68,9 @@ if TYPE_CHECKING:
 METADATA_KEY = "napari_gradcam"
 """Result layers keep their provenance and predictions under this metadata key."""
 BROWSE = "Browse card / .pt2 …"
-COLORMAPS = ("turbo", "inferno", "magma", "viridis", "hot")
+COLORMAPS = ("inferno", "turbo", "magma", "hot", "viridis")
+"""Inferno first: it starts at black, so with additive blending a zero CAM adds nothing (turbo's
+dark-blue zero tints the whole image)."""
 MODE_LABELS = {
     "current": "current slice / window",
     "slices": "every slice along axis",
@@ -138,6 +140,7 @@ class GradCAMWidget(QWidget):
     # Construction
 
     def _build(self) -> None:
+        self.setMaximumWidth(480)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         self.tabs = QTabWidget()
@@ -196,9 +199,8 @@ class GradCAMWidget(QWidget):
         self.overlap_spin.setRange(0.0, 0.9)
         self.overlap_spin.setSingleStep(0.05)
         self.overlap_spin.setValue(0.25)
-        window_row.addWidget(QLabel("overlap"))
-        window_row.addWidget(self.overlap_spin)
         form.addRow("Window", window_row)
+        form.addRow("Overlap", self.overlap_spin)
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 512)
         self.batch_spin.setValue(8)
@@ -695,8 +697,11 @@ class GradCAMWidget(QWidget):
             probabilities = result.prediction_at(source_index)
             if result.sample_axis is not None:
                 where = f"index {source_index[result.sample_axis]} of axis {result.sample_axis}"
-            elif result.mode == "windows":
-                where = "nearest window"
+            through = (result.windows_through_plane(source_index[-3])
+                       if result.mode == "windows" else None)
+            if through is not None:
+                probabilities, count = through
+                where = f"mean of the {count} windows through plane {source_index[-3]}"
         if probabilities is None:
             probabilities = result.predictions.mean(0)
             where = "mean over all samples"

@@ -200,6 +200,17 @@ class ExplainResult:
             return self.predictions[int(np.argmin(((centres - spatial) ** 2).sum(1)))]
         return self.predictions[0]
 
+    def windows_through_plane(self, z: int) -> tuple[np.ndarray, int] | None:
+        """Windows mode: mean probabilities of the windows that cut plane ``z`` of the
+        explained volume (its first axis), and how many there are (None: no window does)."""
+        if self.mode != "windows" or not self.positions or self.window is None:
+            return None
+        starts = np.asarray(self.positions, dtype=np.int64)[:, -3]
+        through = (starts <= z) & (z < starts + self.window[0])
+        if not through.any():
+            return None
+        return self.predictions[through].mean(0), int(through.sum())
+
 
 @dataclass(frozen=True)
 class Plan:
