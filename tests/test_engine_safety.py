@@ -247,3 +247,25 @@ def test_saturated_score_warns_and_suggests_the_logit(resnet2d, images):
     with pytest.warns(UserWarning, match="exactly zero.*explain the logit"):
         maps = GradCAM(model, "0.features.3")(images, target=lambda out: out[:, 0])
     assert not maps.any()
+
+
+def test_a_call_inside_no_grad_or_inference_code_still_gives_the_map(resnet2d, images):
+    """Users often wrap inference in torch.no_grad(); the CAM must not silently break there."""
+    expected = GradCAM(resnet2d, "features.3")(images)
+    with torch.no_grad():
+        inside = GradCAM(resnet2d, "features.3")(images)
+    np.testing.assert_allclose(inside, expected, rtol=1e-6)
+    assert torch.is_grad_enabled()  # the caller's mode is back after the call
+
+
+def test_the_body_before_the_target_layer_runs_in_no_grad_mode(resnet2d, images):
+    modes: dict[str, bool] = {}
+    hooks = [dict(resnet2d.named_modules())[name].register_forward_hook(
+        lambda module, inputs, output, name=name: modes.__setitem__(name, torch.is_grad_enabled()))
+        for name in ("features.1", "classifier")]
+    try:
+        GradCAM(resnet2d, "features.2")(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert modes == {"features.1": False, "classifier": True}

@@ -1,9 +1,9 @@
 """The machinery under every CAM method: find the layer, run the model once, take the gradient.
 
-Why it is fast: while the model runs, every parameter has ``requires_grad`` switched off and the
-input does not require grad, so nothing before the target layer records an autograd graph.
-A forward hook swaps the target layer's output for a detached leaf that does require grad;
-only the layers after it (usually just the head) record a graph, and
+Why it is fast: the model runs in ``no_grad`` mode with every parameter's ``requires_grad``
+switched off, so nothing before the target layer records an autograd graph.
+A forward hook switches grad mode on and swaps the target layer's output for a detached leaf
+that requires grad; only the layers after it (usually just the head) record a graph, and
 ``torch.autograd.grad(score, activation)`` walks back exactly that far. No parameter
 gradients are computed, nothing is kept for the layers before the target. A Grad-CAM costs
 about one forward pass.
@@ -143,6 +143,8 @@ class ActivationCapture:
                 self.problems[name] = f"returns a {type(output).__name__}, not a tensor"
                 return None
             if self.cut_graph and not output.requires_grad:
+                # The layers before ran with grad mode off; from here on record the graph.
+                torch.set_grad_enabled(True)
                 output = output.detach().requires_grad_(True)
             self.activations[name] = output
             return output.clone() if output.requires_grad else None
@@ -280,8 +282,11 @@ def forward_backward(
     giving gradients of shape ``(K, N, C, *spatial)``.
     """
     x = x.to(device)
-    with preserved_model_state(model), ActivationCapture(layers) as capture:
-        with torch.enable_grad(), autocast_context(device, amp):
+    # enable_grad: scoring and differentiation work even when the caller is inside no_grad.
+    with preserved_model_state(model), ActivationCapture(layers) as capture, torch.enable_grad():
+        # Grad mode is off until the first target layer's hook switches it on, so the body of
+        # the network runs exactly like inference; the context restores the caller's mode.
+        with torch.no_grad(), autocast_context(device, amp):
             try:
                 outputs = model(x)
             except (RuntimeError, ValueError, TypeError) as error:
