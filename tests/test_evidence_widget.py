@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
@@ -23,8 +22,10 @@ pytest.importorskip("pytestqt")
 from napari.utils.notifications import NotificationSeverity, notification_manager
 
 from napari_gradcam._evidence_widget import EVIDENCE_KEY, METADATA_KEY, EvidenceWidget
+from napari_gradcam._qt_common import BROWSE
 from napari_gradcam.core.architectures import build_architecture
 from napari_gradcam.core.models import list_demo_models
+from napari_helpers import finish, write_card
 
 pytestmark = pytest.mark.gui
 MANIFEST = Path(__file__).resolve().parents[1] / "src" / "napari_gradcam" / "napari.yaml"
@@ -35,20 +36,7 @@ QUICK_CHECKS = ("deletion", "insertion", "randomisation", "occlusion", "saliency
 @pytest.fixture(scope="module")
 def card(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("evidence_cards")
-    torch.manual_seed(0)
-    model = build_architecture("resnet_like", spatial_dims=2, in_channels=1, num_classes=3,
-                               widths=(4, 8, 8))
-    save_file(model.state_dict(), folder / "small.safetensors")
-    path = folder / "small.yaml"
-    path.write_text(
-        "name: small\narchitecture: resnet_like\n"
-        "architecture_kwargs: {spatial_dims: 2, in_channels: 1, num_classes: 3, "
-        "widths: [4, 8, 8]}\nweights: small.safetensors\nspatial_dims: 2\nin_channels: 1\n"
-        "task: classification\nclass_names: [clean, precipitates, crack]\n"
-        "target_layer: features.3\n",
-        encoding="utf-8",
-    )
-    return path
+    return write_card(folder, "small", target_layer="features.3")
 
 
 @pytest.fixture
@@ -73,10 +61,6 @@ def make_widget(make_napari_viewer, card):
         return viewer, widget
 
     return factory
-
-
-def finish(qtbot, widget: EvidenceWidget, timeout: int = 30000) -> None:
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
 
 
 def image(shape=(32, 32), seed=0) -> np.ndarray:
@@ -243,6 +227,22 @@ def test_no_model_or_a_bad_model_file_is_a_clear_error(make_widget, tmp_path,
     assert widget.load_model_source(not_a_model) is None
     assert any("Could not load the model" in text for _, text in messages())
     assert widget.loaded is None and len(viewer.layers) == before
+
+
+def test_a_pickled_model_loads_only_with_trust_ticked(make_widget, tmp_path, messages) -> None:
+    _viewer, widget = make_widget(load=False)
+    pickled = tmp_path / "whole_model.pt"
+    torch.save(build_architecture("resnet_like", widths=(4, 8, 8)), pickled)
+    assert not widget.trust_check.isChecked()
+    assert widget.load_model_source(pickled) is None
+    assert any("Could not load the model" in text for _, text in messages())
+    assert widget.loaded is None and widget.model_combo.findData(str(pickled)) < 0
+    widget.trust_check.setChecked(True)
+    loaded = widget.load_model_source(pickled)
+    assert loaded is not None and widget.loaded is loaded
+    assert widget.model_combo.currentData() == str(pickled)
+    assert widget.model_combo.itemData(widget.model_combo.count() - 1) == BROWSE
+    assert widget.layer_combo.count() > 0 and widget.target_combo.count() == 4
 
 
 def test_no_image_layer_with_a_model_loaded(make_widget, messages) -> None:

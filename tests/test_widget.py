@@ -17,7 +17,6 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 pytest.importorskip("napari")
@@ -28,31 +27,11 @@ from napari.utils.notifications import NotificationSeverity, notification_manage
 from qtpy.QtCore import QTimer
 
 from napari_gradcam._widget import METADATA_KEY, GradCAMWidget
-from napari_gradcam.core.architectures import build_architecture
 from napari_gradcam.core.models import list_demo_models, load_model
+from napari_helpers import CLASSES, finish, write_card
 
 pytestmark = pytest.mark.gui
 MANIFEST = Path(__file__).resolve().parents[1] / "src" / "napari_gradcam" / "napari.yaml"
-CLASSES = ("clean", "precipitates", "crack")
-
-
-def write_card(folder: Path, name: str, *, architecture: str = "resnet_like",
-               spatial_dims: int = 2, task: str = "classification",
-               widths: tuple[int, ...] = (4, 8, 8)) -> Path:
-    torch.manual_seed(0)
-    model = build_architecture(architecture, spatial_dims=spatial_dims, in_channels=1,
-                               num_classes=3, widths=widths)
-    save_file(model.state_dict(), folder / f"{name}.safetensors")
-    card = folder / f"{name}.yaml"
-    card.write_text(
-        f"name: {name}\narchitecture: {architecture}\n"
-        f"architecture_kwargs: {{spatial_dims: {spatial_dims}, in_channels: 1, num_classes: 3, "
-        f"widths: {list(widths)}}}\nweights: {name}.safetensors\nspatial_dims: {spatial_dims}\n"
-        f"in_channels: 1\ntask: {task}\nclass_names: [{', '.join(CLASSES)}]\n"
-        + ("input_size: [8, 8, 8]\n" if spatial_dims == 3 else ""),
-        encoding="utf-8",
-    )
-    return card
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +72,6 @@ def make_widget(make_napari_viewer, qtbot):
     yield factory
 
 
-def finish(qtbot, widget: GradCAMWidget, timeout: int = 30000) -> None:
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
-
-
 def volume(shape=(6, 32, 40), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).random(shape).astype(np.float32)
 
@@ -129,6 +104,28 @@ def test_widget_from_the_manifest(make_napari_viewer, qtbot, cards) -> None:
         finish(qtbot, widget)
         layer = viewer.layers["img · gradcam · predicted"]
         assert "predicted" in layer.get_status((3.0, 3.0), world=True)["coordinates"]
+
+
+def test_refilled_combos_keep_the_choice_silently(make_widget, cards) -> None:
+    viewer, widget = make_widget()
+    viewer.add_image(volume(), name="a")
+    viewer.add_image(volume(), name="b")
+    viewer.add_labels(np.zeros((6, 32, 40), dtype=np.uint8), name="mask")
+    widget.image_combo.setCurrentText("a")
+    widget.region_combo.setCurrentText("mask")
+    changes: list[int] = []
+    widget.image_combo.currentIndexChanged.connect(changes.append)
+    viewer.add_image(volume(), name="c")  # becomes active: the image combo follows it
+    assert widget.image_combo.currentText() == "c"
+    assert [widget.region_combo.itemText(i) for i in range(widget.region_combo.count())] == [
+        "none", "mask"]
+    assert widget.region_combo.currentText() == "mask"
+    changes.clear()
+    viewer.layers.selection.active = viewer.layers["mask"]  # not an image: no change
+    del viewer.layers["b"]  # a refill keeps "c" and announces nothing
+    assert widget.image_combo.currentText() == "c" and changes == []
+    assert [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())] == [
+        "a", "c"]
 
 
 def test_slices_run_places_the_result_on_the_source(make_widget, qtbot, cards) -> None:

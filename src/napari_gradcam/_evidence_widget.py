@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Shapes
-from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_info
 from napari.utils.transforms import Affine
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
@@ -37,7 +36,6 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -47,6 +45,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_gradcam._qt_common import (
+    METADATA_KEY,
+    ChoiceFormMixin,
+    RunControlsMixin,
+    displayed_plane,
+    fill_layer_combo,
+    refill_combo,
+)
 from napari_gradcam.core.methods import METHODS
 from napari_gradcam.evidence_report import (
     CHECK_TITLES,
@@ -67,12 +73,10 @@ if TYPE_CHECKING:
 
     from napari_gradcam.core.models import LoadedModel
 
-METADATA_KEY = "napari_gradcam"
-"""Same key as the explainer's result layers: provenance (with ``options.origin`` and
-``options.source_shape``), so the explainer's label table can use these maps too."""
+# METADATA_KEY is the explainer's key: provenance (with ``options.origin`` and
+# ``options.source_shape``), so the explainer's label table can use these maps too.
 EVIDENCE_KEY = "napari_gradcam_evidence"
 """The verdict table of the run that made a layer."""
-BROWSE = "Browse card / .pt2 …"
 PREDICTED = "predicted class"
 SELECTABLE_CHECKS = ("deletion", "insertion", "randomisation", "occlusion", "saliency",
                      "smoothgrad", "integrated_gradients", "score_cam")
@@ -116,7 +120,7 @@ class _ProgressBridge(QObject):
     progressed = Signal(object)
 
 
-class EvidenceWidget(QWidget):
+class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
     """Grad-CAM evidence dock widget (see the module docstring)."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -127,15 +131,11 @@ class EvidenceWidget(QWidget):
         self.worker: Any = None
         self.result_layers: list[str] = []
         self._pending: CapturedSample | None = None
-        self._model_cache: dict[str, LoadedModel] = {}
+        self._model_cache: dict[tuple[str, bool], LoadedModel] = {}
         self._bridge = _ProgressBridge()
         self._bridge.progressed.connect(self._on_progress)
         self._build()
-        layers = self.viewer.layers
-        layers.events.inserted.connect(self._refresh_layers)
-        layers.events.removed.connect(self._refresh_layers)
-        layers.events.reordered.connect(self._refresh_layers)
-        layers.selection.events.active.connect(self._follow_active_layer)
+        self._connect_layer_lists()
         self._fill_models()
         self._refresh_layers()
 
@@ -146,25 +146,9 @@ class EvidenceWidget(QWidget):
         layout = QVBoxLayout(self)
         form = QFormLayout()
         layout.addLayout(form)
-        self.image_combo = QComboBox()
-        form.addRow("Image layer", self.image_combo)
-        self.model_combo = QComboBox()
-        self.model_combo.activated.connect(self._on_model_activated)
-        form.addRow("Model", self.model_combo)
-        self.model_info = QLabel("no model")
-        self.model_info.setWordWrap(True)
-        form.addRow("", self.model_info)
-        self.layer_combo = QComboBox()
-        form.addRow("Target layer", self.layer_combo)
-        self.method_combo = QComboBox()
-        self.method_combo.addItems(list(CAM_METHODS))
-        form.addRow("Method", self.method_combo)
-        self.target_combo = QComboBox()
-        form.addRow("Target", self.target_combo)
-        self.region_combo = QComboBox()
-        self.region_combo.setToolTip("Optional: a Labels or Shapes layer marking a region "
-                                     "(non-zero pixels) of the current image.")
-        form.addRow("Region", self.region_combo)
+        self._build_choice_rows(
+            form, CAM_METHODS, region_tooltip="Optional: a Labels or Shapes layer marking a "
+            "region (non-zero pixels) of the current image.")
         self.region_kind_combo = QComboBox()
         for key, text in REGION_KINDS.items():
             self.region_kind_combo.addItem(text, key)
@@ -192,13 +176,7 @@ class EvidenceWidget(QWidget):
         options.addRow("Random orders", self.random_spin)
         layout.addLayout(options)
 
-        self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
-        layout.addWidget(self.run_button)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        layout.addWidget(self.progress_bar)
+        self._build_run_controls(layout)
         self.stage_label = QLabel("")
         layout.addWidget(self.stage_label)
 
@@ -238,98 +216,20 @@ class EvidenceWidget(QWidget):
     # ---------------------------------------------------------------------------------------
     # Layer lists
 
-    @staticmethod
-    def _is_result(layer: object) -> bool:
-        return isinstance(layer, Image) and METADATA_KEY in getattr(layer, "metadata", {})
-
     def _refresh_layers(self, *_event: object) -> None:
-        def refill(combo: QComboBox, names: list[str], keep_first: Sequence[str] = ()) -> None:
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems([*keep_first, *names])
-            if current in (*keep_first, *names):
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
-
-        refill(self.image_combo, [layer.name for layer in self.viewer.layers
-                                  if isinstance(layer, Image) and not self._is_result(layer)])
-        refill(self.region_combo, [layer.name for layer in self.viewer.layers
-                                   if isinstance(layer, (Labels, Shapes))], ["none"])
+        refill_combo(self.image_combo, self._source_image_names())
+        refill_combo(self.region_combo, [layer.name for layer in self.viewer.layers
+                                         if isinstance(layer, (Labels, Shapes))], ["none"])
         self._follow_active_layer()
 
-    def _follow_active_layer(self, *_event: object) -> None:
-        active = self.viewer.layers.selection.active
-        if isinstance(active, Image) and not self._is_result(active):
-            self.image_combo.setCurrentText(active.name)
-
-    def _layer(self, name: str) -> Any:
-        return self.viewer.layers[name] if name and name in self.viewer.layers else None
-
     # ---------------------------------------------------------------------------------------
-    # Models
-
-    def _fill_models(self) -> None:
-        from napari_gradcam.core.models import list_demo_models
-
-        self.model_combo.clear()
-        try:
-            names = [card.name for card in list_demo_models()]
-        except Exception as error:  # a broken card must not break the widget
-            show_warning(f"napari-gradcam: could not list the demo models ({error})")
-            names = []
-        self.model_combo.addItem("— choose a model —", None)
-        for name in names:
-            self.model_combo.addItem(name, name)
-        self.model_combo.addItem(BROWSE, BROWSE)
-
-    def _on_model_activated(self, *_args: object) -> None:
-        source = self.model_combo.currentData()
-        if source is None:
-            return
-        if source == BROWSE:
-            path, _ = QFileDialog.getOpenFileName(
-                self, "Open a model card or exported model", "",
-                "Models (*.yaml *.yml *.pt2);;All files (*)")
-            if not path:
-                return
-            source = path
-        self.load_model_source(source)
-
-    def load_model_source(self, source: str | Path) -> LoadedModel | None:
-        """Load a demo model by name or a card / ``.pt2`` file; errors become notifications."""
-        from napari_gradcam.core.models import load_model
-
-        key = str(source)
-        try:
-            loaded = self._model_cache.get(key) or load_model(source)
-        except Exception as error:
-            show_error(f"Could not load the model {source}: {error}")
-            return None
-        self._model_cache[key] = loaded
-        index = self.model_combo.findData(key)
-        if index < 0:
-            self.model_combo.insertItem(self.model_combo.count() - 1, Path(key).name, key)
-            index = self.model_combo.findData(key)
-        self.model_combo.setCurrentIndex(index)
-        self.use_model(loaded)
-        return loaded
+    # Models (the combo with its trust checkbox, Browse … and loading: ModelPickerMixin)
 
     def use_model(self, loaded: LoadedModel) -> None:
         """Test an already loaded model (e.g. ``load_model(my_module)`` from Python)."""
-        from napari_gradcam.core.layer_discovery import discover_feature_layers
-
         card = loaded.card
         self.loaded = loaded
-        layers = list(loaded.feature_layers) or discover_feature_layers(
-            loaded.model, card.spatial_dims, card.in_channels, card.input_size)
-        self.layer_combo.clear()
-        for info in layers:
-            shape = "×".join(str(s) for s in info.output_shape)
-            self.layer_combo.addItem(f"{info.name} — {info.type_name} ({shape})", info.name)
-        chosen = self.layer_combo.findData(card.target_layer)
-        if chosen >= 0:
-            self.layer_combo.setCurrentIndex(chosen)
+        fill_layer_combo(self.layer_combo, loaded)
         self.target_combo.clear()
         if card.task != "segmentation":
             self.target_combo.addItem(PREDICTED, None)
@@ -346,11 +246,6 @@ class EvidenceWidget(QWidget):
         point = np.asarray(layer.world_to_data(self.viewer.dims.point), dtype=float)
         return tuple(int(min(max(round(p), 0), s - 1))
                      for p, s in zip(point, shape, strict=False))
-
-    def _displayed_plane(self, layer: Image) -> tuple[int, ...] | None:
-        offset = self.viewer.dims.ndim - layer.ndim
-        plane = tuple(a - offset for a in self.viewer.dims.displayed if a - offset >= 0)
-        return plane if len(plane) == 2 else None
 
     def capture(self) -> CapturedSample:
         """Cut the current image / slice / window from the chosen layer; ValueError if unfit."""
@@ -371,7 +266,7 @@ class EvidenceWidget(QWidget):
         target = TargetChoice("predicted") if class_index is None else TargetChoice(
             "class", class_index=int(class_index))
         request = ExplainRequest(method=self.method_combo.currentText(), mode="current",
-                                 plane=self._displayed_plane(layer), target=target,
+                                 plane=displayed_plane(self.viewer, layer), target=target,
                                  layer=self.layer_combo.currentData())
         source = ImageSource(layer.name, data, rgb=rgb, current_index=index)
         plan = plan_explanation(self.loaded, source, request)
@@ -454,21 +349,9 @@ class EvidenceWidget(QWidget):
             show_error(str(error))
             return None
         self._pending = sample
-        self.progress_bar.setRange(0, 0)
         self.stage_label.setText("starting …")
-        self.run_button.setText("Cancel")
         self.export_button.setEnabled(False)
-        self.worker = create_worker(
-            _guarded, job,
-            _start_thread=True,
-            _connect={
-                "yielded": self._on_progress,
-                "returned": self._on_returned,
-                "errored": self._on_errored,
-                "finished": self._on_finished,
-            },
-        )
-        return self.worker
+        return self._start_worker(_guarded, job)
 
     def _emit_progress(self, done: int, total: int, stage: str) -> None:
         self._bridge.progressed.emit((done, total, stage))
@@ -476,13 +359,6 @@ class EvidenceWidget(QWidget):
     def _stop_requested(self) -> bool:
         worker = self.worker
         return worker is not None and bool(worker.abort_requested)
-
-    def cancel(self) -> None:
-        """Stop the running checks before their next batch; nothing is added."""
-        if self.worker is not None:
-            self.worker.quit()
-            self.run_button.setText("Cancelling …")
-            self.run_button.setEnabled(False)
 
     def _on_progress(self, value: tuple[int, int, str]) -> None:
         done, total, stage = value
@@ -508,14 +384,7 @@ class EvidenceWidget(QWidget):
                    else f"The evidence run failed: {type(error).__name__}: {error}")
 
     def _on_finished(self) -> None:
-        if self.worker is not None and self.worker.abort_requested:
-            show_info("Evidence run cancelled; nothing was added.")
-        self.worker = None
-        self._pending = None
-        self.run_button.setText("Run")
-        self.run_button.setEnabled(True)
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
+        self._end_run("Evidence run cancelled; nothing was added.")
         self.stage_label.setText("")
         self.export_button.setEnabled(self.report is not None)
 

@@ -24,12 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Shapes
-from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_warning
 from napari.utils.transforms import Affine
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -37,7 +35,6 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -47,6 +44,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_gradcam._qt_common import (
+    METADATA_KEY,
+    ChoiceFormMixin,
+    RunControlsMixin,
+    displayed_plane,
+    fill_layer_combo,
+    is_result_layer,
+    refill_combo,
+)
 from napari_gradcam.core.device import available_devices
 from napari_gradcam.core.labels_stats import as_features, label_statistics, write_csv
 from napari_gradcam.core.methods import METHODS
@@ -65,9 +71,6 @@ if TYPE_CHECKING:
 
     from napari_gradcam.core.models import LoadedModel
 
-METADATA_KEY = "napari_gradcam"
-"""Result layers keep their provenance and predictions under this metadata key."""
-BROWSE = "Browse card / .pt2 …"
 COLORMAPS = ("inferno", "turbo", "magma", "hot", "viridis")
 """Inferno first: it starts at black, so with additive blending a zero CAM adds nothing (turbo's
 dark-blue zero tints the whole image)."""
@@ -118,7 +121,7 @@ class _Capture:
         }
 
 
-class GradCAMWidget(QWidget):
+class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
     """Grad-CAM explainer dock widget (see the module docstring)."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -152,32 +155,9 @@ class GradCAMWidget(QWidget):
         form = QFormLayout()
         layout.addLayout(form)
 
-        self.image_combo = QComboBox()
-        form.addRow("Image layer", self.image_combo)
-
-        self.model_combo = QComboBox()
-        self.model_combo.activated.connect(self._on_model_activated)
-        self.trust_check = QCheckBox("trust pickled file / factory")
-        self.trust_check.setToolTip("Unpickling or calling a factory runs code from the file: "
-                                    "only for files you trust.")
-        self.trust_check.toggled.connect(lambda _on: self._on_model_activated())
-        form.addRow("Model", self.model_combo)
-        form.addRow("", self.trust_check)
-        self.model_info = QLabel("no model")
-        self.model_info.setWordWrap(True)
-        form.addRow("", self.model_info)
-
-        self.layer_combo = QComboBox()
-        form.addRow("Target layer", self.layer_combo)
-        self.method_combo = QComboBox()
-        self.method_combo.addItems(list(METHODS))
-        form.addRow("Method", self.method_combo)
-        self.target_combo = QComboBox()
-        form.addRow("Target", self.target_combo)
-        self.region_combo = QComboBox()
-        self.region_combo.setToolTip("Segmentation models: explain the class inside the "
-                                     "non-zero pixels of a Labels layer or inside Shapes.")
-        form.addRow("Region", self.region_combo)
+        self._build_choice_rows(
+            form, METHODS, region_tooltip="Segmentation models: explain the class inside the "
+            "non-zero pixels of a Labels layer or inside Shapes.")
 
         self.mode_combo = QComboBox()
         for key, text in MODE_LABELS.items():
@@ -220,13 +200,7 @@ class GradCAMWidget(QWidget):
         display_row.addWidget(self.opacity_spin)
         form.addRow("Display", display_row)
 
-        self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
-        layout.addWidget(self.run_button)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        layout.addWidget(self.progress_bar)
+        self._build_run_controls(layout)
         hint = QLabel("Alt-click on the image: explain what is under the cursor.")
         hint.setWordWrap(True)
         layout.addWidget(hint)
@@ -270,11 +244,7 @@ class GradCAMWidget(QWidget):
         labels_layout.addWidget(self.labels_table, 1)
 
     def _connect_viewer(self) -> None:
-        layers = self.viewer.layers
-        layers.events.inserted.connect(self._refresh_layers)
-        layers.events.removed.connect(self._refresh_layers)
-        layers.events.reordered.connect(self._refresh_layers)
-        layers.selection.events.active.connect(self._follow_active_layer)
+        self._connect_layer_lists()
         self.viewer.dims.events.current_step.connect(self._update_predictions_view)
         self.viewer.mouse_drag_callbacks.append(self._on_mouse_press)
         self.destroyed.connect(self._disconnect_viewer_factory())
@@ -294,106 +264,34 @@ class GradCAMWidget(QWidget):
     # Layer lists
 
     def _refresh_layers(self, *_event: object) -> None:
-        def refill(combo: QComboBox, names: list[str], keep_first: Sequence[str] = ()) -> None:
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems([*keep_first, *names])
-            if current in (*keep_first, *names):
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
-
-        images = [layer.name for layer in self.viewer.layers
-                  if isinstance(layer, Image) and not self._is_result(layer)]
-        refill(self.image_combo, images)
-        refill(self.region_combo, [layer.name for layer in self.viewer.layers
-                                   if isinstance(layer, (Labels, Shapes))], ["none"])
-        refill(self.labels_combo, [layer.name for layer in self.viewer.layers
-                                   if isinstance(layer, Labels)])
-        refill(self.cam_combo, [layer.name for layer in self.viewer.layers
-                                if self._is_result(layer)])
+        refill_combo(self.image_combo, self._source_image_names())
+        refill_combo(self.region_combo, [layer.name for layer in self.viewer.layers
+                                         if isinstance(layer, (Labels, Shapes))], ["none"])
+        refill_combo(self.labels_combo, [layer.name for layer in self.viewer.layers
+                                         if isinstance(layer, Labels)])
+        refill_combo(self.cam_combo, [layer.name for layer in self.viewer.layers
+                                      if is_result_layer(layer)])
         self._follow_active_layer()
 
-    @staticmethod
-    def _is_result(layer: object) -> bool:
-        return isinstance(layer, Image) and METADATA_KEY in getattr(layer, "metadata", {})
-
-    def _follow_active_layer(self, *_event: object) -> None:
-        active = self.viewer.layers.selection.active
-        if isinstance(active, Image) and not self._is_result(active):
-            self.image_combo.setCurrentText(active.name)
-        elif self._is_result(active):
+    def _follow_active_layer(self, *_event: object) -> Any:
+        """Follow the active layer: a source image in the image combo, a map in the CAM combo."""
+        active = super()._follow_active_layer()
+        if is_result_layer(active):
             self.cam_combo.setCurrentText(active.name)
-
-    def _layer(self, name: str) -> Any:
-        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+        return active
 
     # ---------------------------------------------------------------------------------------
-    # Models
+    # Models (the combo, Browse … and loading come from ModelPickerMixin)
 
-    def _fill_models(self) -> None:
-        from napari_gradcam.core.models import list_demo_models
-
-        self.model_combo.clear()
-        try:
-            names = [card.name for card in list_demo_models()]
-        except Exception as error:  # a broken card must not break the widget
-            show_warning(f"napari-gradcam: could not list the demo models ({error})")
-            names = []
-        self.model_combo.addItem("— choose a model —", None)
-        for name in names:
-            self.model_combo.addItem(name, name)
-        self.model_combo.addItem(BROWSE, BROWSE)
-
-    def _on_model_activated(self, *_args: object) -> None:
-        source = self.model_combo.currentData()
-        if source is None:
-            return
-        if source == BROWSE:
-            path, _ = QFileDialog.getOpenFileName(
-                self, "Open a model card or exported model", "",
-                "Models (*.yaml *.yml *.pt2 *.pt *.pth);;All files (*)")
-            if not path:
-                return
-            source = path
-        self.load_model_source(source)
-
-    def load_model_source(self, source: str | Path) -> LoadedModel | None:
-        """Load a demo model by name or a file (card, .pt2, trusted pickle); show errors."""
-        from napari_gradcam.core.models import load_model
-
-        trust = self.trust_check.isChecked()
-        key = (str(source), trust, self.device_combo.currentText())
-        try:
-            loaded = self._model_cache.get(key) or load_model(source, trust=trust)
-        except Exception as error:
-            show_error(f"Could not load the model {source}: {error}")
-            return None
-        self._model_cache[key] = loaded
-        index = self.model_combo.findData(str(source))
-        if index < 0:
-            self.model_combo.insertItem(self.model_combo.count() - 1, Path(str(source)).name,
-                                        str(source))
-            index = self.model_combo.findData(str(source))
-        self.model_combo.setCurrentIndex(index)
-        self.use_model(loaded)
-        return loaded
+    def _model_cache_key(self, source: str, trust: bool) -> tuple[str, bool, str]:
+        """A model is reused only for the same source, trust and device choice."""
+        return (source, trust, self.device_combo.currentText())
 
     def use_model(self, loaded: LoadedModel) -> None:
         """Explain with an already loaded model (e.g. ``load_model(my_module)`` from Python)."""
-        from napari_gradcam.core.layer_discovery import discover_feature_layers
-
         card = loaded.card
         self.loaded = loaded
-        layers = list(loaded.feature_layers) or discover_feature_layers(
-            loaded.model, card.spatial_dims, card.in_channels, card.input_size)
-        self.layer_combo.clear()
-        for info in layers:
-            shape = "×".join(str(s) for s in info.output_shape)
-            self.layer_combo.addItem(f"{info.name} — {info.type_name} ({shape})", info.name)
-        chosen = self.layer_combo.findData(card.target_layer)
-        if chosen >= 0:
-            self.layer_combo.setCurrentIndex(chosen)
+        fill_layer_combo(self.layer_combo, loaded)
         self.target_combo.clear()
         if card.task != "segmentation":
             self.target_combo.addItem(PREDICTED, ("predicted", None))
@@ -433,11 +331,6 @@ class GradCAMWidget(QWidget):
         shape = shape[:-1] if layer.rgb else shape
         return tuple(int(min(max(round(p), 0), s - 1))
                      for p, s in zip(data_point, shape, strict=False))
-
-    def _displayed_plane(self, layer: Image) -> tuple[int, ...] | None:
-        offset = self.viewer.dims.ndim - layer.ndim
-        plane = tuple(a - offset for a in self.viewer.dims.displayed if a - offset >= 0)
-        return plane if len(plane) == 2 else None
 
     def _region_mask(self, capture: _Capture) -> object | None:
         layer = self._layer(self.region_combo.currentText())
@@ -483,7 +376,7 @@ class GradCAMWidget(QWidget):
             target=target,
             mode=mode,
             axis=self.axis_spin.value() if mode == "slices" else None,
-            plane=self._displayed_plane(layer),
+            plane=displayed_plane(self.viewer, layer),
             window=tuple(spin.value() for spin in self.window_spins),
             overlap=self.overlap_spin.value(),
             batch_size=self.batch_spin.value(),
@@ -507,26 +400,7 @@ class GradCAMWidget(QWidget):
             return None
         job = explain_job(self.loaded, capture.source, request)
         self._pending = (capture, request)
-        self.progress_bar.setRange(0, 0)  # busy until the first batch reports
-        self.run_button.setText("Cancel")
-        self.worker = create_worker(
-            _guarded, job,
-            _start_thread=True,
-            _connect={
-                "yielded": self._on_progress,
-                "returned": self._on_returned,
-                "errored": self._on_errored,
-                "finished": self._on_finished,
-            },
-        )
-        return self.worker
-
-    def cancel(self) -> None:
-        """Stop the running job before its next batch; no layer is added or changed."""
-        if self.worker is not None:
-            self.worker.quit()
-            self.run_button.setText("Cancelling …")
-            self.run_button.setEnabled(False)
+        return self._start_worker(_guarded, job)
 
     def _on_progress(self, value: tuple[int, int]) -> None:
         done, total = value
@@ -547,14 +421,7 @@ class GradCAMWidget(QWidget):
                    else f"The explanation failed: {type(error).__name__}: {error}")
 
     def _on_finished(self) -> None:
-        if self.worker is not None and self.worker.abort_requested:
-            show_info("Grad-CAM run cancelled; nothing was added.")
-        self.worker = None
-        self._pending = None
-        self.run_button.setText("Run")
-        self.run_button.setEnabled(True)
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
+        self._end_run("Grad-CAM run cancelled; nothing was added.")
 
     # ---------------------------------------------------------------------------------------
     # Results → layers

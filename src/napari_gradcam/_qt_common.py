@@ -1,0 +1,318 @@
+"""Qt pieces both dock widgets share: layer combos that follow the viewer, and the model picker.
+
+The explainer (:mod:`napari_gradcam._widget`) and the evidence widget
+(:mod:`napari_gradcam._evidence_widget`) pick an image layer and a model the same way; keeping
+that logic here means a fix (say, to how a combo keeps its selection when layers change) reaches
+both. Everything is written against ``qtpy`` so any Qt binding napari runs on works.
+
+The widgets inherit :class:`ChoiceFormMixin` (which combines the layer and model mixins and
+builds the form rows they share) and :class:`RunControlsMixin` (Run/Cancel and the thread
+worker's life); each mixin lists the attributes it expects. They define no
+``__init__``, so they sit in front of ``QWidget`` in the bases without touching Qt's
+construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtWidgets import (
+    QBoxLayout,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_gradcam.core.models import LoadedModel
+
+METADATA_KEY = "napari_gradcam"
+"""Result layers of both widgets keep their provenance under this metadata key; it is also how
+a widget tells its own maps from the user's images."""
+BROWSE = "Browse card / .pt2 …"
+"""The model combo's last entry: opens a file dialog."""
+MODEL_FILE_FILTER = "Models (*.yaml *.yml *.pt2 *.pt *.pth);;All files (*)"
+"""Cards, exported programs, and pickles (the latter load only with *trust* ticked)."""
+TRUST_TOOLTIP = ("Unpickling or calling a factory runs code from the file: only for files you "
+                 "trust.")
+
+
+def refill_combo(combo: QComboBox, names: Iterable[str], keep_first: Sequence[str] = ()) -> None:
+    """Replace a combo's items with ``keep_first + names``, keeping the chosen text if present.
+
+    Signals are blocked while refilling: clearing would otherwise announce a selection change
+    for every layer event, and a layer being added must not reset what the user chose.
+    """
+    items = [*keep_first, *names]
+    current = combo.currentText()
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItems(items)
+    if current in items:
+        combo.setCurrentText(current)
+    combo.blockSignals(False)
+
+
+def is_result_layer(layer: object) -> bool:
+    """True for an image layer one of our widgets made (it carries our provenance)."""
+    return isinstance(layer, Image) and METADATA_KEY in getattr(layer, "metadata", {})
+
+
+def is_source_image(layer: object) -> bool:
+    """True for an image layer a user could explain: an Image that is not one of our maps."""
+    return isinstance(layer, Image) and not is_result_layer(layer)
+
+
+def displayed_plane(viewer: napari.viewer.Viewer, layer: Image) -> tuple[int, ...] | None:
+    """The layer's two displayed axes (in its own axis numbering), or None when not 2D view.
+
+    A layer with fewer dimensions than the viewer sees only the trailing viewer axes, hence
+    the offset.
+    """
+    offset = viewer.dims.ndim - layer.ndim
+    plane = tuple(a - offset for a in viewer.dims.displayed if a - offset >= 0)
+    return plane if len(plane) == 2 else None
+
+
+def fill_layer_combo(combo: QComboBox, loaded: LoadedModel) -> None:
+    """List the model's feature layers (name, type, output shape); select the card's layer.
+
+    The card's layers when it lists them, otherwise those found by probing the model, so a
+    model loaded from Python without a card still offers sensible choices.
+    """
+    from napari_gradcam.core.layer_discovery import discover_feature_layers
+
+    card = loaded.card
+    layers = list(loaded.feature_layers) or discover_feature_layers(
+        loaded.model, card.spatial_dims, card.in_channels, card.input_size)
+    combo.clear()
+    for info in layers:
+        shape = "×".join(str(s) for s in info.output_shape)
+        combo.addItem(f"{info.name} — {info.type_name} ({shape})", info.name)
+    chosen = combo.findData(card.target_layer)
+    if chosen >= 0:
+        combo.setCurrentIndex(chosen)
+
+
+class LayerPickerMixin:
+    """Layer lookup and an image combo that follows the viewer's active layer.
+
+    Needs ``self.viewer`` and ``self.image_combo``; the widget provides ``_refresh_layers``
+    (which combos it refills differs) and may extend ``_follow_active_layer``.
+    """
+
+    viewer: napari.viewer.Viewer
+    image_combo: QComboBox
+
+    def _connect_layer_lists(self) -> None:
+        """Refill the combos whenever the layer list changes; follow the active layer."""
+        layers = self.viewer.layers
+        layers.events.inserted.connect(self._refresh_layers)
+        layers.events.removed.connect(self._refresh_layers)
+        layers.events.reordered.connect(self._refresh_layers)
+        layers.selection.events.active.connect(self._follow_active_layer)
+
+    def _refresh_layers(self, *_event: object) -> None:  # pragma: no cover - always overridden
+        raise NotImplementedError
+
+    @staticmethod
+    def _is_result(layer: object) -> bool:
+        return is_result_layer(layer)
+
+    def _source_image_names(self) -> list[str]:
+        return [layer.name for layer in self.viewer.layers if is_source_image(layer)]
+
+    def _follow_active_layer(self, *_event: object) -> Any:
+        """Select the active layer in the image combo when it is a source image.
+
+        Returns the active layer so a widget can follow it in other combos too.
+        """
+        active = self.viewer.layers.selection.active
+        if is_source_image(active):
+            self.image_combo.setCurrentText(active.name)
+        return active
+
+    def _layer(self, name: str) -> Any:
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+
+class ModelPickerMixin:
+    """The model combo (demo models, files loaded so far, *Browse …*) with a trust checkbox.
+
+    ``_build_model_rows`` creates ``model_combo``, ``trust_check`` and ``model_info``; the widget
+    creates ``_model_cache`` (a dict) before ``_fill_models`` and defines ``use_model``, which
+    fills its own controls from a loaded model. Override ``_model_cache_key`` when more than the
+    source and the trust flag decide whether a cached model can be reused.
+    """
+
+    model_combo: QComboBox
+    trust_check: QCheckBox
+    model_info: QLabel
+    _model_cache: dict[Hashable, LoadedModel]
+
+    def use_model(self, loaded: LoadedModel) -> None:  # pragma: no cover - always overridden
+        raise NotImplementedError
+
+    def _build_model_rows(self, form: QFormLayout) -> None:
+        self.model_combo = QComboBox()
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.trust_check = QCheckBox("trust pickled file / factory")
+        self.trust_check.setToolTip(TRUST_TOOLTIP)
+        # ticking trust retries the chosen model, which may have failed for want of it
+        self.trust_check.toggled.connect(lambda _on: self._on_model_activated())
+        form.addRow("Model", self.model_combo)
+        form.addRow("", self.trust_check)
+        self.model_info = QLabel("no model")
+        self.model_info.setWordWrap(True)
+        form.addRow("", self.model_info)
+
+    def _fill_models(self) -> None:
+        from napari_gradcam.core.models import list_demo_models
+
+        self.model_combo.clear()
+        try:
+            names = [card.name for card in list_demo_models()]
+        except Exception as error:  # a broken card must not break the widget
+            show_warning(f"napari-gradcam: could not list the demo models ({error})")
+            names = []
+        self.model_combo.addItem("— choose a model —", None)
+        for name in names:
+            self.model_combo.addItem(name, name)
+        self.model_combo.addItem(BROWSE, BROWSE)
+
+    def _on_model_activated(self, *_args: object) -> None:
+        source = self.model_combo.currentData()
+        if source is None:
+            return
+        if source == BROWSE:
+            path, _ = QFileDialog.getOpenFileName(
+                self, "Open a model card or exported model", "", MODEL_FILE_FILTER)
+            if not path:
+                return
+            source = path
+        self.load_model_source(source)
+
+    def _model_cache_key(self, source: str, trust: bool) -> Hashable:
+        return (source, trust)
+
+    def load_model_source(self, source: str | Path) -> LoadedModel | None:
+        """Load a demo model by name or a file (card, .pt2, trusted pickle); show errors.
+
+        A loaded file is added to the combo (before *Browse …*) so it can be chosen again.
+        """
+        from napari_gradcam.core.models import load_model
+
+        trust = self.trust_check.isChecked()
+        key = self._model_cache_key(str(source), trust)
+        try:
+            loaded = self._model_cache.get(key) or load_model(source, trust=trust)
+        except Exception as error:
+            show_error(f"Could not load the model {source}: {error}")
+            return None
+        self._model_cache[key] = loaded
+        index = self.model_combo.findData(str(source))
+        if index < 0:
+            self.model_combo.insertItem(self.model_combo.count() - 1, Path(str(source)).name,
+                                        str(source))
+            index = self.model_combo.findData(str(source))
+        self.model_combo.setCurrentIndex(index)
+        self.use_model(loaded)
+        return loaded
+
+
+class ChoiceFormMixin(LayerPickerMixin, ModelPickerMixin):
+    """Both mixins, plus the form rows both widgets open with (what to explain, and how).
+
+    The rows are image, model (+ trust, info), target layer, method, target and region, in
+    that order in both widgets, so a user who knows one knows the other.
+    """
+
+    layer_combo: QComboBox
+    method_combo: QComboBox
+    target_combo: QComboBox
+    region_combo: QComboBox
+
+    def _build_choice_rows(self, form: QFormLayout, methods: Sequence[str],
+                           region_tooltip: str) -> None:
+        self.image_combo = QComboBox()
+        form.addRow("Image layer", self.image_combo)
+        self._build_model_rows(form)
+        self.layer_combo = QComboBox()
+        form.addRow("Target layer", self.layer_combo)
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(list(methods))
+        form.addRow("Method", self.method_combo)
+        self.target_combo = QComboBox()
+        form.addRow("Target", self.target_combo)
+        self.region_combo = QComboBox()
+        self.region_combo.setToolTip(region_tooltip)
+        form.addRow("Region", self.region_combo)
+
+
+class RunControlsMixin:
+    """A *Run* button that becomes *Cancel*, a progress bar, and the thread worker's life.
+
+    The widget defines ``run`` (gather its inputs, then ``_start_worker``), ``_on_progress``,
+    ``_on_returned`` and ``_on_errored``, sets ``worker = None`` and ``_pending`` in its
+    ``__init__``, and calls ``_end_run`` from its ``_on_finished``. The worker's only way to
+    report is its signals, so every run ends through ``finished``, cancelled or not.
+    """
+
+    worker: Any
+    _pending: Any
+    run_button: QPushButton
+    progress_bar: QProgressBar
+
+    def _build_run_controls(self, layout: QBoxLayout) -> None:
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        layout.addWidget(self.run_button)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        layout.addWidget(self.progress_bar)
+
+    def _start_worker(self, guarded: Any, job: Any) -> Any:
+        """Run ``guarded(job)`` in a napari thread worker; the button now cancels it."""
+        self.progress_bar.setRange(0, 0)  # busy until the first batch reports
+        self.run_button.setText("Cancel")
+        self.worker = create_worker(
+            guarded, job,
+            _start_thread=True,
+            _connect={
+                "yielded": self._on_progress,
+                "returned": self._on_returned,
+                "errored": self._on_errored,
+                "finished": self._on_finished,
+            },
+        )
+        return self.worker
+
+    def cancel(self) -> None:
+        """Stop the running job before its next batch; nothing is added or changed."""
+        if self.worker is not None:
+            self.worker.quit()
+            self.run_button.setText("Cancelling …")
+            self.run_button.setEnabled(False)
+
+    def _end_run(self, cancelled_message: str) -> None:
+        """Say so if the run was cancelled, forget it, and make the button a *Run* again."""
+        if self.worker is not None and self.worker.abort_requested:
+            show_info(cancelled_message)
+        self.worker = None
+        self._pending = None
+        self.run_button.setText("Run")
+        self.run_button.setEnabled(True)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
