@@ -13,20 +13,24 @@ Compared, on the same model, input and target layer:
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the process's peak
 resident set (VmHWM) above what it held before, reset between runs through
-``/proc/self/clear_refs`` (Linux). The script re-executes itself once with glibc's
-``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB so large buffers are returned to the system when
-freed, otherwise a heap grown by an earlier run would hide the next run's peak.
+``/proc/self/clear_refs`` (Linux), in a child process whose glibc ``MALLOC_MMAP_THRESHOLD_`` is
+fixed at 64 KiB so large buffers go back to the system when freed (otherwise a heap grown by an
+earlier run would hide the next run's peak). Timings come from the parent, with the normal
+allocator, the methods taking turns so that drift affects all of them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -71,19 +75,31 @@ class PeakMemory:
         self.mib = max(0.0, (peak - self._start) / 2**20)
 
 
-def timed(run: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median seconds over ``repeats`` runs after one warm-up, and the peak memory (MiB)."""
-    run()
-    times, peaks = [], []
+def median_seconds(runs: dict[str, Callable[[], object]], device: torch.device,
+                   repeats: int) -> dict[str, float]:
+    """Median wall time of each run; the runs take turns so drift hits them all alike."""
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for run in runs.values():
+        run()  # warm-up
     for _ in range(repeats):
-        with PeakMemory(device) as peak:
+        for key, run in runs.items():
             start = time.perf_counter()
             run()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        peaks.append(peak.mib)
-    return statistics.median(times), max(peaks)
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def peak_mib(runs: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
+    """Peak memory of each run (after a warm-up run), in MiB above the level before it."""
+    peaks = {}
+    for key, run in runs.items():
+        run()
+        with PeakMemory(device) as peak:
+            run()
+        peaks[key] = peak.mib
+    return peaks
 
 
 def naive_gradcam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -129,84 +145,84 @@ def forward_only(model: torch.nn.Module, x: torch.Tensor, batch: int) -> None:
             model(x[start:start + batch])
 
 
-def bench_case(name: str, model: torch.nn.Module, x: torch.Tensor, layer_name: str,
-               device: torch.device, repeats: int, batch: int) -> list[dict[str, object]]:
-    layer = dict(model.named_modules())[layer_name]
-    ours = GradCAM(model, layer_name)
-
-    def in_batches(function: Callable[[torch.Tensor], object]) -> Callable[[], None]:
-        def run() -> None:
-            for start in range(0, len(x), batch):
-                function(x[start:start + batch])
-        return run
-
-    rows = []
-    base_time, base_mem = timed(lambda: forward_only(model, x, batch), device, repeats)
-    rows.append(dict(case=name, method="forward (inference)", seconds=base_time, mib=base_mem))
-    runs = {
-        "napari-gradcam": in_batches(lambda b: ours(b)),
-        "naive (hooks + backward)": in_batches(lambda b: naive_gradcam(model, layer, b)),
-    }
-    if captum_gradcam(model, layer, x[:1]) is not None:
-        runs["captum LayerGradCam"] = in_batches(lambda b: captum_gradcam(model, layer, b))
-    for method, run in runs.items():
-        seconds, mib = timed(run, device, repeats)
-        rows.append(dict(case=name, method=method, seconds=seconds, mib=mib))
-    for row in rows:
-        row["vs_forward"] = row["seconds"] / base_time  # type: ignore[operator]
-    return rows
-
-
-def bench_volume(model: torch.nn.Module, stack: np.ndarray, device: torch.device, repeats: int,
-                 batch: int) -> list[dict[str, object]]:
-    tensor = torch.from_numpy(stack[:, None]).to(device)
-    explainer = GradCAM(model, "features.3")
-    base, base_mem = timed(lambda: forward_only(model, tensor, batch), device, repeats)
-    ours, ours_mem = timed(lambda: explain_volume(explainer, stack, batch_size=batch), device,
-                           repeats)
-    slices = len(stack)
-    return [
-        dict(case="volume, slice-wise", method="plain batched inference", seconds=base,
-             mib=base_mem, vs_forward=1.0, throughput=slices / base),
-        dict(case="volume, slice-wise", method="explain_volume(mode='slices')", seconds=ours,
-             mib=ours_mem, vs_forward=ours / base, throughput=slices / ours),
-    ]
-
-
-def main() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--slices", type=int, default=64)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--volume", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def make_runs(args: argparse.Namespace, device: torch.device
+              ) -> dict[tuple[str, str], Callable[[], object]]:
+    """Every (case, method) of the table as a no-argument callable."""
     torch.manual_seed(0)
-
     model2d = ResNetLike(2, 1, 3, widths=(16, 32, 64)).to(device).eval()
     stack = np.random.default_rng(0).random((args.slices, args.size, args.size), np.float32)
     x2d = torch.from_numpy(stack[:, None]).to(device)
     model3d = ResNetLike(3, 1, 3, widths=(8, 16, 32)).to(device).eval()
     x3d = torch.rand(1, 1, args.volume, args.volume, args.volume, device=device)
+    runs: dict[tuple[str, str], Callable[[], object]] = {}
+    cases = [(f"2D: {args.slices}×{args.size}² ResNet-like", model2d, x2d, args.batch),
+             (f"3D: {args.volume}³ ResNet-like", model3d, x3d, 1)]
+    for case, model, x, batch in cases:
+        layer = dict(model.named_modules())["features.3"]
+        ours = GradCAM(model, "features.3")
 
-    rows = bench_case(f"2D: {args.slices}×{args.size}² ResNet-like", model2d, x2d, "features.3",
-                      device, args.repeats, args.batch)
-    rows += bench_case(f"3D: {args.volume}³ ResNet-like", model3d, x3d, "features.3", device,
-                       args.repeats, 1)
-    rows += bench_volume(model2d, stack, device, args.repeats, args.batch)
+        def in_batches(function: Callable[[torch.Tensor], object], x: torch.Tensor = x,
+                       batch: int = batch) -> Callable[[], None]:
+            def run() -> None:
+                for start in range(0, len(x), batch):
+                    function(x[start:start + batch])
+            return run
+
+        runs[case, "forward (inference)"] = partial(forward_only, model, x, batch)
+        runs[case, "napari-gradcam"] = in_batches(ours)
+        runs[case, "naive (hooks + backward)"] = in_batches(partial(naive_gradcam, model, layer))
+        if captum_gradcam(model, layer, x[:1]) is not None:
+            runs[case, "captum LayerGradCam"] = in_batches(partial(captum_gradcam, model, layer))
+    volume_case = f"volume: {args.slices}×{args.size}² stack, slice-wise"
+    explainer = GradCAM(model2d, "features.3")
+    runs[volume_case, "plain batched inference"] = partial(forward_only, model2d, x2d,
+                                                           args.batch)
+    runs[volume_case, "explain_volume(mode='slices')"] = partial(
+        explain_volume, explainer, stack, batch_size=args.batch)
+    return runs
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--volume", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def cpu_peaks_in_child() -> dict[str, float]:
+    """Peak memory on the CPU, measured in a child whose allocator returns freed buffers."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    child = subprocess.run([sys.executable, *sys.argv, "--memory-only"], env=env, check=True,
+                           capture_output=True, text=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    runs = make_runs(args, device)
+    keyed = {f"{case} | {method}": run for (case, method), run in runs.items()}
+    if args.memory_only:
+        print(json.dumps(peak_mib(keyed, device)))
+        return
+    seconds = median_seconds(keyed, device, args.repeats)
+    peaks = cpu_peaks_in_child() if device.type == "cpu" else peak_mib(keyed, device)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}\n")
-    print("| case | method | time (s) | × forward | peak memory (MiB) |")
+    print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"median of {args.repeats}\n")
+    print("| case | method | time (s) | × first row of the case | peak memory (MiB) |")
     print("|---|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['case']} | {row['method']} | {row['seconds']:.3f} | "
-              f"{row['vs_forward']:.2f} | {row['mib']:.0f} |")
+    baseline: dict[str, float] = {}
+    for (case, method), key in zip(runs, keyed, strict=True):
+        baseline.setdefault(case, seconds[key])
+        print(f"| {case} | {method} | {seconds[key]:.3f} | {seconds[key] / baseline[case]:.2f} | "
+              f"{peaks[key]:.0f} |")
 
 
 if __name__ == "__main__":

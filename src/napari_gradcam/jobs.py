@@ -34,7 +34,7 @@ shell places it exactly on the source with the source's own scale and translate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +46,7 @@ from napari_gradcam.core.device import run_with_oom_backoff
 from napari_gradcam.core.methods import make_explainer
 from napari_gradcam.core.provenance import make_provenance
 from napari_gradcam.core.targets import AllClasses, ClassTarget, PredictedClass, SegmentationRegion
-from napari_gradcam.core.volume import Cancelled, volume_job
+from napari_gradcam.core.volume import Cancelled, run_job, volume_job
 
 MODES = ("current", "slices", "windows")
 TARGET_KINDS = ("predicted", "class", "all", "region", "click")
@@ -728,25 +728,6 @@ def _windows(loaded, explainer, source, request, plan, maps, labels) -> Generato
     offset = [plan.fixed[a] for a in range(source.ndim - 3)]
     positions = [tuple(offset + list(corner)) for corner in result.positions]
     return result.predictions, positions, result.target_indices, None, result.window
-
-
-def run_job(
-    job: Generator[tuple[int, int], None, Any],
-    progress: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> Any:
-    """Drain a job: report ``progress(done, total)`` and stop (raising :class:`Cancelled`)
-    between batches when ``should_stop()`` says so."""
-    try:
-        while True:
-            done, total = next(job)
-            if progress is not None:
-                progress(done, total)
-            if should_stop is not None and should_stop():
-                job.close()
-                raise Cancelled(f"stopped by the user after {done} of {total}")
-    except StopIteration as finished:
-        return finished.value
 
 
 def explain(loaded: Any, source: ImageSource, request: ExplainRequest | None = None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from napari_gradcam.core.targets import TargetSpec
 
 Preprocess = Callable[[np.ndarray], torch.Tensor]
 ProgressCallback = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 class Cancelled(RuntimeError):
@@ -129,6 +131,20 @@ def explain_volume(
     the job stops before the next batch and :class:`Cancelled` is raised.
     """
     job = volume_job(explainer, volume, **options)  # type: ignore[arg-type]
+    return run_job(job, progress, should_stop)
+
+
+def run_job(
+    job: Generator[tuple[int, int], None, T],
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> T:
+    """Drain any job generator: report ``progress(done, total)`` after each batch and, when
+    ``should_stop()`` turns true, close the job and raise :class:`Cancelled`.
+
+    The one place where "run to the end, or stop cleanly between batches" is decided, for
+    every job of the package (volumes here, layer explanations in :mod:`napari_gradcam.jobs`).
+    """
     try:
         while True:
             done, total = next(job)
