@@ -291,3 +291,18 @@ def test_reader_layer_data_is_accepted_by_napari(files, tmp_path):
     assert layer.colormap.name == "turbo" and layer.blending == "additive"
     assert str(layer.units[0]) == "micrometer"
     assert layer.metadata[ATTRS_KEY]["layers"] == ["features.2"]
+
+
+def test_napari_opens_the_output_beside_its_scan_through_the_plugin(files, tmp_path,
+                                                                     make_napari_viewer):
+    """What the README promises: `napari scan.tif maps.zarr` puts the map on the scan."""
+    out = tmp_path / "maps.zarr"
+    assert main(explain_args(files, out)) == 0
+    viewer = make_napari_viewer()
+    (scan,) = viewer.open(str(files["scan"]), plugin="napari", stack=False)
+    scan.scale = SCALE  # napari's builtin TIFF reader ignores voxel size; set it as a user would
+    (heatmap,) = viewer.open(str(out), plugin="napari-gradcam")
+    assert heatmap.data.shape == scan.data.shape
+    assert tuple(heatmap.scale) == pytest.approx(tuple(scan.scale))
+    assert heatmap.extent.world == pytest.approx(scan.extent.world)
+    assert heatmap.blending == "additive"
