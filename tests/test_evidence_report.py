@@ -112,9 +112,7 @@ def tiny() -> Subject:
 @pytest.fixture(scope="module", params=["demo", "tiny"])
 def subject(request: pytest.FixtureRequest) -> Subject:
     if request.param == "demo":
-        if not demo_available():
-            pytest.skip("the demo micrograph-classifier is not in src/napari_gradcam/zoo yet; "
-                        "the tiny trained model covers these tests")
+        assert demo_available(), "the shipped micrograph-classifier is missing from the zoo"
         return demo_subject()
     return request.getfixturevalue("tiny")
 

@@ -281,8 +281,7 @@ def test_demo_models_load_by_name() -> None:
     assert all(isinstance(card, ModelCard) for card in cards)
     with pytest.raises(FileNotFoundError, match="neither a file nor a demo model"):
         load_model("no-such-demo-model")
-    if not cards:
-        pytest.skip("no demo models are shipped in napari_gradcam/zoo yet")
+    assert cards, "the demo models shipped in napari_gradcam/zoo are missing"
     first = cards[0]
     assert find_demo_card(first.name) == first
     loaded = load_model(first.name)
