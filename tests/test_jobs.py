@@ -373,3 +373,67 @@ def test_the_chosen_device_gives_the_same_maps(models, tmp_path) -> None:
     np.testing.assert_allclose(on_gpu.maps["predicted"], on_cpu.maps["predicted"],
                                rtol=1e-3, atol=1e-6)
     assert on_gpu.provenance["options"]["device"] == "cuda"
+
+
+# --------------------------------------------------------------------------------------------
+# A data axis as the model's input channels
+
+
+def test_channel_axis_feeds_every_slice_of_a_zcyx_stack(models) -> None:
+    loaded, data = models["two_channels"], volume((3, 2, 16, 12), seed=4)
+    result = explain(loaded, ImageSource("zcyx", data, current_index=(0, 1, 0, 0)),
+                     ExplainRequest(mode="slices", axis=0, channel_axis=1, batch_size=2))
+    # the map has length 1 along the channel axis, at the current channel
+    assert result.maps["predicted"].shape == (3, 1, 16, 12) and result.origin == (0, 1, 0, 0)
+    assert result.provenance["options"]["channel_axis"] == 1
+    for z in range(3):
+        cam = GradCAM(loaded.model, loaded.card.target_layer)
+        expected = cam(torch.from_numpy(data[z][None]))
+        np.testing.assert_allclose(result.maps["predicted"][z, 0], expected[0],
+                                   rtol=1e-4, atol=1e-7)
+    # the channel axis may come first too (C, Z, Y, X), 'current' mode: the current slice only
+    czyx = np.ascontiguousarray(np.moveaxis(data, 1, 0))
+    current = explain(loaded, ImageSource("czyx", czyx, current_index=(0, 2, 0, 0)),
+                      ExplainRequest(channel_axis=0))
+    assert current.origin == (0, 2, 0, 0) and current.maps["predicted"].shape == (1, 1, 16, 12)
+    expected = GradCAM(loaded.model, loaded.card.target_layer)(torch.from_numpy(data[2][None]))
+    np.testing.assert_allclose(current.maps["predicted"][0, 0], expected[0], rtol=1e-4, atol=1e-7)
+
+
+def test_a_tzyx_series_without_channel_axis_is_explained_at_the_current_time(models) -> None:
+    data = volume((3, 4, 16, 16), seed=5)
+    result = explain(models["c2"], ImageSource("tzyx", data, current_index=(1, 0, 0, 0)),
+                     ExplainRequest(mode="slices", axis=1))
+    assert result.origin == (1, 0, 0, 0) and result.maps["predicted"].shape == (1, 4, 16, 16)
+    maps, _ = direct(models["c2"], data[1])
+    np.testing.assert_allclose(result.maps["predicted"][0], maps, rtol=1e-4, atol=1e-7)
+    assert result.provenance["options"]["channel_axis"] is None
+
+
+@pytest.mark.parametrize(("channel_axis", "request_options", "message"), [
+    (2, {}, "has length 16 but the model 'two_channels' takes 2 channel"),
+    (7, {}, "channel axis 7 does not exist"),
+    (1, {"mode": "slices", "axis": 1}, "cannot also be the slice axis"),
+    (1, {"plane": (1, 3)}, "cannot also be the displayed plane"),
+])
+def test_a_wrong_channel_axis_is_refused_before_any_work(models, channel_axis, request_options,
+                                                         message) -> None:
+    source = ImageSource("zcyx", volume((3, 2, 16, 12)))
+    with pytest.raises(ValueError, match=message):
+        plan_explanation(models["two_channels"], source,
+                         ExplainRequest(channel_axis=channel_axis, **request_options))
+
+
+def test_channel_axis_with_a_region_mask_reads_the_mask_at_the_current_channel(models) -> None:
+    # a 1-channel segmentation model over (Z, C=1, Y, X) with a region mask of the same shape
+    loaded, data = models["unet"], volume((2, 1, 16, 16), seed=6)
+    mask = np.zeros(data.shape, dtype=np.int32)
+    mask[:, 0, 4:10, 6:12] = 1
+    result = explain(loaded, ImageSource("zcyx", data),
+                     ExplainRequest(mode="slices", axis=0, channel_axis=1,
+                                    target=TargetChoice("region", 1, mask=mask)))
+    assert result.maps["precipitates in region"].shape == (2, 1, 16, 16)
+    cam = GradCAM(loaded.model, loaded.card.target_layer)
+    expected = cam(loaded.preprocess(data[:, 0]), SegmentationRegion(1, mask[:, 0] != 0))
+    np.testing.assert_allclose(result.maps["precipitates in region"][:, 0], expected,
+                               rtol=1e-4, atol=1e-7)

@@ -17,6 +17,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 pytest.importorskip("napari")
@@ -27,6 +28,8 @@ from napari.utils.notifications import NotificationSeverity, notification_manage
 from qtpy.QtCore import QTimer
 
 from napari_gradcam._widget import METADATA_KEY, GradCAMWidget
+from napari_gradcam.core.architectures import build_architecture
+from napari_gradcam.core.methods import GradCAM
 from napari_gradcam.core.models import list_demo_models, load_model
 from napari_helpers import CLASSES, finish, write_card
 
@@ -450,3 +453,86 @@ def test_failures_inside_the_model_are_reported(make_widget, qtbot, errors, erro
     assert words in errors()[-1]
     assert len(viewer.layers) == 1
     assert isinstance(viewer.layers[0], Image)
+
+
+# ------------------------------------------------------------------------------------------
+# Which axis is what: the channel-axis row
+
+
+def gradcam_maps(loaded, batch: np.ndarray) -> np.ndarray:
+    """The engine called directly on one batch (B, [C,] *spatial), the card's preprocessing."""
+    return GradCAM(loaded.model, loaded.card.target_layer)(loaded.preprocess(batch))
+
+
+def two_channel_card(folder: Path) -> Path:
+    """A seeded 2-channel ResNetLike saved as a real card (napari_helpers' cards are 1-channel)."""
+    torch.manual_seed(1)
+    model = build_architecture("resnet_like", spatial_dims=2, in_channels=2, num_classes=3,
+                               widths=(4, 8, 8))
+    save_file(model.state_dict(), folder / "two.safetensors")
+    card = folder / "two.yaml"
+    card.write_text(
+        "name: two\narchitecture: resnet_like\narchitecture_kwargs: {spatial_dims: 2, "
+        "in_channels: 2, num_classes: 3, widths: [4, 8, 8]}\nweights: two.safetensors\n"
+        f"spatial_dims: 2\nin_channels: 2\ntask: classification\n"
+        f"class_names: [{', '.join(CLASSES)}]\n", encoding="utf-8")
+    return card
+
+
+def test_zcyx_stack_feeds_its_channel_axis_to_a_two_channel_model(make_widget, qtbot,
+                                                                   tmp_path) -> None:
+    viewer, widget = make_widget(two_channel_card(tmp_path))
+    data = volume((3, 2, 16, 12), seed=3)
+    viewer.add_image(data, name="zcyx", scale=(2.0, 1.0, 0.5, 0.5),
+                     axis_labels=("z", "c", "y", "x"))
+    assert widget.channel_combo.isVisibleTo(widget)
+    assert widget.channel_combo.currentData() == 1  # the axis of length in_channels
+    assert widget.channel_combo.currentText() == "1: c (2)"
+    set_mode(widget, "slices", axis=0)
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["zcyx · gradcam · predicted"]
+    assert layer.data.shape == (3, 1, 16, 12)
+    np.testing.assert_allclose(layer.scale, (2.0, 1.0, 0.5, 0.5))
+    assert layer.metadata[METADATA_KEY]["options"]["channel_axis"] == 1
+    for z in range(3):  # each slice is x[z][None]: (1, C=2, Y, X), as the model takes it
+        expected = gradcam_maps(widget.loaded, data[z][None])
+        np.testing.assert_allclose(layer.data[z, 0], expected[0], rtol=1e-4, atol=1e-7)
+
+
+def test_tzyx_series_is_explained_at_the_current_time(make_widget, qtbot, cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    data = volume((3, 4, 16, 16), seed=2)
+    viewer.add_image(data, name="tzyx", scale=(5.0, 2.0, 0.5, 0.5),
+                     translate=(100.0, 0.0, 0.0, 0.0))
+    assert widget.channel_combo.isVisibleTo(widget)  # 4 axes: the row is offered
+    assert widget.channel_combo.currentData() is None  # 1-channel model: no channel axis
+    viewer.dims.set_point(0, 100.0 + 5.0 * 2)  # t = 2
+    viewer.dims.set_point(1, 2.0 * 1)  # z = 1
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["tzyx · gradcam · predicted"]
+    assert layer.data.shape == (1, 1, 16, 16)
+    np.testing.assert_allclose(layer.scale, (5.0, 2.0, 0.5, 0.5))
+    np.testing.assert_allclose(layer.translate, (110.0, 2.0, 0.0, 0.0))
+    expected = gradcam_maps(widget.loaded, data[2, 1][None])
+    np.testing.assert_allclose(layer.data[0, 0], expected[0], rtol=1e-4, atol=1e-7)
+
+
+def test_a_channel_axis_of_the_wrong_length_is_refused_without_a_layer(make_widget, qtbot,
+                                                                       tmp_path, errors) -> None:
+    viewer, widget = make_widget(two_channel_card(tmp_path))
+    viewer.add_image(volume((3, 2, 16, 12)), name="zcyx")
+    widget.channel_combo.setCurrentIndex(widget.channel_combo.findData(0))  # length 3
+    layers_before = len(viewer.layers)
+    assert widget.run() is None
+    assert "has length 3 but the model 'two' takes 2 channel" in errors()[-1]
+    assert len(viewer.layers) == layers_before and widget.worker is None
+
+
+def test_a_plain_3d_stack_with_a_one_channel_model_hides_the_channel_row(make_widget,
+                                                                         cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((4, 16, 16)), name="zyx")
+    assert not widget.channel_combo.isVisibleTo(widget)
+    assert not widget.channel_combo.isEnabled()

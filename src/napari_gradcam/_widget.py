@@ -162,6 +162,15 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         self.mode_combo = QComboBox()
         for key, text in MODE_LABELS.items():
             self.mode_combo.addItem(text, key)
+        self.channel_combo = QComboBox()
+        self.channel_combo.setToolTip(
+            "Multi-channel data: the axis whose entries are the model's input channels (its "
+            "length must equal the model's channels). Other extra axes stay at the current "
+            "position.")
+        self.channel_label = QLabel("Channel axis")
+        form.addRow(self.channel_label, self.channel_combo)
+        self._channel_key: tuple[object, ...] | None = None
+        self.image_combo.currentIndexChanged.connect(self._refresh_channel_axes)
         form.addRow("Mode", self.mode_combo)
         self.mode_combo.currentIndexChanged.connect(self._enable_mode_options)
         self.axis_spin = QSpinBox()
@@ -272,6 +281,44 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         refill_combo(self.cam_combo, [layer.name for layer in self.viewer.layers
                                       if is_result_layer(layer)])
         self._follow_active_layer()
+        self._refresh_channel_axes()
+
+    def _refresh_channel_axes(self, *_args: object) -> None:
+        """Offer the axes that can hold the model's channels ("none" + every axis).
+
+        Shown only where the choice matters: data with 4 or more axes, or a multi-channel
+        model and an axis of its channel count. The default is an extra axis (not one of the
+        model's spatial axes) whose length equals the model's channels; the user's choice is
+        kept until the layer's shape or the model changes.
+        """
+        layer = self._layer(self.image_combo.currentText())
+        shape: tuple[int, ...] = ()
+        if isinstance(layer, Image) and not layer.rgb:
+            shape = tuple(int(s) for s in (layer.data[0] if layer.multiscale
+                                           else layer.data).shape)
+        card = self.loaded.card if self.loaded is not None else None
+        channels = int(card.in_channels) if card is not None else 1
+        dims = int(card.spatial_dims) if card is not None else 2
+        matching = [a for a, size in enumerate(shape) if size == channels]
+        relevant = len(shape) >= 4 or (channels > 1 and bool(matching))
+        self.channel_combo.setVisible(relevant)
+        self.channel_label.setVisible(relevant)
+        self.channel_combo.setEnabled(relevant)
+        key = (shape, channels, dims, layer.name if layer is not None else None)
+        if key == self._channel_key:
+            return
+        self._channel_key = key
+        labels = tuple(layer.axis_labels) if isinstance(layer, Image) else ()
+        self.channel_combo.blockSignals(True)
+        self.channel_combo.clear()
+        self.channel_combo.addItem("none", None)
+        for axis, size in enumerate(shape):
+            label = labels[axis] if axis < len(labels) else str(axis)
+            self.channel_combo.addItem(f"{axis}: {label} ({size})", axis)
+        extra = [a for a in matching if a < len(shape) - dims]
+        if channels > 1 and extra:
+            self.channel_combo.setCurrentIndex(self.channel_combo.findData(extra[-1]))
+        self.channel_combo.blockSignals(False)
 
     def _follow_active_layer(self, *_event: object) -> Any:
         """Follow the active layer: a source image in the image combo, a map in the CAM combo."""
@@ -307,6 +354,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         else:
             self.mode_combo.setCurrentIndex(self.mode_combo.findData("current"))
         self._enable_mode_options()
+        self._refresh_channel_axes()
         self.model_info.setText(
             f"{card.name}: {card.task}, {card.spatial_dims}D, {card.in_channels} channel(s), "
             f"classes {', '.join(card.class_names)}. {card.description}".strip())
@@ -381,6 +429,8 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             overlap=self.overlap_spin.value(),
             batch_size=self.batch_spin.value(),
             device=self.device_combo.currentText() or None,
+            channel_axis=(self.channel_combo.currentData()
+                          if self.channel_combo.isEnabled() else None),
         )
         plan_explanation(self.loaded, capture.source, request)
         return capture, request

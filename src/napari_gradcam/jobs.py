@@ -27,15 +27,23 @@ spatial dimensions):
     3D model: overlapping, Gaussian-blended windows tile the last three axes
     (:func:`~napari_gradcam.core.volume.volume_job`).
 
+Multi-channel data (``ExplainRequest.channel_axis``): one data axis holds the model's input
+channels, e.g. C in a (Z, C, Y, X) stack for a 2-channel model. Its length must equal the
+card's ``in_channels``; each batch feeds that whole axis as the model's channel dimension, and
+every rule above applies to the remaining axes as if the channel axis were not there. Without
+a channel axis (the default) every extra axis is fixed at the current position, so a
+(T, Z, Y, X) series is explained at the current T.
+
 The result is a map with the source's number of axes: full length along the explained axes
-and length 1 along the fixed ones, with ``origin`` the data index of its first pixel, so a
+and length 1 along the fixed ones and the channel axis (at the current position, so the map
+shows where the user is looking), with ``origin`` the data index of its first pixel, so a
 shell places it exactly on the source with the source's own scale and translate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -153,6 +161,7 @@ class ExplainRequest:
     overlap: float = 0.25
     batch_size: int = 8
     device: str | None = None
+    channel_axis: int | None = None  # data axis holding the model's input channels; None: none
 
 
 @dataclass
@@ -221,6 +230,12 @@ class Plan:
     fixed: dict[int, int]
     box: dict[int, tuple[int, int]]  # spatial axis -> (start, stop) of the part explained
     mode: str
+    channel_axis: int | None = None  # read whole, fed as the model's channels
+    channel_position: int = 0  # where the map sits along the channel axis (length 1)
+
+    def collapsed(self, axis: int) -> bool:
+        """Whether the map has length 1 along ``axis`` (a fixed axis or the channel axis)."""
+        return axis in self.fixed or axis == self.channel_axis
 
     def out_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(self._extent(axis, size)[1] - self._extent(axis, size)[0]
@@ -232,6 +247,8 @@ class Plan:
     def _extent(self, axis: int, size: int) -> tuple[int, int]:
         if axis in self.fixed:
             return self.fixed[axis], self.fixed[axis] + 1
+        if axis == self.channel_axis:
+            return self.channel_position, self.channel_position + 1
         return self.box.get(axis, (0, size))
 
 
@@ -277,18 +294,92 @@ def plan_explanation(loaded: Any, source: ImageSource, request: ExplainRequest) 
     if source.rgb and d == 3:
         raise ValueError("3D models take grey volumes; convert the RGB stack to grey first")
     _check_target(card, request)
-    index = source.index()
+    if request.channel_axis is not None:
+        plan = _plan_with_channels(card, source, request)
+    else:
+        plan = _plan_axes(card, source, request)
+    _check_channels(loaded, source, plan)
+    return plan
+
+
+def _plan_axes(card: Any, source: ImageSource, request: ExplainRequest) -> Plan:
+    d, index = int(card.spatial_dims), source.index()
     if d == 3:
-        plan = _plan_3d(card, source, request, index)
-    elif request.mode == "windows":
+        return _plan_3d(card, source, request, index)
+    if request.mode == "windows":
         raise ValueError(f"'windows' mode is for 3D models; the model {card.name!r} is {d}D: "
                          "use 'current' or 'slices'")
-    elif d == 2:
-        plan = _plan_2d(source, request, index)
-    else:
-        plan = _plan_1d(source, request, index)
-    _check_channels(loaded, source)
-    return plan
+    if d == 2:
+        return _plan_2d(source, request, index)
+    return _plan_1d(source, request, index)
+
+
+def _plan_with_channels(card: Any, source: ImageSource, request: ExplainRequest) -> Plan:
+    """Plan on the data without its channel axis, then put the channel axis back.
+
+    The channel-free planning reuses every rule of the single-channel case; only the axis
+    numbers are translated (full data axes <-> axes without the channel axis).
+    """
+    n, d, channel = source.ndim, int(card.spatial_dims), request.channel_axis
+    if source.rgb:
+        raise ValueError(f"the layer {source.name!r} is RGB: its colour axis already feeds the "
+                         "model's channels; choose no channel axis")
+    if not -n <= channel < n:
+        raise ValueError(f"channel axis {channel} does not exist in the layer {source.name!r} "
+                         f"with {n} axes (shape {source.shape})")
+    channel %= n
+    length = source.shape[channel]
+    if length != card.in_channels:
+        raise ValueError(
+            f"the channel axis {channel} of {source.name!r} has length {length} but the model "
+            f"{card.name!r} takes {card.in_channels} channel(s); choose an axis of length "
+            f"{card.in_channels}, or no channel axis"
+        )
+    if n - 1 < d:
+        raise ValueError(f"without its channel axis the layer {source.name!r} has {n - 1} axes; "
+                         f"the model {card.name!r} needs {d}")
+    keep = [a for a in range(n) if a != channel]
+    reduced_of = {a: i for i, a in enumerate(keep)}
+
+    def reduced(axis: int, what: str) -> int:
+        if not -n <= axis < n:
+            raise ValueError(f"axis {axis} does not exist in data with {n} axes")
+        if axis % n == channel:
+            raise ValueError(f"the channel axis {channel} cannot also be the {what}; choose "
+                             "another axis or another channel axis")
+        return reduced_of[axis % n]
+
+    index = source.index()
+    point = request.target.point
+    target = replace(request.target, mask=None)  # the run reads the full-shape mask itself
+    if point is not None:
+        target = replace(target, point=tuple(p for a, p in enumerate(point) if a != channel))
+    stand_in = ImageSource(  # the data's shape without the channel axis; no memory, never read
+        source.name,
+        np.broadcast_to(np.zeros((), dtype=np.dtype(getattr(source.data, "dtype", "f4"))),
+                        tuple(source.shape[a] for a in keep)),
+        current_index=tuple(index[a] for a in keep),
+    )
+    plane = request.plane
+    if plane is not None and request.mode == "current" and d == 2:
+        plane = tuple(reduced(a, "displayed plane") for a in plane)
+    axis = request.axis
+    if axis is not None and request.mode == "slices":
+        axis = reduced(axis, "slice axis")
+    if d == 3 and request.mode == "windows":
+        raise ValueError("'windows' mode does not take a channel axis yet; use 'current' (one "
+                         "window around the current position)")
+    inner = _plan_axes(card, stand_in, replace(request, plane=plane, axis=axis, target=target,
+                                               channel_axis=None))
+    return Plan(
+        spatial_axes=tuple(keep[a] for a in inner.spatial_axes),
+        sample_axis=None if inner.sample_axis is None else keep[inner.sample_axis],
+        fixed={keep[a]: i for a, i in inner.fixed.items()},
+        box={keep[a]: extent for a, extent in inner.box.items()},
+        mode=inner.mode,
+        channel_axis=channel,
+        channel_position=index[channel],
+    )
 
 
 def _check_target(card: Any, request: ExplainRequest) -> None:
@@ -382,12 +473,12 @@ def _window(card: Any, request: ExplainRequest, shape: tuple[int, ...]) -> tuple
     return window
 
 
-def _check_channels(loaded: Any, source: ImageSource) -> None:
+def _check_channels(loaded: Any, source: ImageSource, plan: Plan) -> None:
     """Push a tiny dummy batch through the preprocessing: a channel misfit shows up now."""
     card = _card(loaded)
     probe = np.zeros((1, *(8,) * card.spatial_dims), dtype=np.float32)
-    if source.rgb and card.in_channels == 3:
-        probe = np.zeros((1, 3, *(8,) * card.spatial_dims), dtype=np.float32)
+    if plan.channel_axis is not None or (source.rgb and card.in_channels == 3):
+        probe = np.zeros((1, card.in_channels, *(8,) * card.spatial_dims), dtype=np.float32)
     try:
         tensor = loaded.preprocess(probe)
     except ValueError as error:
@@ -404,13 +495,18 @@ def _check_channels(loaded: Any, source: ImageSource) -> None:
 
 def _read(source: ImageSource, plan: Plan, start: int, stop: int, data: Any = None,
           channels: bool | None = None) -> np.ndarray:
-    """One slab ``(B, *spatial[, C])`` read from the source (a dask/zarr slab only)."""
+    """One slab read from the source (a dask/zarr slab only): ``(B, *spatial[, C])``, or
+    ``(B, C, *spatial)`` with a channel axis. ``data`` (a region mask) is read at the map's
+    position along the channel axis."""
+    feed_channels = data is None and plan.channel_axis is not None
     data = source.data if data is None else data
     channels = source.rgb if channels is None else channels
     key: list[object] = []
     for axis in range(source.ndim):
         if axis in plan.fixed:
             key.append(plan.fixed[axis])
+        elif axis == plan.channel_axis:
+            key.append(slice(None) if feed_channels else plan.channel_position)
         elif axis == plan.sample_axis:
             key.append(slice(start, stop))
         else:
@@ -419,10 +515,15 @@ def _read(source: ImageSource, plan: Plan, start: int, stop: int, data: Any = No
     if channels:
         key.append(slice(None))
     slab = np.asarray(data[tuple(key)])
+    kept = [a for a in range(source.ndim)
+            if a not in plan.fixed and (feed_channels or a != plan.channel_axis)]
     if plan.sample_axis is None:
-        return slab[None]
-    position = sum(1 for a in range(plan.sample_axis) if a not in plan.fixed)
-    return np.moveaxis(slab, position, 0)
+        slab = slab[None]
+        kept = [-1, *kept]  # the batch axis
+    sample = kept.index(plan.sample_axis if plan.sample_axis is not None else -1)
+    if not feed_channels:
+        return np.moveaxis(slab, sample, 0)
+    return np.moveaxis(slab, (sample, kept.index(plan.channel_axis)), (0, 1))
 
 
 def _to_model_input(slab: np.ndarray, source: ImageSource, in_channels: int) -> np.ndarray:
@@ -528,6 +629,7 @@ def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Pl
             "sample_axis": plan.sample_axis,
             "spatial_axes": list(plan.spatial_axes),
             "fixed": {str(k): v for k, v in plan.fixed.items()},
+            "channel_axis": plan.channel_axis,
             "window": list(window) if plan.mode == "windows" else None,
             "overlap": request.overlap if plan.mode == "windows" else None,
             "batch_size": request.batch_size,
@@ -571,7 +673,7 @@ def _out_view(plan: Plan, array: np.ndarray, start: int, stop: int) -> tuple[obj
     """The index into a map array (out shape) for samples start:stop."""
     key: list[object] = []
     for axis in range(array.ndim):
-        if axis in plan.fixed:
+        if plan.collapsed(axis):
             key.append(0)
         elif axis == plan.sample_axis:
             key.append(slice(start, stop))
@@ -585,7 +687,7 @@ def _write(plan: Plan, array: np.ndarray, start: int, stop: int, maps: np.ndarra
     if plan.sample_axis is None:
         array[key] = maps[0]
         return
-    position = sum(1 for a in range(plan.sample_axis) if a not in plan.fixed)
+    position = sum(1 for a in range(plan.sample_axis) if not plan.collapsed(a))
     array[key] = np.moveaxis(maps, 0, position)
 
 
