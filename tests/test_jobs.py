@@ -437,3 +437,35 @@ def test_channel_axis_with_a_region_mask_reads_the_mask_at_the_current_channel(m
     expected = cam(loaded.preprocess(data[:, 0]), SegmentationRegion(1, mask[:, 0] != 0))
     np.testing.assert_allclose(result.maps["precipitates in region"][:, 0], expected,
                                rtol=1e-4, atol=1e-7)
+
+
+def test_3d_segmentation_model_in_windows_mode_explains_the_chosen_class():
+    """The widget turns a class of a segmentation model into a region without a mask; the
+    windows path must explain that class, not fall back to a (meaningless) predicted class."""
+    torch.manual_seed(0)
+    unet = build_architecture("unet", spatial_dims=3, in_channels=1, num_classes=3,
+                              widths=(4, 8)).eval()
+    loaded = load_model(unet)
+    volume = np.random.default_rng(0).random((12, 16, 16)).astype(np.float32)
+    request = ExplainRequest(mode="windows", window=(8, 8, 8), overlap=0.5, batch_size=4,
+                             target=TargetChoice("region", class_index=2))
+    result = explain(loaded, ImageSource("v", volume), request)
+    (cam,) = result.maps.values()
+    expected = explain_volume(GradCAM(unet, loaded.card.target_layer), volume, mode="windows",
+                              window=(8, 8, 8), overlap=0.5, batch_size=4,
+                              target=SegmentationRegion(2)).maps
+    np.testing.assert_allclose(cam, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["guided-backprop", "guided-gradcam"])
+def test_guided_methods_work_in_windows_mode(method):
+    """Input-gradient methods give (N, C, *s) maps; volumes need one map per window."""
+    torch.manual_seed(0)
+    loaded = load_model(build_architecture("resnet_like", spatial_dims=3, in_channels=1,
+                                           num_classes=3, widths=(4, 8, 8)).eval())
+    volume = np.random.default_rng(1).random((10, 12, 12)).astype(np.float32)
+    request = ExplainRequest(method=method, mode="windows", window=(8, 8, 8), overlap=0.25,
+                             target=TargetChoice("class", class_index=1))
+    (cam,) = explain(loaded, ImageSource("v", volume), request).maps.values()
+    assert cam.shape == volume.shape
+    assert np.isfinite(cam).all() and (cam >= 0).all() and cam.max() > 0

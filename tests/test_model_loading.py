@@ -384,3 +384,13 @@ def test_loading_does_not_leak_warnings_for_safe_files(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_model(write_card(tmp_path, "w.safetensors"))
+
+
+def test_a_live_module_is_left_in_the_mode_the_user_had():
+    from napari_gradcam.core.architectures import ResNetLike
+
+    model = ResNetLike(2, 1, 3, widths=(4, 8, 8))
+    model.train()
+    loaded = load_model(model)
+    assert loaded.model is model and model.training
+    assert all(module.training for module in model.modules())

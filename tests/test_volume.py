@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from napari_gradcam import Cancelled, GradCAM, explain_volume
+from napari_gradcam import Cancelled, GradCAM, GuidedGradCAM, explain_volume
 from napari_gradcam.core.architectures import ResNetLike
 from napari_gradcam.core.volume import blending_weights, window_starts
 
@@ -276,3 +276,18 @@ def test_window_options_are_checked(cam3d):
         explain_volume(GradCAM(ResNetLike(widths=(4, 8, 8)).eval(), "features.3"), volume,
                        mode="windows", window=(4, 4, 4), preprocess=lambda b: torch.from_numpy(
                            b[:, :1]))
+
+
+@pytest.mark.parametrize("mode", ["slices", "windows"])
+def test_guided_gradcam_volume_is_max_abs_gradient_over_channels(mode):
+    torch.manual_seed(0)
+    dims = 2 if mode == "slices" else 3
+    model = ResNetLike(dims, 1, 3, widths=(4, 8, 8)).eval()
+    volume = np.random.default_rng(2).random((8, 16, 16)).astype(np.float32)
+    explainer = GuidedGradCAM(model, "features.2")
+    options = {"window": (8, 16, 16)} if mode == "windows" else {}
+    maps = explain_volume(explainer, volume, mode=mode, target=1, **options).maps
+    if mode == "slices":
+        direct = np.abs(explainer(volume[:, None], 1)).max(axis=1)
+        np.testing.assert_allclose(maps, direct, rtol=1e-5, atol=1e-9)
+    assert maps.shape == volume.shape and (maps >= 0).all() and maps.max() > 0

@@ -390,7 +390,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         if tuple(layer.data.shape) != tuple(shape):
             raise ValueError(f"the region layer {layer.name!r} has shape {layer.data.shape} but "
                              f"the image {capture.name!r} has {shape}; they must match")
-        return layer.data
+        return np.asarray(layer.data) != 0  # a copy: painting during the run changes nothing
 
     def _gather(self, click_point: tuple[int, ...] | None = None
                 ) -> tuple[_Capture, ExplainRequest]:

@@ -532,7 +532,13 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
     import torch
 
     from napari_gradcam.core.device import run_with_oom_backoff
-    from napari_gradcam.core.volume import _probabilities, blending_weights, window_starts
+    from napari_gradcam.core.methods import heatmaps
+    from napari_gradcam.core.volume import (
+        blending_weights,
+        class_probabilities,
+        padded_window,
+        window_starts,
+    )
 
     plan, options = task.plan, task.options
     assert plan.window is not None
@@ -558,9 +564,9 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
 
         def work(batch_corners: list[tuple[int, int]], slab: np.ndarray = slab, z0: int = z0,
                  low: int = low, high: int = high, owned: bool = owned) -> None:
-            batch = np.stack([_padded_window(slab, y0, x0, window) for y0, x0 in batch_corners])
+            batch = np.stack([padded_window(slab, y0, x0, window) for y0, x0 in batch_corners])
             result = explainer.explain(loaded.preprocess(batch), plan.target)
-            maps = np.asarray(result.maps, dtype=np.float32)
+            maps = heatmaps(result.maps, getattr(explainer, "name", ""))
             if maps.ndim != 4:
                 raise ValueError(f"window explanation needs one 3D map per window; got maps of "
                                  f"shape {maps.shape}. Use a 3D model and a single target.")
@@ -571,7 +577,7 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
                 accumulated[region] += cam[low - z0:high - z0]
                 weight_sum[region] += weights[low - z0:high - z0]
             if owned:
-                predictions.extend(_probabilities(result.outputs))
+                predictions.extend(class_probabilities(result.outputs))
                 positions.extend((z0, y0, x0) for y0, x0 in batch_corners)
 
         for _ in run_with_oom_backoff(corners, options.batch_size, work, device):
@@ -579,16 +585,6 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
     maps = accumulated / np.maximum(weight_sum, 1e-12)
     stacked = np.stack(predictions) if predictions else np.zeros((0, 0), dtype=np.float32)
     return maps, stacked, positions
-
-
-def _padded_window(slab: np.ndarray, y0: int, x0: int, window: tuple[int, ...]) -> np.ndarray:
-    """Cut one window out of a slab; pad by edge values where the volume is smaller (as the
-    engine does)."""
-    piece = slab[:, y0:y0 + window[1], x0:x0 + window[2]]
-    missing = [(0, w - s) for s, w in zip(piece.shape, window, strict=True)]
-    if any(after for _, after in missing):
-        piece = np.pad(piece, missing, mode="edge")
-    return piece
 
 
 def plan_chunks(length: int, chunk: int) -> list[tuple[int, int]]:

@@ -55,7 +55,7 @@ from napari_gradcam.core.evidence import (
     randomisation_check,
     region_test,
 )
-from napari_gradcam.core.methods import METHODS, make_explainer
+from napari_gradcam.core.methods import METHODS, heatmaps, make_explainer
 from napari_gradcam.core.provenance import make_provenance
 from napari_gradcam.core.targets import SegmentationRegion, Target
 from napari_gradcam.core.volume import Cancelled
@@ -1113,11 +1113,7 @@ def _stages(subject: _Subject, fixed: tuple[Any, int | None, str, np.ndarray | N
 def _explainer_factory(method: str, layer: str) -> Callable[[nn.Module, torch.Tensor, Any],
                                                               np.ndarray]:
     def explain(model: nn.Module, inputs: torch.Tensor, target: Any) -> np.ndarray:
-        maps = np.asarray(make_explainer(method, model, layer)(inputs, target=target),
-                          dtype=np.float32)
-        if maps.ndim == inputs.ndim:  # guided methods: input gradients (N, C, *spatial)
-            maps = np.abs(maps).max(axis=1)
-        return maps
+        return heatmaps(make_explainer(method, model, layer)(inputs, target=target), method)
 
     return explain
 

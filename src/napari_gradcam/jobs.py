@@ -51,15 +51,14 @@ import torch
 from scipy import ndimage
 
 from napari_gradcam.core.device import run_with_oom_backoff
-from napari_gradcam.core.methods import make_explainer
+from napari_gradcam.core.engine import preserved_model_state
+from napari_gradcam.core.methods import INPUT_GRADIENT_METHODS, heatmaps, make_explainer
 from napari_gradcam.core.provenance import make_provenance
 from napari_gradcam.core.targets import AllClasses, ClassTarget, PredictedClass, SegmentationRegion
-from napari_gradcam.core.volume import Cancelled, run_job, volume_job
+from napari_gradcam.core.volume import Cancelled, class_probabilities, run_job, volume_job
 
 MODES = ("current", "slices", "windows")
 TARGET_KINDS = ("predicted", "class", "all", "region", "click")
-_GUIDED = ("guided-backprop",)
-_GUIDED_INPUT_GRADIENTS = ("guided-backprop", "guided-gradcam")
 _RGB_TO_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma
 
 Job = Generator[tuple[int, int], None, "ExplainResult"]
@@ -399,7 +398,7 @@ def _check_target(card: Any, request: ExplainRequest) -> None:
     if request.method in ("cam",) and segmentation:
         raise ValueError("CAM needs a classifier (global pooling + linear head); for a "
                          "segmentation model choose gradcam or another gradient method")
-    if request.method in (*_GUIDED, "guided-gradcam") and target.kind == "all":
+    if request.method in INPUT_GRADIENT_METHODS and target.kind == "all":
         raise ValueError(f"{request.method} explains one class at a time; choose one class")
     if target.kind == "region" and target.mask is not None and request.mode == "windows":
         raise ValueError("a region target works in 'current' and 'slices' modes, not windows")
@@ -541,24 +540,6 @@ def _check_finite(batch: np.ndarray, where: str) -> None:
     if not np.isfinite(batch).all():
         raise ValueError(f"NaN or infinite values in {where}: the model cannot explain them. "
                          "Fill or mask them first (e.g. replace NaN by the background)")
-
-
-def class_probabilities(outputs: np.ndarray) -> np.ndarray:
-    """(N, K) probabilities: softmax of logits; segmentation outputs averaged over pixels."""
-    logits = torch.from_numpy(np.asarray(outputs, dtype=np.float32))
-    if logits.ndim > 2:
-        return torch.softmax(logits, 1).flatten(2).mean(-1).numpy()
-    if logits.ndim == 2:
-        return torch.softmax(logits, 1).numpy()
-    return logits.reshape(len(logits), -1).numpy()
-
-
-def _as_display_maps(maps: np.ndarray, method: str) -> np.ndarray:
-    """Guided methods return input gradients (N, C, *s): show max |gradient| over channels
-    (as Simonyan et al. 2014 do for saliency), one map per sample like the CAMs."""
-    if method in _GUIDED_INPUT_GRADIENTS:
-        return np.abs(maps).max(axis=1)
-    return maps
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,7 +699,7 @@ def _samples(loaded, explainer, source, request, plan, maps, labels) -> Generato
         else:
             result = explainer.explain(tensor, target)
             outputs = result.outputs
-            batch_maps = _as_display_maps(np.asarray(result.maps, np.float32), request.method)
+            batch_maps = heatmaps(result.maps, request.method)
             target_indices = result.target_indices
         if request.target.kind == "all":
             for k, label in enumerate(labels):
@@ -747,7 +728,7 @@ def _position(plan: Plan, source: ImageSource, sample: int) -> list[int]:
 
 
 def _forward(model: torch.nn.Module, tensor: torch.Tensor, device: torch.device) -> np.ndarray:
-    with torch.no_grad():
+    with preserved_model_state(model), torch.no_grad():
         return model(tensor.to(device)).float().cpu().numpy()
 
 
@@ -804,7 +785,7 @@ def _windows(loaded, explainer, source, request, plan, maps, labels) -> Generato
     window = _window(card, request, view.shape)
     if request.target.kind == "all":
         targets = list(range(len(labels)))
-    elif request.target.kind == "class":
+    elif request.target.kind in ("class", "region"):  # a region here has no mask: the class
         targets = [int(request.target.class_index)]
     else:
         targets = [None]

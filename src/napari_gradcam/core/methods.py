@@ -450,6 +450,18 @@ METHODS: dict[str, Callable[..., object]] = {
 """Method names as the GUI, the command line and model cards spell them."""
 
 
+INPUT_GRADIENT_METHODS = frozenset({GuidedBackprop.name, GuidedGradCAM.name})
+"""Methods whose maps are input gradients (N, C, *spatial) rather than one map per sample."""
+
+
+def heatmaps(maps: np.ndarray, method: str) -> np.ndarray:
+    """One map per sample for display and volumes: input-gradient methods give
+    (N, C, *spatial), shown as max |gradient| over channels (as Simonyan et al. 2014 do for
+    saliency); every CAM is returned unchanged."""
+    maps = np.asarray(maps, dtype=np.float32)
+    return np.abs(maps).max(axis=1) if method in INPUT_GRADIENT_METHODS else maps
+
+
 def make_explainer(method: str, model: nn.Module, layer: LayerSpec, **options: object) -> object:
     """Build an explainer by name; the single place the shells turn a method name into code."""
     try:

@@ -568,7 +568,8 @@ def _load_export(path: Path, device: str | torch.device | None) -> LoadedModel:
 
 
 def _load_live_module(model: nn.Module, device: str | torch.device | None) -> LoadedModel:
-    model.eval()
+    # No model.eval() here: a live module stays as the user left it; every explanation runs
+    # in eval mode inside preserved_model_state and restores the mode afterwards.
     if device is not None:
         model.to(resolve_device(device, model))
     card = _inferred_card(model, name=type(model).__name__, source=None,

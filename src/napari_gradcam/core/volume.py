@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from napari_gradcam.core.device import run_with_oom_backoff
+from napari_gradcam.core.methods import heatmaps
 from napari_gradcam.core.targets import TargetSpec
 
 Preprocess = Callable[[np.ndarray], torch.Tensor]
@@ -80,13 +81,15 @@ def _make_out(out: object | None, shape: tuple[int, ...]) -> object:
     return out
 
 
-def _probabilities(outputs: np.ndarray) -> np.ndarray:
-    logits = torch.from_numpy(outputs)
+def class_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """(N, K) probabilities: softmax of logits; segmentation outputs averaged over pixels;
+    outputs without a class axis (regression) returned as they are, one row per sample."""
+    logits = torch.from_numpy(np.asarray(outputs, dtype=np.float32))
     if logits.ndim > 2:  # segmentation: average the per-pixel probabilities
         return torch.softmax(logits, 1).flatten(2).mean(-1).numpy()
     if logits.ndim == 2:
         return torch.softmax(logits, 1).numpy()
-    return outputs.reshape(len(outputs), -1)
+    return logits.reshape(len(logits), -1).numpy()
 
 
 def volume_job(
@@ -163,6 +166,7 @@ def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, no
         raise ValueError(f"axis must be 0, 1 or 2 for a volume, got {axis}")
     axis %= ndim
     count = volume.shape[axis]
+    method = getattr(explainer, "name", "")
     predictions: dict[int, list[float]] = {}
     indices: dict[int, int] = {}
     device = getattr(explainer, "device", torch.device("cpu"))
@@ -172,12 +176,12 @@ def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, no
         index[axis] = slice(chunk.start, chunk.stop)
         slab = np.moveaxis(np.asarray(volume[tuple(index)], dtype=np.float32), axis, 0)
         result = explainer.explain(preprocess(slab), target)
-        maps = np.asarray(result.maps, dtype=np.float32)
+        maps = heatmaps(result.maps, method)
         if maps.ndim != 3:
             raise ValueError(f"slice-wise explanation needs one 2D map per slice; the method "
                              f"returned maps of shape {maps.shape}. Use a single target.")
         out[tuple(index)] = np.moveaxis(maps, 0, axis)
-        for offset, probs in enumerate(_probabilities(result.outputs)):
+        for offset, probs in enumerate(class_probabilities(result.outputs)):
             predictions[chunk.start + offset] = probs.tolist()
             if result.target_indices is not None:
                 indices[chunk.start + offset] = int(result.target_indices[offset])
@@ -235,6 +239,7 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
     total = int(np.prod([len(s) for s in starts]))
     depth, height, width = effective
     device = getattr(explainer, "device", torch.device("cpu"))
+    method = getattr(explainer, "name", "")
     accumulated = np.zeros((depth, shape[1], shape[2]), dtype=np.float32)
     weight_sum = np.zeros_like(accumulated)
     buffer_start = 0
@@ -259,9 +264,9 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
         corners = list(itertools.product(starts[1], starts[2]))
 
         def work(chunk: list[tuple[int, int]], slab: np.ndarray = slab, z0: int = z0) -> None:
-            batch = np.stack([_padded_window(slab, y0, x0, window) for y0, x0 in chunk])
+            batch = np.stack([padded_window(slab, y0, x0, window) for y0, x0 in chunk])
             result = explainer.explain(preprocess(batch), target)
-            maps = np.asarray(result.maps, dtype=np.float32)
+            maps = heatmaps(result.maps, method)
             if maps.ndim != 4:
                 raise ValueError(f"window explanation needs one 3D map per window; got maps of "
                                  f"shape {maps.shape}. Use a 3D model and a single target.")
@@ -272,7 +277,7 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
                           slice(x0, x0 + width))
                 accumulated[region] += cam
                 weight_sum[region] += weights
-            predictions.extend(_probabilities(result.outputs).tolist())
+            predictions.extend(class_probabilities(result.outputs).tolist())
             positions.extend((z0, y0, x0) for y0, x0 in chunk)
 
         for finished in run_with_oom_backoff(corners, batch_size, work, device, notify):
@@ -284,7 +289,7 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
                         mode="windows", window=window)
 
 
-def _padded_window(slab: np.ndarray, y0: int, x0: int, window: tuple[int, ...]) -> np.ndarray:
+def padded_window(slab: np.ndarray, y0: int, x0: int, window: tuple[int, ...]) -> np.ndarray:
     """Cut one window out of a slab; pad by edge values where the volume is smaller."""
     piece = slab[:, y0:y0 + window[1], x0:x0 + window[2]]
     missing = [(0, w - s) for s, w in zip(piece.shape, window, strict=True)]
