@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import napari_gradcam
 import napari_gradcam.core
 import napari_gradcam.samples
@@ -44,3 +46,21 @@ def test_core_modules_import_no_gui_package():
     assert completed.returncode == 0, completed.stderr[-3000:]
     imported = completed.stdout.strip()
     assert imported == "", f"importing the core pulled in GUI packages: {imported}"
+
+
+def test_the_reader_hook_does_not_import_torch():
+    """napari imports the reader for every .zarr the user opens: it must stay light."""
+    code = ("import sys, napari_gradcam._reader; "
+            "print(','.join(m for m in ('torch', 'scipy') if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert found == ""
+
+
+def test_public_names_resolve_lazily_and_completely():
+    import napari_gradcam
+
+    for name in napari_gradcam.__all__:
+        assert getattr(napari_gradcam, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        napari_gradcam.not_a_name  # noqa: B018
