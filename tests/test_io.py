@@ -247,3 +247,17 @@ def test_output_path_is_checked_before_work(tmp_path):
         io.check_output_path(tmp_path / "done.zarr")
     assert io.check_output_path(tmp_path / "done.zarr", overwrite=True) == Path(
         tmp_path / "done.zarr")
+
+
+def test_npy_sidecar_is_published_only_with_its_data(tmp_path, volume):
+    """If the output name is taken while writing, neither the data nor a stray sidecar that
+    describes it may appear under the output name."""
+    from napari_gradcam.io import open_output
+
+    target = tmp_path / "maps.npy"
+    with pytest.raises(FileExistsError, match="appeared while writing"):  # noqa: SIM117
+        with open_output(target, volume.shape, scale=SCALE, attrs={"method": "gradcam"}) as out:
+            out.array[:] = volume
+            np.save(target, np.zeros(3))  # someone else writes the same name meanwhile
+    assert np.load(target).shape == (3,)  # theirs is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.npy"]

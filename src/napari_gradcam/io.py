@@ -635,24 +635,26 @@ def open_output(
     unit = normalize_unit(unit) if unit else None
     dtype = _check_dtype(dtype)
     record = _jsonable(dict(attrs or {}))
-    with atomic_path(path, overwrite=overwrite) as partial:
-        if kind == "zarr":
-            array = create_ome_zarr(partial, shape, scale=scale, unit=unit, dtype=dtype,
-                                    chunks=chunks, attrs=record, name=Path(path).stem)
-        elif kind == "tiff":
-            array = _create_tiff(partial, shape, scale, unit, dtype, record)
-        else:
-            array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
-        output = OutputVolume(kind, partial, array, scale, unit, record)
-        try:
+    partial_sidecar: Path | None = None
+    try:
+        with atomic_path(path, overwrite=overwrite) as partial:
+            partial_sidecar = _sidecar(partial)
+            if kind == "zarr":
+                array = create_ome_zarr(partial, shape, scale=scale, unit=unit, dtype=dtype,
+                                        chunks=chunks, attrs=record, name=Path(path).stem)
+            elif kind == "tiff":
+                array = _create_tiff(partial, shape, scale, unit, dtype, record)
+            else:
+                array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+            output = OutputVolume(kind, partial, array, scale, unit, record)
             yield output
             output._finish()
-        except BaseException:
-            _remove(_sidecar(partial))
-            raise
-        if kind == "npy":  # move the sidecar next to the final name
-            final_sidecar = _sidecar(Path(path).expanduser())
-            os.replace(_sidecar(partial), final_sidecar)
+    except BaseException:
+        if partial_sidecar is not None:
+            _remove(partial_sidecar)
+        raise
+    if kind == "npy":  # only once the data is in place: move its sidecar next to it
+        os.replace(partial_sidecar, _sidecar(Path(path).expanduser()))
 
 
 def _create_tiff(partial: Path, shape: tuple[int, ...], scale: tuple[float, ...],
