@@ -11,6 +11,7 @@ changes the map, and occlusion points at the same places.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,6 +304,16 @@ def test_cancel_midway_raises_cancelled_and_writes_nothing(tiny: Subject, tmp_pa
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     model.eval()
+
+
+def test_progress_moves_forward_once_per_step_and_ends_at_the_total(tiny: Subject) -> None:
+    seen: list[tuple[int, int, str]] = []
+    run_evidence(tiny.module, tiny.x, layer=tiny.layer, target=1, settings=FAST,
+                 checks=("deletion", "randomisation"), progress=lambda *p: seen.append(p))
+    counts = [done for done, _, _ in seen]
+    assert counts == sorted(counts)  # never backwards
+    assert all(a != b for a, b in itertools.pairwise(seen))  # no report twice
+    assert seen[-1] == (seen[-1][1], seen[-1][1], "done")
 
 
 # --------------------------------------------------------------------------------------------

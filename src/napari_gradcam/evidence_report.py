@@ -58,7 +58,7 @@ from napari_gradcam.core.evidence import (
 from napari_gradcam.core.methods import METHODS, heatmaps, make_explainer
 from napari_gradcam.core.provenance import make_provenance
 from napari_gradcam.core.targets import SegmentationRegion, Target
-from napari_gradcam.core.volume import Cancelled
+from napari_gradcam.core.volume import Cancelled, run_job
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -1103,8 +1103,6 @@ def _stages(subject: _Subject, fixed: tuple[Any, int | None, str, np.ndarray | N
                                 f"{type(error).__name__}: {error}") from error
         timings[stage] = time.perf_counter() - started
         done += cost
-        if progress is not None:
-            progress(done, total, stage)
     yield total, total, "done"
     return _assemble(subject, method, target_index, target_label, probabilities,
                      settings, chosen, mask, region_kind, results, timings, source)
@@ -1255,13 +1253,7 @@ def run_evidence(
                        region_mask=region_mask, region_kind=region_kind, method=method,
                        settings=settings, source=source, progress=progress,
                        should_stop=should_stop)
-    try:
-        while True:
-            done, total, stage = next(job)
-            if progress is not None:
-                progress(done, total, stage)
-    except StopIteration as finished:
-        report: EvidenceReport = finished.value
+    report: EvidenceReport = run_job(job, progress)  # the job itself polls should_stop
     if export_folder is not None:
         report.export(export_folder, overwrite=overwrite)
     return report

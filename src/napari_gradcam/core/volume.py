@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -138,24 +138,25 @@ def explain_volume(
 
 
 def run_job(
-    job: Generator[tuple[int, int], None, T],
-    progress: ProgressCallback | None = None,
+    job: Generator[tuple[Any, ...], None, T],
+    progress: Callable[..., None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> T:
-    """Drain any job generator: report ``progress(done, total)`` after each batch and, when
-    ``should_stop()`` turns true, close the job and raise :class:`Cancelled`.
+    """Drain any job generator: report ``progress(*item)`` for each item it yields (``(done,
+    total)``, or ``(done, total, stage)`` for the evidence job) and, when ``should_stop()``
+    turns true, close the job and raise :class:`Cancelled`.
 
     The one place where "run to the end, or stop cleanly between batches" is decided, for
     every job of the package (volumes here, layer explanations in :mod:`napari_gradcam.jobs`).
     """
     try:
         while True:
-            done, total = next(job)
+            item = next(job)
             if progress is not None:
-                progress(done, total)
+                progress(*item)
             if should_stop is not None and should_stop():
                 job.close()
-                raise Cancelled(f"stopped by the user after {done} of {total}")
+                raise Cancelled(f"stopped by the user after {item[0]} of {item[1]}")
     except StopIteration as finished:
         return finished.value
 
