@@ -296,12 +296,28 @@ def _finish_output(output: Any, summary_attrs: dict[str, Any]) -> None:
         set_display_window(output.partial, low, high)
 
 
-def _value_range(array: Any, chunks: Sequence[int]) -> tuple[float, float]:
-    import dask.array as da
+class RangeTrackingArray:
+    """Pass writes through to ``array`` and remember the lowest and highest value written,
+    so the map's range (for the reader's contrast limits) costs no second pass over a
+    volume that may be larger than memory."""
 
-    lazy = da.from_array(array, chunks=tuple(chunks))
-    low, high = da.compute(lazy.min(), lazy.max(), scheduler="synchronous")
-    return float(low), float(high)
+    def __init__(self, array: Any) -> None:
+        self.array = array
+        self.low, self.high = np.inf, -np.inf
+
+    def __getattr__(self, name: str) -> Any:  # shape, dtype, chunks, ...
+        return getattr(self.array, name)
+
+    def __setitem__(self, key: Any, value: np.ndarray) -> None:
+        value = np.asarray(value)
+        if value.size:
+            self.low = min(self.low, float(np.nanmin(value)))
+            self.high = max(self.high, float(np.nanmax(value)))
+        self.array[key] = value
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        return (self.low, self.high) if self.low <= self.high else (0.0, 0.0)
 
 
 def _as_input_path(input_path: str | os.PathLike) -> Path:
@@ -361,10 +377,11 @@ def explain_file(
     with open_output(out_path, volume.shape, scale=voxel.scale, unit=voxel.unit,
                      dtype=options.dtype, chunks=plan.chunks, attrs=record,
                      overwrite=overwrite) as output:
+        tracked = RangeTrackingArray(output.array)
         engine_options: dict[str, Any] = {"mode": plan.mode, "batch_size": options.batch_size,
                                           "target": plan.target,
                                           "preprocess": loaded.preprocess,
-                                          "out": output.array, "notify": notify}
+                                          "out": tracked, "notify": notify}
         if plan.mode == "slices":
             engine_options["axis"] = plan.axis
         else:
@@ -372,7 +389,7 @@ def explain_file(
         with _model_lock(loaded):
             result = explain_volume(explainer, volume, progress=progress,
                                     should_stop=should_stop, **engine_options)
-        value_range = _value_range(output.array, plan.chunks)
+        value_range = tracked.value_range
         seconds = time.perf_counter() - started
         attrs = _prediction_attrs(result.predictions, result.positions,
                                   loaded.card.class_names, value_range, seconds)
