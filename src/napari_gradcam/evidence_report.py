@@ -58,7 +58,7 @@ from napari_gradcam.core.evidence import (
 from napari_gradcam.core.methods import METHODS, heatmaps, make_explainer
 from napari_gradcam.core.provenance import make_provenance
 from napari_gradcam.core.targets import SegmentationRegion, Target
-from napari_gradcam.core.volume import Cancelled, run_job
+from napari_gradcam.core.volume import Cancelled, run_job, window_starts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -933,11 +933,9 @@ def _auto_patch(spatial: tuple[int, ...], patch: int | tuple[int, ...] | None) -
 
 
 def _window_count(spatial: tuple[int, ...], patch: tuple[int, ...]) -> int:
-    count = 1
-    for size, side in zip(spatial, patch, strict=True):
-        starts = len(range(0, size - side + 1, side))
-        count *= starts + (0 if (starts - 1) * side == size - side else 1)
-    return count
+    """How many occlusion patches the core will try (the same grid, for progress)."""
+    return math.prod(len(window_starts(size, side, step=side))
+                     for size, side in zip(spatial, patch, strict=True))
 
 
 def _randomisation_blocks(model: nn.Module, depth: int | None) -> int:

@@ -32,10 +32,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from napari_gradcam.core.engine import check_input, preserved_model_state, resolve_layers
+from napari_gradcam.core.methods import upsample
 from napari_gradcam.core.targets import (
     AllClasses,
     ClassTarget,
@@ -44,7 +44,7 @@ from napari_gradcam.core.targets import (
     TargetSpec,
     resolve_target,
 )
-from napari_gradcam.core.volume import Cancelled
+from napari_gradcam.core.volume import Cancelled, window_starts
 
 __all__ = [
     "Cancelled",
@@ -538,14 +538,6 @@ def _per_dim(value: int | Sequence[int], spatial: tuple[int, ...], name: str) ->
     return tuple(min(int(v), size) for v, size in zip(values, spatial, strict=True))
 
 
-def _window_starts(size: int, patch: int, stride: int) -> list[int]:
-    """Start positions that cover the whole axis (the last window is moved flush to the end)."""
-    starts = list(range(0, size - patch + 1, stride))
-    if starts[-1] != size - patch:
-        starts.append(size - patch)
-    return starts
-
-
 def occlusion(
     model: nn.Module,
     x: torch.Tensor | np.ndarray,
@@ -581,7 +573,8 @@ def occlusion(
         patch_size = _per_dim(patch, spatial, "patch")
         step = patch_size if stride is None else _per_dim(stride, spatial, "stride")
         starts_per_dim = [
-            _window_starts(size, p, s) for size, p, s in zip(spatial, patch_size, step, strict=True)
+            window_starts(size, p, step=s)
+            for size, p, s in zip(spatial, patch_size, step, strict=True)
         ]
         windows = [
             tuple(slice(s, s + p) for s, p in zip(corner, patch_size, strict=True))
@@ -624,7 +617,6 @@ def occlusion(
     return maps.cpu().numpy().astype(np.float32, copy=False)
 
 
-_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 def score_cam(
@@ -691,7 +683,6 @@ def score_cam(
         flat = activations.flatten(2)
         low, high = flat.amin(dim=2), flat.amax(dim=2)
         informative = high > low
-        mode = _INTERPOLATION[len(spatial)]
         total = count * channels + (count if subtract_baseline else 0)
         tracker = ProgressTracker(total, progress, should_stop)
         baseline_scores = torch.zeros(count, dtype=inputs.dtype, device=inputs.device)
@@ -710,7 +701,7 @@ def score_cam(
             sample_index = torch.as_tensor(samples, device=inputs.device)
             channel_index = torch.as_tensor(kept, device=inputs.device)
             chosen = activations[sample_index, channel_index].unsqueeze(1)
-            masks = F.interpolate(chosen, size=spatial, mode=mode, align_corners=False)
+            masks = upsample(chosen, spatial)
             span = (high - low)[sample_index, channel_index].clamp_min(1e-12)
             shape = (-1,) + (1,) * (inputs.ndim - 1)
             masks = (masks - low[sample_index, channel_index].view(shape)) / span.view(shape)
@@ -721,5 +712,5 @@ def score_cam(
         weights = torch.where(informative, weights, torch.zeros_like(weights))
         shape = (count, channels) + (1,) * len(spatial)
         combined = torch.relu((weights.view(shape) * activations).sum(dim=1, keepdim=True))
-        cam = F.interpolate(combined, size=spatial, mode=mode, align_corners=False)[:, 0]
+        cam = upsample(combined, spatial)[:, 0]
     return cam.clamp_min(0).cpu().numpy().astype(np.float32, copy=False)

@@ -200,11 +200,13 @@ def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, no
     )
 
 
-def window_starts(size: int, window: int, overlap: float) -> list[int]:
-    """Start positions so windows of ``window`` cover ``size`` with at least ``overlap``."""
+def window_starts(size: int, window: int, overlap: float = 0.0, *, step: int | None = None
+                  ) -> list[int]:
+    """Start positions so windows of ``window`` cover ``size``: every ``step`` (by default
+    the step that leaves at least ``overlap``), the last one moved flush to the end."""
     if size <= window:
         return [0]
-    step = max(1, int(window * (1.0 - overlap)))
+    step = step if step is not None else max(1, int(window * (1.0 - overlap)))
     starts = list(range(0, size - window + 1, step))
     if starts[-1] != size - window:
         starts.append(size - window)
