@@ -41,7 +41,7 @@ from napari_gradcam.core.attribution import (
     score_cam,
     smoothgrad,
 )
-from napari_gradcam.core.engine import preserved_model_state
+from napari_gradcam.core.engine import model_dtype_device, preserved_model_state
 from napari_gradcam.core.evidence import (
     AgreementResult,
     DeletionInsertionResult,
@@ -873,11 +873,8 @@ def _fixed_target(subject: _Subject, target: object) -> tuple[Any, int | None, s
     """
     model = subject.model
     with preserved_model_state(model), torch.no_grad():
-        dtype_device = next((p for p in model.parameters()), None)
-        inputs = subject.inputs
-        if dtype_device is not None:
-            inputs = inputs.to(device=dtype_device.device, dtype=dtype_device.dtype)
-        output = model(inputs)
+        dtype, device = model_dtype_device(model)
+        output = model(subject.inputs.to(device=device, dtype=dtype))
     if not isinstance(output, torch.Tensor):
         raise EvidenceError(f"the model returned {type(output).__name__}, not a tensor of "
                             "logits; wrap it so that it returns its logits")

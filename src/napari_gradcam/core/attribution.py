@@ -34,7 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_gradcam.core.engine import check_input, preserved_model_state, resolve_layers
+from napari_gradcam.core.engine import (
+    check_input,
+    model_dtype_device,
+    preserved_model_state,
+    resolve_layers,
+)
 from napari_gradcam.core.methods import upsample
 from napari_gradcam.core.targets import (
     AllClasses,
@@ -64,18 +69,6 @@ ScoreKind = Literal["logit", "probability"]
 # --------------------------------------------------------------------------------------------
 # Shared machinery (also used by napari_gradcam.core.evidence)
 # --------------------------------------------------------------------------------------------
-
-
-def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """The floating dtype and device of the model's first floating parameter or buffer.
-
-    Inputs are moved to these rather than moving the model, so a model on the GPU stays there
-    and a float64 model gets float64 inputs.
-    """
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-    return torch.float32, torch.device("cpu")
 
 
 def check_model(model: object) -> nn.Module:

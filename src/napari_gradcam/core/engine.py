@@ -152,6 +152,18 @@ class ActivationCapture:
         return hook
 
 
+def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The floating dtype and device of the model's first floating parameter or buffer.
+
+    Inputs are moved to these rather than moving the model, so a model on the GPU stays there
+    and a float64 model gets float64 inputs.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    return torch.float32, torch.device("cpu")
+
+
 def check_input(x: object, model: nn.Module) -> torch.Tensor:
     """Validate a batch ``(N, C, *spatial)`` and return it as a float tensor.
 
@@ -166,9 +178,8 @@ def check_input(x: object, model: nn.Module) -> torch.Tensor:
         raise TypeError(f"expected a torch tensor or an array, got {type(x).__name__}")
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"the input has dtype {tensor.dtype}; give real numbers (float32)")
-    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                       torch.float32)
-    tensor = tensor.to(model_dtype)  # float64 numpy arrays meet a float32 model, and ints
+    # float64 NumPy arrays and integer images meet a float32 model (or a float64 one)
+    tensor = tensor.to(model_dtype_device(model)[0])
     if tensor.ndim not in (3, 4, 5):
         raise ValueError(
             f"expected a batch of shape (N, C, *spatial) with 1, 2 or 3 spatial dims, got shape "

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from napari_gradcam.core.engine import model_dtype_device
+
 if TYPE_CHECKING:
     from napari_gradcam.core.model_card import ModelCard
 
@@ -107,15 +109,6 @@ def _first_tensor(output: object) -> torch.Tensor | None:
     return None
 
 
-def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    device, dtype = torch.device("cpu"), torch.float32
-    for tensor in [*model.parameters(), *model.buffers()]:
-        device = tensor.device
-        if tensor.is_floating_point():
-            return device, tensor.dtype
-    return device, dtype
-
-
 def probe_model(
     model: nn.Module,
     spatial_dims: int,
@@ -130,7 +123,7 @@ def probe_model(
     removed afterwards, also when the forward pass fails.
     """
     shape = _dummy_shape(spatial_dims, in_channels, input_size, batch_size)
-    device, dtype = _placement(model)
+    dtype, device = model_dtype_device(model)
     generator = torch.Generator().manual_seed(0)
     dummy = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
