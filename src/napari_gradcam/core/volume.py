@@ -275,9 +275,8 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
                                  f"shape {maps.shape}. Use a 3D model and a single target.")
             for (y0, x0), cam in zip(chunk, maps, strict=True):
                 cam = cam[:depth, :height, :width] * weights
-                offset = z0 - buffer_start
-                region = (slice(offset, offset + depth), slice(y0, y0 + height),
-                          slice(x0, x0 + width))
+                # flush(z0) moved the buffer to start at z0: a window fills its whole depth
+                region = (slice(0, depth), slice(y0, y0 + height), slice(x0, x0 + width))
                 accumulated[region] += cam
                 weight_sum[region] += weights
             predictions.extend(class_probabilities(result.outputs).tolist())
