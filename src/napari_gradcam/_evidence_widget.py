@@ -17,15 +17,13 @@ captured when *Run* is pressed, so switching layers mid-run cannot misplace the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Shapes
 from napari.utils.notifications import show_error, show_info
-from napari.utils.transforms import Affine
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -51,7 +49,10 @@ from napari_gradcam._qt_common import (
     RunControlsMixin,
     displayed_plane,
     fill_layer_combo,
+    image_source,
+    placement,
     refill_combo,
+    region_mask,
 )
 from napari_gradcam.core.methods import METHODS
 from napari_gradcam.evidence_report import (
@@ -66,7 +67,15 @@ from napari_gradcam.evidence_report import (
     plot_deletion_insertion,
     plot_randomisation,
 )
-from napari_gradcam.jobs import ExplainRequest, ImageSource, TargetChoice, plan_explanation
+from napari_gradcam.jobs import (
+    ExplainRequest,
+    ImageSource,
+    Plan,
+    TargetChoice,
+    plan_explanation,
+    read_slab,
+    to_model_input,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -85,7 +94,6 @@ REGION_KINDS = {
     "evidence": "where the evidence is (crack, precipitate)",
     "forbidden": "must not matter (scale bar, label, holder)",
 }
-_RGB_TO_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma
 
 try:  # the curves need matplotlib; without it the table still works
     from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -99,7 +107,9 @@ except ImportError:  # pragma: no cover - matplotlib comes with the napari extra
 class CapturedSample:
     """The one sample a run explains, cut from the source layer when *Run* was pressed.
 
-    ``data``: raw values ``(*spatial)`` (or ``(C, *spatial)`` for RGB into a 3-channel model);
+    ``data``: float32 values ``(*spatial)`` (or ``(C, *spatial)`` for RGB into a 3-channel
+    model), cut and converted the job's way (:func:`~napari_gradcam.jobs.read_slab`,
+    :func:`~napari_gradcam.jobs.to_model_input`);
     ``origin``: data index of its first pixel in the source (one per non-channel axis);
     ``map_shape``: the shape a map layer gets (1 along the fixed axes), so a map of a slice
     sits on that slice; ``placement``: the layer kwargs that put it there.
@@ -242,11 +252,6 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
     # ---------------------------------------------------------------------------------------
     # Capturing the sample
 
-    def _current_index(self, layer: Image, shape: tuple[int, ...]) -> tuple[int, ...]:
-        point = np.asarray(layer.world_to_data(self.viewer.dims.point), dtype=float)
-        return tuple(int(min(max(round(p), 0), s - 1))
-                     for p, s in zip(point, shape, strict=False))
-
     def capture(self) -> CapturedSample:
         """Cut the current image / slice / window from the chosen layer; ValueError if unfit."""
         if self.loaded is None:
@@ -257,59 +262,35 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             what = (f"the active layer {active.name!r} is a {type(active).__name__} layer"
                     if active is not None else "there is no image layer")
             raise ValueError(f"Select an image layer to test ({what}).")
-        card = self.loaded.card
-        data = layer.data[0] if layer.multiscale else layer.data
-        rgb = bool(layer.rgb)
-        shape = tuple(int(s) for s in data.shape)[: -1 if rgb else None]
-        index = self._current_index(layer, shape)
+        source = image_source(self.viewer, layer)
         class_index = self.target_combo.currentData()
         target = TargetChoice("predicted") if class_index is None else TargetChoice(
             "class", class_index=int(class_index))
         request = ExplainRequest(method=self.method_combo.currentText(), mode="current",
                                  plane=displayed_plane(self.viewer, layer), target=target,
                                  layer=self.layer_combo.currentData())
-        source = ImageSource(layer.name, data, rgb=rgb, current_index=index)
         plan = plan_explanation(self.loaded, source, request)
-        fixed = dict(plan.fixed)
         if plan.sample_axis is not None:  # 1D models on a stack: the current row only
-            fixed[plan.sample_axis] = index[plan.sample_axis]
-        key: list[Any] = []
-        origin, map_shape = [], []
-        for axis, size in enumerate(shape):
-            if axis in fixed:
-                key.append(fixed[axis])
-                origin.append(fixed[axis])
-                map_shape.append(1)
-            else:
-                begin, end = plan.box.get(axis, (0, size))
-                key.append(slice(begin, end))
-                origin.append(begin)
-                map_shape.append(end - begin)
-        sample = np.asarray(data[(*key, slice(None)) if rgb else tuple(key)])
-        if rgb:
-            sample = sample[..., :3].astype(np.float32)
-            sample = sample @ _RGB_TO_GREY if card.in_channels == 1 else np.moveaxis(
-                sample, -1, 0)
-        region = self._region(tuple(key), shape)
+            axis = plan.sample_axis
+            plan = replace(plan, sample_axis=None,
+                           fixed={**plan.fixed, axis: source.index()[axis]})
+        shape = source.shape
+        sample = to_model_input(read_slab(source, plan, 0, 1), source,
+                                self.loaded.card.in_channels)[0]
+        origin = plan.origin(shape)
         return CapturedSample(
-            name=layer.name, data=sample, region=region, origin=tuple(origin),
-            map_shape=tuple(map_shape), source_shape=shape,
-            placement=_placement(layer, origin),
+            name=layer.name, data=sample, region=self._region(source, plan), origin=origin,
+            map_shape=plan.out_shape(shape), source_shape=shape,
+            placement=placement(layer, origin),
         )
 
-    def _region(self, key: tuple[Any, ...], shape: tuple[int, ...]) -> np.ndarray | None:
+    def _region(self, source: ImageSource, plan: Plan) -> np.ndarray | None:
+        """The region layer's pixels in the captured sample; None when no region is chosen."""
         layer = self._layer(self.region_combo.currentText())
         if layer is None:
             return None
-        if isinstance(layer, Shapes):
-            labels = layer.to_labels(labels_shape=shape)
-        else:
-            if tuple(layer.data.shape) != shape:
-                raise ValueError(f"the region layer {layer.name!r} has shape "
-                                 f"{tuple(layer.data.shape)} but the image has {shape}; they "
-                                 "must match")
-            labels = layer.data
-        region = np.asarray(labels[key]) != 0
+        mask = region_mask(layer, source.shape, source.name)
+        region = read_slab(source, plan, 0, 1, data=mask, channels=False)[0]
         if not region.any():
             raise ValueError(f"the region layer {layer.name!r} has no pixels in the current "
                              "image / slice; paint the region there or choose 'none'")
@@ -479,24 +460,6 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             return None
         show_info(f"Evidence report written to {folder}")
         return Path(folder)
-
-
-def _placement(layer: Image, origin: Sequence[int]) -> dict[str, Any]:
-    """Layer kwargs that put a map whose first pixel is data index ``origin`` on ``layer``."""
-    scale = tuple(float(s) for s in layer.scale)
-    translate = tuple(float(t) for t in layer.translate)
-    rotate = np.array(layer.rotate, dtype=float)
-    shear = np.array(layer.shear, dtype=float)
-    linear = Affine(scale=scale, translate=translate, rotate=rotate, shear=shear)
-    return {
-        "scale": scale,
-        "translate": tuple(float(t) for t in linear(np.asarray(origin, dtype=float))),
-        "rotate": rotate,
-        "shear": shear,
-        "affine": np.array(layer.affine.affine_matrix, dtype=float),
-        "units": tuple(layer.units),
-        "axis_labels": tuple(layer.axis_labels),
-    }
 
 
 def _guarded(job: Any) -> Any:

@@ -15,12 +15,15 @@ construction.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from napari.layers import Image
+import numpy as np
+from napari.layers import Image, Shapes
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.transforms import Affine
 from qtpy.QtWidgets import (
     QBoxLayout,
     QCheckBox,
@@ -31,6 +34,8 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
 )
+
+from napari_gradcam.jobs import ImageSource
 
 if TYPE_CHECKING:
     import napari
@@ -83,6 +88,60 @@ def displayed_plane(viewer: napari.viewer.Viewer, layer: Image) -> tuple[int, ..
     offset = viewer.dims.ndim - layer.ndim
     plane = tuple(a - offset for a in viewer.dims.displayed if a - offset >= 0)
     return plane if len(plane) == 2 else None
+
+
+def image_source(viewer: napari.viewer.Viewer, layer: Image,
+                 point: Sequence[int] | None = None) -> ImageSource:
+    """``layer`` as the job's :class:`ImageSource`, positioned at data index ``point``.
+
+    Without ``point``, at the viewer's current position mapped into the layer's data (rounded).
+    The position is clamped into the data now (by :meth:`ImageSource.index`, the one clamp), so
+    a viewer point beyond a smaller layer still picks its last slice. Multiscale layers give
+    their full-resolution level: maps are placed in its pixel grid.
+    """
+    data = layer.data[0] if layer.multiscale else layer.data
+    if point is None:
+        point = tuple(round(float(p)) for p in layer.world_to_data(viewer.dims.point))
+    source = ImageSource(layer.name, data, rgb=bool(layer.rgb), current_index=tuple(point))
+    return replace(source, current_index=source.index())
+
+
+def placement(layer: Image, origin: Sequence[int]) -> dict[str, Any]:
+    """Layer kwargs that put a map whose first pixel is data index ``origin`` on ``layer``.
+
+    The map keeps the layer's scale, rotation, shear, affine, units and axis labels; only the
+    translation moves, by ``origin`` mapped through the layer's transform, so a map of a slice
+    or window sits exactly on it. Called when *Run* is pressed: the values are copies, so
+    moving the layer mid-run cannot misplace the result.
+    """
+    scale = tuple(float(s) for s in layer.scale)
+    translate = tuple(float(t) for t in layer.translate)
+    rotate = np.array(layer.rotate, dtype=float)
+    shear = np.array(layer.shear, dtype=float)
+    linear = Affine(scale=scale, translate=translate, rotate=rotate, shear=shear)
+    return {
+        "scale": scale,
+        "translate": tuple(float(t) for t in linear(np.asarray(origin, dtype=float))),
+        "rotate": rotate,
+        "shear": shear,
+        "affine": np.array(layer.affine.affine_matrix, dtype=float),
+        "units": tuple(layer.units),
+        "axis_labels": tuple(layer.axis_labels),
+    }
+
+
+def region_mask(layer: Any, shape: tuple[int, ...], image_name: str) -> np.ndarray:
+    """The non-zero pixels of a Labels or Shapes ``layer`` as a bool mask of ``shape``.
+
+    A copy: painting during the run changes nothing. A Labels layer must have the image's
+    shape (``ValueError`` otherwise); Shapes are rasterised onto it.
+    """
+    if isinstance(layer, Shapes):
+        return np.asarray(layer.to_labels(labels_shape=shape)) != 0
+    if tuple(layer.data.shape) != tuple(shape):
+        raise ValueError(f"the region layer {layer.name!r} has shape {tuple(layer.data.shape)} "
+                         f"but the image {image_name!r} has {tuple(shape)}; they must match")
+    return np.asarray(layer.data) != 0
 
 
 def fill_layer_combo(combo: QComboBox, loaded: LoadedModel) -> None:

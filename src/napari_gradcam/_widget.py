@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Shapes
 from napari.utils.notifications import show_error, show_warning
-from napari.utils.transforms import Affine
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
@@ -50,8 +50,11 @@ from napari_gradcam._qt_common import (
     RunControlsMixin,
     displayed_plane,
     fill_layer_combo,
+    image_source,
     is_result_layer,
+    placement,
     refill_combo,
+    region_mask,
 )
 from napari_gradcam.core.device import available_devices
 from napari_gradcam.core.labels_stats import as_features, label_statistics, write_csv
@@ -90,35 +93,17 @@ def _modifier_names(event: Any) -> set[str]:
     return names
 
 
+@dataclass(frozen=True)
 class _Capture:
-    """The source layer as it was when a run started: data, RGB flag, transforms."""
+    """The source layer as it was when a run started: its data and where its maps go.
 
-    def __init__(self, layer: Image, current_index: tuple[int, ...]) -> None:
-        data = layer.data[0] if layer.multiscale else layer.data
-        self.name = layer.name
-        self.source = ImageSource(layer.name, data, rgb=bool(layer.rgb),
-                                  current_index=current_index)
-        self.scale = tuple(float(s) for s in layer.scale)
-        self.translate = tuple(float(t) for t in layer.translate)
-        self.rotate = np.array(layer.rotate, dtype=float)
-        self.shear = np.array(layer.shear, dtype=float)
-        self.affine = np.array(layer.affine.affine_matrix, dtype=float)
-        self.units = tuple(layer.units)
-        self.axis_labels = tuple(layer.axis_labels)
+    ``placement``: the layer kwargs for the maps (the layer's transforms, copied at *Run*,
+    shifted to the origin of the part explained).
+    """
 
-    def placement(self, origin: Sequence[int]) -> dict[str, Any]:
-        """Layer kwargs that put a map whose first pixel is data index ``origin`` in place."""
-        linear = Affine(scale=self.scale, translate=self.translate, rotate=self.rotate,
-                        shear=self.shear)
-        return {
-            "scale": self.scale,
-            "translate": tuple(float(t) for t in linear(np.asarray(origin, dtype=float))),
-            "rotate": self.rotate,
-            "shear": self.shear,
-            "affine": self.affine,
-            "units": self.units,
-            "axis_labels": self.axis_labels,
-        }
+    name: str
+    source: ImageSource
+    placement: dict[str, Any]
 
 
 class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
@@ -371,27 +356,6 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
     # ---------------------------------------------------------------------------------------
     # Gathering the choices
 
-    def _current_index(self, layer: Image, world_point: Sequence[float] | None = None
-                       ) -> tuple[int, ...]:
-        point = self.viewer.dims.point if world_point is None else world_point
-        data_point = np.asarray(layer.world_to_data(point), dtype=float)
-        shape = layer.data[0].shape if layer.multiscale else layer.data.shape
-        shape = shape[:-1] if layer.rgb else shape
-        return tuple(int(min(max(round(p), 0), s - 1))
-                     for p, s in zip(data_point, shape, strict=False))
-
-    def _region_mask(self, capture: _Capture) -> object | None:
-        layer = self._layer(self.region_combo.currentText())
-        if layer is None or not self.region_combo.isEnabled():
-            return None
-        shape = capture.source.shape
-        if isinstance(layer, Shapes):
-            return layer.to_labels(labels_shape=shape)
-        if tuple(layer.data.shape) != tuple(shape):
-            raise ValueError(f"the region layer {layer.name!r} has shape {layer.data.shape} but "
-                             f"the image {capture.name!r} has {shape}; they must match")
-        return np.asarray(layer.data) != 0  # a copy: painting during the run changes nothing
-
     def _gather(self, click_point: tuple[int, ...] | None = None
                 ) -> tuple[_Capture, ExplainRequest]:
         """Capture the source layer and the choices now; raise ValueError on bad input."""
@@ -406,15 +370,16 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             raise ValueError(f"Select an image layer to explain ({what}).")
         if not isinstance(layer, Image):
             raise ValueError(f"{name!r} is not an image layer.")
-        index = click_point or self._current_index(layer)
-        capture = _Capture(layer, index)
+        source = image_source(self.viewer, layer, click_point)
         kind, class_index = self.target_combo.currentData() or ("predicted", None)
         mask = None
         if click_point is not None:
             target = TargetChoice("click", point=click_point)
         else:
             if self.loaded.card.task == "segmentation" and kind == "class":
-                mask = self._region_mask(capture)
+                region = self._layer(self.region_combo.currentText())
+                if region is not None and self.region_combo.isEnabled():
+                    mask = region_mask(region, source.shape, layer.name)
                 kind = "region"
             target = TargetChoice(kind, class_index=class_index, mask=mask)
         mode = "current" if click_point is not None else self.mode_combo.currentData()
@@ -432,8 +397,9 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             channel_axis=(self.channel_combo.currentData()
                           if self.channel_combo.isEnabled() else None),
         )
-        plan_explanation(self.loaded, capture.source, request)
-        return capture, request
+        plan = plan_explanation(self.loaded, source, request)
+        origin = plan.origin(source.shape)  # explain_job makes this plan again: same origin
+        return _Capture(layer.name, source, placement(layer, origin)), request
 
     # ---------------------------------------------------------------------------------------
     # Running
@@ -480,7 +446,6 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         return f"{source} · {method} · {label}"
 
     def _show_result(self, capture: _Capture, result: ExplainResult) -> None:
-        placement = capture.placement(result.origin)
         predictions = {
             "class_names": list(result.class_names),
             "probabilities": np.asarray(result.predictions).round(6).tolist(),
@@ -500,7 +465,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
                 "opacity": self.opacity_spin.value(),
                 "contrast_limits": result.contrast_limits[label],
                 "metadata": metadata,
-                **placement,
+                **capture.placement,
             }
             existing = self._layer(name)
             if (isinstance(existing, Image) and self._is_result(existing)

@@ -492,11 +492,12 @@ def _check_channels(loaded: Any, source: ImageSource, plan: Plan) -> None:
 # Reading batches
 
 
-def _read(source: ImageSource, plan: Plan, start: int, stop: int, data: Any = None,
-          channels: bool | None = None) -> np.ndarray:
+def read_slab(source: ImageSource, plan: Plan, start: int, stop: int, data: Any = None,
+              channels: bool | None = None) -> np.ndarray:
     """One slab read from the source (a dask/zarr slab only): ``(B, *spatial[, C])``, or
-    ``(B, C, *spatial)`` with a channel axis. ``data`` (a region mask) is read at the map's
-    position along the channel axis."""
+    ``(B, C, *spatial)`` with a channel axis. ``start:stop`` runs along the sample axis; without
+    one, B is 1. ``data`` (a region mask of the source's shape) is read the same way, at the
+    map's position along the channel axis. Public so the shells cut a sample the job's way."""
     feed_channels = data is None and plan.channel_axis is not None
     data = source.data if data is None else data
     channels = source.rgb if channels is None else channels
@@ -525,7 +526,7 @@ def _read(source: ImageSource, plan: Plan, start: int, stop: int, data: Any = No
     return np.moveaxis(slab, (sample, kept.index(plan.channel_axis)), (0, 1))
 
 
-def _to_model_input(slab: np.ndarray, source: ImageSource, in_channels: int) -> np.ndarray:
+def to_model_input(slab: np.ndarray, source: ImageSource, in_channels: int) -> np.ndarray:
     """RGB → grey (1-channel models) or channels-first RGB (3-channel models); float32."""
     slab = slab.astype(np.float32, copy=False)
     if not source.rgb:
@@ -686,7 +687,7 @@ def _samples(loaded, explainer, source, request, plan, maps, labels) -> Generato
 
     def work(chunk: range) -> None:
         start, stop = chunk.start, chunk.stop
-        slab = _to_model_input(_read(source, plan, start, stop), source, card.in_channels)
+        slab = to_model_input(read_slab(source, plan, start, stop), source, card.in_channels)
         _check_finite(slab, where if plan.sample_axis is None
                       else f"{where} {start}..{stop - 1} along axis {plan.sample_axis}")
         tensor = loaded.preprocess(slab)
@@ -747,7 +748,7 @@ def _batch_target(loaded, source, request, plan, tensor, start, stop, device):
     if choice.kind == "region":
         if choice.mask is None:
             return SegmentationRegion(int(choice.class_index)), None
-        mask = _read(source, plan, start, stop, data=choice.mask, channels=False) != 0
+        mask = read_slab(source, plan, start, stop, data=choice.mask, channels=False) != 0
         return SegmentationRegion(int(choice.class_index), mask), mask
     # click
     if card.task != "segmentation":
