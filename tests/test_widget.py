@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from tests.test_jobs import Picky  # a model that fails on large inputs, shared with the job tests
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
@@ -424,21 +424,6 @@ def test_nan_in_the_data_is_reported_and_nothing_added(make_widget, qtbot, cards
     finish(qtbot, widget)
     assert "NaN" in errors()[-1]
     assert [layer.name for layer in viewer.layers] == ["holes"]
-
-
-class Picky(nn.Module):
-    """Fails on inputs wider than 64 pixels, as a real model can."""
-
-    def __init__(self, error: type[BaseException]) -> None:
-        super().__init__()
-        self.error = error
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] > 64:
-            raise self.error("boom: the input is too large")
-        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
 
 
 @pytest.mark.parametrize(("error", "words"), [(RuntimeError, "the model failed"),

@@ -436,10 +436,4 @@ def _make_patch_set(
             images.append(grey)
             masks.append(labels)
             classes.append(class_id)
-    order = rng.permutation(len(classes))
-    return PatchSet(
-        images=np.stack(images)[order],
-        classes=np.asarray(classes, dtype=np.int64)[order],
-        masks=np.stack(masks)[order],
-        class_names=CT_CLASSES,
-    )
+    return PatchSet.shuffled(images, classes, masks, CT_CLASSES, rng)

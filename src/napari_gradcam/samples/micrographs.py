@@ -63,6 +63,16 @@ class PatchSet:
     def __len__(self) -> int:
         return int(self.classes.shape[0])
 
+    @classmethod
+    def shuffled(cls, images: list[np.ndarray], classes: list[int], masks: list[np.ndarray],
+                 class_names: tuple[str, ...], rng: np.random.Generator) -> PatchSet:
+        """Stack the patches made class by class and shuffle them, so a training loop never
+        sees one class in a long run (the permutation is drawn from the generator's ``rng``)."""
+        order = rng.permutation(len(classes))
+        return cls(images=np.stack(images)[order],
+                   classes=np.asarray(classes, dtype=np.int64)[order],
+                   masks=np.stack(masks)[order], class_names=class_names)
+
 
 def _check_shape(shape: tuple[int, ...], ndim: int, minimum: int) -> tuple[int, ...]:
     try:
@@ -300,10 +310,4 @@ def make_micrograph_patches(
             images.append(sample.image)
             masks.append(sample.labels)
             classes.append(class_id)
-    order = rng.permutation(len(classes))
-    return PatchSet(
-        images=np.stack(images)[order],
-        classes=np.asarray(classes, dtype=np.int64)[order],
-        masks=np.stack(masks)[order],
-        class_names=MICROGRAPH_CLASSES,
-    )
+    return PatchSet.shuffled(images, classes, masks, MICROGRAPH_CLASSES, rng)

@@ -174,13 +174,7 @@ def make_spectra_dataset(n_per_class: int = 100, seed: int = 0) -> PatchSet:
             images.append(pattern)
             masks.append(mask.astype(np.uint8))
             classes.append(class_id)
-    order = rng.permutation(len(classes))
-    return PatchSet(
-        images=np.stack(images)[order],
-        classes=np.asarray(classes, dtype=np.int64)[order],
-        masks=np.stack(masks)[order],
-        class_names=SPECTRA_CLASSES,
-    )
+    return PatchSet.shuffled(images, classes, masks, SPECTRA_CLASSES, rng)
 
 
 def make_spectra_stack(
