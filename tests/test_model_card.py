@@ -29,6 +29,9 @@ def card_dict(**changes: Any) -> dict[str, Any]:
                           {"op": "normalize", "mean": 0.5, "std": 0.25}],
         "training": {"script": "scripts/train_demo_models.py", "seed": 0, "epochs": 8},
         "metrics": {"val_accuracy": 0.97},
+        "training_statistics": {"intensity": {"mean": 0.42, "std": 0.11,
+                                              "percentiles": [0.1, 0.4, 0.8]},
+                                "n_samples": 1200},
     }
     data.update(changes)
     return {key: value for key, value in data.items() if value is not ...}
@@ -53,6 +56,23 @@ def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert again == card
     assert len({card, again}) == 1  # hashable despite its dict fields (usable as a cache key)
     assert again.base_dir == tmp_path.resolve()
+
+
+def test_training_statistics_pass_through_load_and_save_unchanged(tmp_path: Path) -> None:
+    statistics = card_dict()["training_statistics"]
+    card = ModelCard.from_yaml(write_card(tmp_path, card_dict()))
+    assert card.training_statistics == statistics
+    saved = yaml.safe_load(card.to_yaml(tmp_path / "saved.yaml").read_text(encoding="utf-8"))
+    assert saved["training_statistics"] == statistics
+    # a copy, not the caller's dict: changing the input later does not change the card
+    data = card_dict()
+    built = ModelCard.from_dict(data)
+    data["training_statistics"]["intensity"]["mean"] = 99.0
+    assert built.training_statistics["intensity"]["mean"] == 0.42
+    # optional: a card without it has None and writes no such key
+    without = ModelCard.from_dict(card_dict(training_statistics=...))
+    assert without.training_statistics is None
+    assert "training_statistics" not in without.to_dict()
 
 
 def test_optional_fields_get_defaults_and_tuples_become_lists() -> None:
@@ -95,6 +115,8 @@ def test_card_data_is_a_copy_of_the_input() -> None:
          "architecture_kwargs.spatial_dims is 3 but the card's spatial_dims is 2"),
         ({"weights": 5}, "'weights' must be a file path"),
         ({"training": "yes"}, "'training' must be a mapping"),
+        ({"training_statistics": [0.4, 0.1]}, "'training_statistics' must be a mapping"),
+        ({"training_statistics": {1: 0.4}}, "'training_statistics' must be a mapping with string"),
         ({"preprocessing": [{"op": "clip"}]}, r"field 'preprocessing': preprocessing\[0\]: "
                                                "unknown op 'clip'"),
         ({"preprocessing": [{"op": "window", "min": 2, "max": 1}]}, "min < max"),

@@ -29,7 +29,7 @@ TASKS = ("classification", "segmentation")
 CARD_FIELDS = (
     "name", "description", "architecture", "architecture_kwargs", "weights", "spatial_dims",
     "in_channels", "task", "class_names", "target_layer", "input_size", "preprocessing",
-    "training", "metrics",
+    "training", "metrics", "training_statistics",
 )
 REQUIRED_FIELDS = ("name", "architecture", "spatial_dims", "in_channels", "task")
 
@@ -84,6 +84,7 @@ class ModelCard:
     preprocessing: tuple[Mapping[str, Any], ...] = ()
     training: Mapping[str, Any] | None = None
     metrics: Mapping[str, Any] | None = None
+    training_statistics: Mapping[str, Any] | None = None
     base_dir: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +129,7 @@ class ModelCard:
                 raise _type_error(name, "a mapping (free-form key: value pairs) or null", value)
             if value is not None:
                 self._set(name, _plain(value))
+        self._set("training_statistics", self._checked_training_statistics())
         if self.base_dir is not None:
             self._set("base_dir", Path(self.base_dir))
 
@@ -153,6 +155,19 @@ class ModelCard:
                     f"{getattr(self, name)!r}; make them agree"
                 )
         return _plain(kwargs)
+
+    def _checked_training_statistics(self) -> dict[str, Any] | None:
+        # What the training inputs looked like (intensity statistics and the like), so that a
+        # later check can tell whether the data being explained resembles them. Its content is
+        # defined by napari_gradcam.core.domain; the card only keeps it, as plain YAML data.
+        statistics = self.training_statistics
+        if statistics is None:
+            return None
+        if not isinstance(statistics, Mapping) or not all(isinstance(k, str) for k in statistics):
+            raise _type_error("training_statistics",
+                              "a mapping with string keys (statistics of the training inputs)",
+                              statistics)
+        return _plain(statistics)
 
     def _checked_class_names(self) -> tuple[str, ...]:
         names = self.class_names
