@@ -16,6 +16,8 @@ from napari_gradcam.core.domain import (
     input_statistics,
     js_distance,
 )
+from napari_gradcam.core.model_card import ModelCard
+from napari_gradcam.core.models import load_model
 from napari_gradcam.core.preprocess import Preprocessor
 
 NOISE = 0.05
@@ -196,14 +198,22 @@ def test_js_distance_matches_its_definition():
     assert js_distance(np.array([1.0, 0]), np.array([0, 1.0])) == pytest.approx(1.0)
 
 
-def test_check_domain_uses_the_models_preprocessing_and_card(training):
-    class Loaded:  # the two attributes check_domain reads from a LoadedModel
-        card = type("Card", (), {"spatial_dims": 2, "task": "classification",
-                                 "training_statistics": training})()
-        preprocess = Preprocessor([], spatial_dims=2, in_channels=1)
+def test_check_domain_uses_the_loaded_models_preprocessing_and_card(training):
+    def loaded(statistics: dict | None, window_max: float = 1.0) -> object:
+        card = ModelCard(
+            name="tiny", architecture="resnet_like", spatial_dims=2, in_channels=1,
+            architecture_kwargs={"spatial_dims": 2, "in_channels": 1, "num_classes": 2,
+                                 "widths": [4, 8]},
+            task="classification", training_statistics=statistics,
+            preprocessing=[{"op": "window", "min": 0.0, "max": window_max}])
+        return load_model(card)
 
-    assert not check_domain(textured(10, 32, seed=2), Loaded()).out_of_domain
-    assert "noise" in check_domain(textured(10, 32, seed=2, noise=0.3), Loaded()).flagged
+    assert not check_domain(textured(10, 32, seed=2), loaded(training)).out_of_domain
+    assert "noise" in check_domain(textured(10, 32, seed=2, noise=0.3), loaded(training)).flagged
+    # the card's preprocessing is applied: a window twice as wide halves the grey levels
+    assert "mean_shift" in check_domain(textured(10, 32, seed=2),
+                                        loaded(training, window_max=2.0)).flagged
+    assert not check_domain(textured(10, 32, seed=2), loaded(None)).checked
 
 
 def test_bad_input_is_named():
