@@ -11,7 +11,7 @@ import zarr
 
 from napari_gradcam import Cancelled, GradCAM, GuidedGradCAM, explain_volume
 from napari_gradcam.core.architectures import ResNetLike
-from napari_gradcam.core.volume import blending_weights, window_starts
+from napari_gradcam.core.volume import blending_weights, window_grid, window_starts
 
 VOLUME_SHAPE = (6, 12, 10)
 
@@ -220,8 +220,9 @@ def test_overlapping_windows_blend_without_seams(pointwise3d, overlap, blend):
     assert np.isfinite(maps).all() and (maps > 0).all()  # covered everywhere, no zero seams
     scale = np.prod(shape) / np.prod(window)
     np.testing.assert_allclose(maps, direct * scale, rtol=1e-4)
-    starts = [window_starts(s, w, overlap) for s, w in zip(shape, window, strict=True)]
+    starts = window_grid(shape, window, overlap)
     assert len(result.positions) == np.prod([len(s) for s in starts])
+    assert result.positions[0] == tuple(s[0] for s in starts) == (-1, -1, -2)  # margins 1, 1, 2
     assert result.predictions.shape == (len(result.positions), 3)
 
 
@@ -291,3 +292,162 @@ def test_guided_gradcam_volume_is_max_abs_gradient_over_channels(mode):
         direct = np.abs(explainer(volume[:, None], 1)).max(axis=1)
         np.testing.assert_allclose(maps, direct, rtol=1e-5, atol=1e-9)
     assert maps.shape == volume.shape and (maps >= 0).all() and maps.max() > 0
+
+
+# --- edges: no artefacts where the volume ends (issue 13) -----------------------------------
+
+
+def test_blending_weights_follow_their_formula_worked_out_by_hand():
+    """σ = size/8 per axis, a profile peaking at 1, floored at 1e-3, and the 3D weight the
+    product of the three profiles: written out here, not taken from the module."""
+    window = (16, 9, 5)
+
+    def profile(size: int) -> np.ndarray:
+        sigma = size / 8.0
+        values = [np.exp(-0.5 * ((i - (size - 1) / 2.0) / sigma) ** 2) for i in range(size)]
+        peak = max(values)
+        return np.array([max(v / peak, 1e-3) for v in values])
+
+    z, y, x = (profile(size) for size in window)
+    expected = z[:, None, None] * y[None, :, None] * x[None, None, :]
+    np.testing.assert_allclose(blending_weights(window, "gaussian"), expected, rtol=1e-6)
+    # the numbers: 16 voxels, σ = 2, centre 7.5, peak (voxels 7, 8) e^-(0.5/2)²/2 = e^-1/32;
+    # the edge voxel e^-(7.5/2)²/2 / peak = e^-7 = 9.1e-4 is floored to 1e-3; the next one is
+    # e^-(6.5/2)²/2 / peak = e^-5.25 (σ = size/4 would give e^-1.3 and no floor)
+    assert z[0] == 1e-3 and z[1] == pytest.approx(np.exp(-5.25), rel=1e-6)
+    # a 9-voxel axis (σ = 9/8) peaks at its middle voxel: e^0 = 1
+    assert y[4] == 1.0 and y[3] == pytest.approx(np.exp(-0.5 * (1 / 1.125) ** 2))
+
+
+def _reflect_grid(size: int, window: int, overlap: float) -> list[int]:
+    """The window grid over one axis, written out independently of window_starts."""
+    if size <= window:
+        return [0]
+    step = max(1, int(window * (1.0 - overlap)))
+    starts = list(range(0, size - window + 1, step))
+    return starts if starts[-1] == size - window else [*starts, size - window]
+
+
+def test_windowed_map_is_the_weighted_average_of_independent_window_maps(cam3d):
+    """A spatially varying model (a residual net on noise): mirror the volume by the margin,
+    explain every window on its own, average with the Gaussian weights, crop: the engine's
+    result must be exactly that."""
+    shape, window, overlap, margin = (13, 11, 17), (6, 5, 8), 0.25, 2
+    volume = np.random.default_rng(5).random(shape).astype(np.float32)
+    result = explain_volume(cam3d, volume, mode="windows", window=window, overlap=overlap,
+                            target=1, batch_size=3, edge_margin=margin)
+    padded = np.pad(volume, margin, mode="reflect")  # every axis is longer than the window
+    sums = np.zeros(padded.shape, np.float64)
+    weight_sums = np.zeros(padded.shape, np.float64)
+    weights = blending_weights(window, "gaussian").astype(np.float64)
+    corners = []
+    for z0 in _reflect_grid(padded.shape[0], window[0], overlap):
+        for y0 in _reflect_grid(padded.shape[1], window[1], overlap):
+            for x0 in _reflect_grid(padded.shape[2], window[2], overlap):
+                block = (slice(z0, z0 + window[0]), slice(y0, y0 + window[1]),
+                         slice(x0, x0 + window[2]))
+                cam = cam3d(padded[block][None, None], 1)[0]
+                sums[block] += weights * cam
+                weight_sums[block] += weights
+                corners.append((z0 - margin, y0 - margin, x0 - margin))
+    expected = (sums / weight_sums)[margin:-margin, margin:-margin, margin:-margin]
+    assert expected.std() > 0.1 * expected.mean() > 0  # the map really varies in space
+    np.testing.assert_allclose(result.maps, expected, rtol=1e-4, atol=1e-6 * expected.max())
+    assert result.positions == corners  # corners in volume coordinates (negative: overhang)
+
+
+class _ZeroPaddedConvNet(torch.nn.Module):
+    """Two 3x3(x3) convolutions with zero padding, ReLU, global average pool, linear.
+
+    Translation-equivariant away from its input's border; at the border the zero padding
+    changes the activations, as in every CNN, so each window's map has a frame of its own."""
+
+    def __init__(self, dims: int, seed: int = 0) -> None:
+        super().__init__()
+        conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
+        pool = torch.nn.AdaptiveAvgPool3d if dims == 3 else torch.nn.AdaptiveAvgPool2d
+        torch.manual_seed(seed)
+        self.body = torch.nn.Sequential(conv(1, 6, 3, padding=1), torch.nn.ReLU(),
+                                        conv(6, 6, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(pool(1), torch.nn.Flatten(), torch.nn.Linear(6, 2))
+        with torch.no_grad():  # positive class weights: a CAM that is positive wherever A is
+            self.head[2].weight.abs_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _face_ratios(maps: np.ndarray, inset: int = 4) -> np.ndarray:
+    """Mean of each outermost plane (2 per axis) over the mean of the interior."""
+    interior = maps[tuple(slice(inset, -inset) for _ in range(maps.ndim))].mean()
+    ratios = []
+    for axis in range(maps.ndim):
+        for index in (0, -1):
+            plane = np.take(maps, index, axis=axis)
+            ratios.append(plane.mean() / interior)
+    return np.array(ratios)
+
+
+@pytest.mark.parametrize("field", ["uniform", "noise"])
+def test_windows_leave_no_frame_at_the_volume_faces(field):
+    """The demo's hot stripe, reproduced: a zero-padded net's window map is hot (or cold) at
+    the window's border; the volume's faces must not inherit it (border / interior within
+    10 %), which they did while the volume's faces were window borders (edge_margin=0)."""
+    cam = GradCAM(_ZeroPaddedConvNet(3).eval(), "body.3")
+    shape, window = (24, 26, 28), (12, 12, 12)
+    rng = np.random.default_rng(7)
+    volume = (np.full(shape, 0.5, np.float32) if field == "uniform"
+              else rng.random(shape).astype(np.float32))
+    one_window = cam(volume[None, None, :12, :12, :12], 0)[0]
+    framed = _face_ratios(one_window, inset=3)
+    assert np.abs(framed - 1).max() > 0.3  # the model really has a frame of its own
+    maps = np.asarray(explain_volume(cam, volume, mode="windows", window=window, target=0,
+                                     batch_size=8).maps)
+    assert maps.min() >= 0 and maps.mean() > 0
+    np.testing.assert_array_less(np.abs(_face_ratios(maps) - 1), 0.1)
+    old = np.asarray(explain_volume(cam, volume, mode="windows", window=window, target=0,
+                                    batch_size=8, edge_margin=0).maps)
+    assert np.abs(_face_ratios(old) - 1).max() > 0.3  # what edge_margin removes
+
+
+class _CircularConvNet(torch.nn.Module):
+    """Convolutions with circular padding (one of them strided): exactly equivariant to shifts
+    by multiples of the stride of a periodic image, with no border at all."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 6, 3, padding=1, padding_mode="circular"), torch.nn.ReLU(),
+            torch.nn.Conv2d(6, 6, 3, stride=2, padding=1, padding_mode="circular"),
+            torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                        torch.nn.Linear(6, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_slices_of_a_shift_equivariant_model_have_no_excess_at_the_border():
+    """Slice k is a periodic field rolled by 2k (the stride): the model's maps are rolled
+    copies of each other, so averaged over the slices every pixel has seen every part of the
+    field and the border must average like the interior. The upsampling of the stride-2 map
+    (align_corners=False) only approximates a periodic interpolation in the outermost pixel;
+    inside it the maps must be exact rolls."""
+    cam = GradCAM(_CircularConvNet().eval(), "body.3")
+    rng = np.random.default_rng(3)
+    field = rng.random((16, 16)).astype(np.float32)
+    volume = np.stack([np.roll(field, (2 * k, 2 * k), axis=(0, 1)) for k in range(8)])
+    maps = np.asarray(explain_volume(cam, volume, mode="slices", target=0, batch_size=4).maps)
+    inner = np.zeros((16, 16), bool)
+    inner[1:-1, 1:-1] = True
+    for k in range(8):
+        rolled = np.roll(maps[0], (2 * k, 2 * k), axis=(0, 1))
+        both = inner & np.roll(inner, (2 * k, 2 * k), axis=(0, 1))  # no clamped pixel involved
+        np.testing.assert_allclose(maps[k][both], rolled[both], rtol=1e-4,
+                                   atol=1e-5 * maps.max())
+    average = maps.mean(axis=0)
+    assert np.abs(_face_ratios(average, inset=2) - 1).max() < 0.1
+    uniform = np.asarray(explain_volume(cam, np.full((2, 16, 16), 0.3, np.float32),
+                                        target=0).maps)
+    assert uniform.max() > 0 and uniform.max() <= 1.1 * uniform.min()

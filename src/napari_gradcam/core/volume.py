@@ -10,6 +10,18 @@ A CT stack can be larger than RAM, so nothing here holds the whole volume or its
   ``window depth × height × width`` deep, flushed to ``out`` as soon as no later window can
   touch those planes.
 
+Why the windows overhang the volume (``edge_margin``): a convolution pads its input with
+zeros, so every window's map carries the network's response to the window's own border (on
+the shipped CT classifier the outermost voxel plane of a window is 5–20× the window's
+interior). Inside the volume the Gaussian weights hide it (a neighbouring window sees that
+voxel near its centre), but where a window's border *is* the volume's border no other window
+covers it, the weights normalise away, and the map showed a hot stripe along the volume's
+faces (13× the interior on the demo). So the volume is extended by mirroring
+(``reflect``) by ``edge_margin`` voxels on each side of every axis longer than the window,
+tiled, and cropped again: each real voxel lies at least ``edge_margin`` voxels inside some
+window, and no real voxel is a window border any more. The padding is virtual (each slab is
+read from the volume and mirrored on the fly), so memory stays bounded.
+
 ``out`` can be any array that takes slice assignment (NumPy, a memmap, a zarr array), so the
 result can live on disk. The work is a generator (:func:`volume_job`) that yields progress
 between batches: the napari widget runs it in a thread worker that can stop at any yield, the
@@ -105,9 +117,15 @@ def volume_job(
     preprocess: Preprocess | None = None,
     out: object | None = None,
     blend: str = "gaussian",
+    edge_margin: int | Sequence[int] | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> Generator[tuple[int, int], None, VolumeResult]:
-    """Yield ``(done, total)`` after every batch; return the :class:`VolumeResult`."""
+    """Yield ``(done, total)`` after every batch; return the :class:`VolumeResult`.
+
+    Windows mode: ``edge_margin`` voxels of mirrored volume around the volume (per axis, or
+    one number for all; ``None``: a quarter of the window, see :func:`edge_pads`) keep the
+    windows' own zero-padding borders off the volume's faces; ``0`` tiles the volume as it is.
+    """
     shape = _check_volume(volume)
     preprocess = preprocess or default_preprocess
     out = _make_out(out, shape)
@@ -116,7 +134,7 @@ def volume_job(
                                        preprocess, notify))
     if mode == "windows":
         return (yield from _windows_job(explainer, volume, out, window, overlap, batch_size,
-                                        target, preprocess, blend, notify))
+                                        target, preprocess, blend, edge_margin, notify))
     raise ValueError(f"mode must be 'slices' or 'windows', got {mode!r}")
 
 
@@ -214,7 +232,12 @@ def window_starts(size: int, window: int, overlap: float = 0.0, *, step: int | N
 
 
 def blending_weights(window: Sequence[int], blend: str) -> np.ndarray:
-    """Per-voxel weights of one window: Gaussian (σ = size/8, as nnU-Net) or constant."""
+    """Per-voxel weights of one window: Gaussian (σ = size/8, as nnU-Net) or constant.
+
+    Per axis ``max(exp(-(i - (size - 1)/2)² / 2σ²), 1e-3)`` (the profile peaks at 1), and the
+    3D weight is the product of the three profiles. The floor keeps a window's corner usable
+    where no other window reaches (before :func:`edge_pads` that was the volume's faces).
+    """
     if blend == "constant":
         return np.ones(tuple(window), dtype=np.float32)
     if blend != "gaussian":
@@ -228,22 +251,96 @@ def blending_weights(window: Sequence[int], blend: str) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def edge_pads(shape: Sequence[int], window: Sequence[int],
+              edge_margin: int | Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:
+    """``(before, after)`` voxels of mirrored volume per axis for the window grid.
+
+    An axis longer than the window gets ``edge_margin`` on both sides (``None``: a quarter of
+    the window, at least 1: deep enough that a window's zero-padding border, a few voxels at
+    the target layer plus the upsampling of a strided layer, stays outside the volume, while
+    costing at most one more window per axis). An axis shorter than the window is mirrored on
+    both sides up to the window's size, with the volume centred (it used to be padded at its
+    end only, which left its first face on a window border). An axis exactly as long as the
+    window is left alone: the window *is* the volume, the model sees what it was given.
+    """
+    dims = len(shape)
+    if edge_margin is None:
+        margins = [max(1, int(w) // 4) for w in window]
+    elif isinstance(edge_margin, (int, np.integer)) and not isinstance(edge_margin, bool):
+        margins = [int(edge_margin)] * dims
+    else:
+        margins = [int(m) for m in edge_margin]  # type: ignore[union-attr]
+    if len(margins) != dims or min(margins) < 0:
+        raise ValueError(f"edge_margin must be a non-negative number of voxels (one, or one per "
+                         f"axis), got {edge_margin!r}")
+    pads = []
+    for size, win, margin in zip(shape, window, margins, strict=True):
+        if size > win:
+            pads.append((margin, margin))
+        else:
+            missing = win - size
+            pads.append((missing // 2, missing - missing // 2))
+    return tuple(pads)
+
+
+def window_grid(shape: Sequence[int], window: Sequence[int], overlap: float = 0.25,
+                edge_margin: int | Sequence[int] | None = None) -> list[list[int]]:
+    """Per axis, the windows' first voxels in the volume's coordinates (negative where a
+    window overhangs the volume into its mirrored margin, see :func:`edge_pads`)."""
+    pads = edge_pads(shape, window, edge_margin)
+    return [[start - before for start in window_starts(size + before + after, win, overlap)]
+            for size, win, (before, after) in zip(shape, window, pads, strict=True)]
+
+
+def mirrored_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """Volume indices of positions ``start..stop-1`` of an axis mirrored at both ends.
+
+    NumPy's ``reflect`` (the face voxel is the mirror, not repeated), extended periodically so
+    any overhang works, even one longer than the axis.
+    """
+    positions = np.arange(start, stop)
+    if size == 1:
+        return np.zeros_like(positions)
+    period = 2 * (size - 1)
+    folded = np.mod(positions, period)
+    return np.where(folded < size, folded, period - folded)
+
+
+def read_mirrored(volume: object, corner: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """The block ``corner .. corner + size`` of the volume mirrored beyond its faces (float32).
+
+    Reads one contiguous slab of the real volume (so dask or zarr load only that) and mirrors
+    it in memory; a block inside the volume is read as it is.
+    """
+    shape = tuple(volume.shape)  # type: ignore[attr-defined]
+    indices = [mirrored_indices(c, c + n, s) for c, n, s in zip(corner, size, shape,
+                                                                 strict=True)]
+    low = [int(i.min()) for i in indices]
+    high = [int(i.max()) + 1 for i in indices]
+    block = np.asarray(volume[tuple(slice(a, b) for a, b in zip(low, high, strict=True))],  # type: ignore[index]
+                       dtype=np.float32)
+    return block[np.ix_(*(i - a for i, a in zip(indices, low, strict=True)))]
+
+
 def _windows_job(explainer, volume, out, window, overlap, batch_size, target, preprocess,
-                 blend, notify):
+                 blend, edge_margin, notify):
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     shape = tuple(volume.shape)
     window = tuple(int(w) for w in (window or (64, 64, 64)))
     if len(window) != 3 or min(window) < 1:
         raise ValueError(f"window must be three positive sizes (z, y, x), got {window}")
-    starts = [window_starts(s, w, overlap) for s, w in zip(shape, window, strict=True)]
-    effective = tuple(min(s, w) for s, w in zip(shape, window, strict=True))
-    weights = blending_weights(effective, blend)
+    # Tile the mirrored volume (``padded`` in its own coordinates), crop when writing ``out``.
+    pads = edge_pads(shape, window, edge_margin)
+    padded = tuple(s + a + b for s, (a, b) in zip(shape, pads, strict=True))
+    starts = [window_starts(s, w, overlap) for s, w in zip(padded, window, strict=True)]
+    weights = blending_weights(window, blend)
     total = int(np.prod([len(s) for s in starts]))
-    depth, height, width = effective
+    depth, height, width = window
+    (z_pad, _), (y_pad, _), (x_pad, _) = pads
     device = getattr(explainer, "device", torch.device("cpu"))
     method = getattr(explainer, "name", "")
-    accumulated = np.zeros((depth, shape[1], shape[2]), dtype=np.float32)
+    accumulated = np.zeros((depth, padded[1], padded[2]), dtype=np.float32)
     weight_sum = np.zeros_like(accumulated)
     buffer_start = 0
     predictions: list[list[float]] = []
@@ -255,7 +352,12 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
         planes = until - buffer_start
         if planes <= 0:
             return
-        out[buffer_start:until] = accumulated[:planes] / np.maximum(weight_sum[:planes], 1e-12)
+        first, last = max(buffer_start, z_pad), min(until, z_pad + shape[0])
+        if first < last:  # planes of the real volume: blend and crop the mirrored margins
+            rows = slice(first - buffer_start, last - buffer_start)
+            crop = (rows, slice(y_pad, y_pad + shape[1]), slice(x_pad, x_pad + shape[2]))
+            out[first - z_pad:last - z_pad] = (
+                accumulated[crop] / np.maximum(weight_sum[crop], 1e-12))
         for buffer in (accumulated, weight_sum):  # shift in place: no new volume-wide buffers
             buffer[:-planes] = buffer[planes:].copy()
             buffer[-planes:] = 0.0
@@ -263,36 +365,40 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
 
     for z0 in starts[0]:
         flush(z0)
-        slab = np.asarray(volume[z0:z0 + depth], dtype=np.float32)
+        slab = read_mirrored(volume, (z0 - z_pad, -y_pad, -x_pad), (depth, *padded[1:]))
         corners = list(itertools.product(starts[1], starts[2]))
 
         def work(chunk: list[tuple[int, int]], slab: np.ndarray = slab, z0: int = z0) -> None:
-            batch = np.stack([padded_window(slab, y0, x0, window) for y0, x0 in chunk])
+            batch = np.stack([slab[:, y0:y0 + height, x0:x0 + width] for y0, x0 in chunk])
             result = explainer.explain(preprocess(batch), target)
             maps = heatmaps(result.maps, method)
             if maps.ndim != 4:
                 raise ValueError(f"window explanation needs one 3D map per window; got maps of "
                                  f"shape {maps.shape}. Use a 3D model and a single target.")
             for (y0, x0), cam in zip(chunk, maps, strict=True):
-                cam = cam[:depth, :height, :width] * weights
                 # flush(z0) moved the buffer to start at z0: a window fills its whole depth
                 region = (slice(0, depth), slice(y0, y0 + height), slice(x0, x0 + width))
-                accumulated[region] += cam
+                accumulated[region] += cam * weights
                 weight_sum[region] += weights
             predictions.extend(class_probabilities(result.outputs).tolist())
-            positions.extend((z0, y0, x0) for y0, x0 in chunk)
+            # corners in the volume's coordinates: negative where a window overhangs the volume
+            positions.extend((z0 - z_pad, y0 - y_pad, x0 - x_pad) for y0, x0 in chunk)
 
         for finished in run_with_oom_backoff(corners, batch_size, work, device, notify):
             yield done + finished, total
         done += len(corners)
-    flush(shape[0])
+    flush(padded[0])
     return VolumeResult(maps=out, predictions=np.array(predictions, dtype=np.float32),
                         positions=positions,
                         mode="windows", window=window)
 
 
 def padded_window(slab: np.ndarray, y0: int, x0: int, window: tuple[int, ...]) -> np.ndarray:
-    """Cut one window out of a slab; pad by edge values where the volume is smaller."""
+    """Cut one window out of a slab; pad by edge values where the volume is smaller.
+
+    Kept for :mod:`napari_gradcam.distributed`'s copy of the window grid; the engine itself now
+    reads mirrored blocks (:func:`read_mirrored`) and never needs it.
+    """
     piece = slab[:, y0:y0 + window[1], x0:x0 + window[2]]
     missing = [(0, w - s) for s, w in zip(piece.shape, window, strict=True)]
     if any(after for _, after in missing):
