@@ -154,14 +154,19 @@ def test_user_architecture_class_from_an_installed_module(
     card = write_card(tmp_path, "tiny.safetensors", architecture="my_lab_models:TinyNet",
                       architecture_kwargs={"classes": 2}, class_names=["a", "b"],
                       preprocessing=[])
-    loaded = load_model(card)
+    # the user's own module is code: refused without trust (tests/test_model_safety.py checks
+    # that it is not even imported), built with trust
+    with pytest.raises(ModelLoadError, match=r"'my_lab_models:TinyNet' is not one of .*built-in"):
+        load_model(card)
+    loaded = load_model(card, trust=True)
     assert loaded.card.target_layer == "body.1"  # last feature map; "body" is a bare Sequential
     assert_same_function(loaded.model, original, x2d)
 
-    # a factory *function* could be any function (subprocess:run ...): only with trust
+    # a factory *function* (any function, subprocess:run ...) likewise, only with trust
     card = write_card(tmp_path, "tiny.safetensors", architecture="my_lab_models:make_tiny",
                       architecture_kwargs={"classes": 2}, class_names=["a", "b"])
-    with pytest.raises(ModelLoadError, match=r"is a function, not an nn.Module class.*trust=True"):
+    with pytest.raises(ModelLoadError, match=r"'my_lab_models:make_tiny' is not one of .*"
+                                             r"trust=True"):
         load_model(card)
     assert_same_function(load_model(card, trust=True).model, original, x2d)
 
@@ -335,7 +340,7 @@ def test_card_that_disagrees_with_its_network(tmp_path: Path) -> None:
                               architecture_kwargs={"spatial_dims": 2, "depth": 50}))
     with pytest.raises(ModelLoadError, match=r"cannot import module 'no_such_lab_package.models'"):
         load_model(write_card(tmp_path, "w.safetensors",
-                              architecture="no_such_lab_package.models:Net"))
+                              architecture="no_such_lab_package.models:Net"), trust=True)
     with pytest.raises(ModelLoadError, match=r"in_channels=3.*input_size"):
         load_model(write_card(tmp_path, "w.safetensors", in_channels=3,
                               architecture_kwargs={"widths": [8, 16]}))

@@ -2,25 +2,33 @@
 
 Users arrive with very different files. What each becomes:
 
-* a **model card** (``.yaml``): the architecture is built (a built-in name, or a
-  ``package.module:Class`` the user has installed) and a state dict is loaded into it from a
-  ``.safetensors`` file or a ``.pt``/``.pth`` file read with ``torch.load(weights_only=True)``.
-  Nothing in either file can run code. This is the recommended way to share a model.
+* a **model card** (``.yaml``): the architecture is built and a state dict is loaded into it
+  from a ``.safetensors`` file or a ``.pt``/``.pth`` file read with
+  ``torch.load(weights_only=True)``. Nothing in either file can run code. This is the
+  recommended way to share a model. The weights must lie in the card's folder (or below it).
 * a **demo model name**: a card shipped in ``napari_gradcam/zoo/``.
-* a **torch.export program** (``.pt2``): loaded with ``torch.export.load`` and turned back into
-  named submodules by ``torch.export.unflatten``, so forward hooks attach to ``features.3`` as
-  on the original model. No code runs either.
+* a **torch.export program** (``.pt2``): every pickled part of the archive is first checked
+  with torch's weights-only unpickler, then the archive is loaded with ``torch.export.load`` and
+  turned back into named submodules by ``torch.export.unflatten``, so forward hooks attach to
+  ``features.3`` as on the original model.
 * a live ``torch.nn.Module`` (Python API): used as it is.
 
-Refused, each with a message saying what to do instead:
+What could run code is refused unless the user says they trust it (``trust=True``; the CLI's
+``--trust``; the widget's trust checkbox), each with a message saying what to do instead:
 
-* a **TorchScript** archive: a ScriptModule does not call Python forward hooks, so Grad-CAM
-  cannot see its layers;
+* a card whose architecture is not one of napari-gradcam's built-ins (``package.module:Name``):
+  importing the module runs it, so it is not even imported without trust;
+* a card whose weights lie outside its folder (``../``, absolute paths, symlinks leading out),
+  so a card cannot make the tool read other files;
+* a ``.pt2`` archive with a pickled part that names anything beyond tensors and plain data (torch
+  itself would unpickle it with ``weights_only=False``), or with compiled native code;
 * a **pickled whole model** (``torch.save(model)``): unpickling runs whatever code the file
-  names. ``trust=True`` (a checkbox in the GUI) loads it anyway, for files the user trusts;
-* a card whose architecture is a plain *function* (not an ``nn.Module`` class), since a card
-  could otherwise call e.g. ``subprocess:run`` with arguments of its choosing; ``trust=True``
-  allows it.
+  names.
+
+A **TorchScript** archive is refused even with trust: a ScriptModule does not call Python
+forward hooks, so Grad-CAM cannot see its layers. What ran because of trust is listed in
+:attr:`LoadedModel.trusted_code` and appended to :attr:`LoadedModel.source`, which every
+shell writes into the provenance as ``model_source``.
 
 Every load ends with one dry forward pass that checks the card against the network (input
 channels and dimensions, number of classes, task) and picks a default target layer, so a
@@ -29,18 +37,24 @@ mistake is reported when the model is opened, not in the middle of a volume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import importlib
 import importlib.resources
+import io
+import json
+import logging
 import os
 import pickle
+import pickletools
 import re
 import struct
+import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +77,16 @@ from napari_gradcam.core.preprocess import Preprocessor
 CARD_SUFFIXES = (".yaml", ".yml")
 _SHOWN_KEYS = 10
 
+#: Where a card may name a class as ``module:Class`` without trust: napari-gradcam's own
+#: architectures module (already imported, so naming it runs nothing new).
+BUILTIN_ARCHITECTURE_MODULE = "napari_gradcam.core.architectures"
+
+#: How to say "I trust this file", in each shell; every refusal ends with it.
+TRUST_HINT = (
+    "If you trust the file and the code it names, load it with load_model(..., trust=True) "
+    "(command line: --trust; in napari: tick the widget's trust checkbox)"
+)
+
 
 class ModelLoadError(ValueError):
     """A model file cannot (or may not) be loaded; the message names the file and the fix."""
@@ -76,7 +100,9 @@ class LoadedModel:
     model's output size and :func:`~napari_gradcam.core.layer_discovery.choose_target_layer`)
     when the card or file did not give them. ``feature_layers`` are the layers the dry forward
     pass found, for a layer picker. ``weights_sha256`` identifies the exact weights for
-    provenance (``None`` for a live module).
+    provenance (``None`` for a live module). ``trusted_code`` lists what was allowed to run
+    because of ``trust=True``; it is also appended to ``source``, which the shells record as the
+    provenance's ``model_source``.
     """
 
     model: nn.Module
@@ -85,6 +111,9 @@ class LoadedModel:
     weights_sha256: str | None
     source: str
     feature_layers: tuple[LayerInfo, ...] = ()
+    #: What ran only because of ``trust=True`` (a card's architecture module with its file
+    #: and SHA-256, a .pt2's pickled parts, a pickled model), for provenance; ``()`` otherwise.
+    trusted_code: tuple[str, ...] = ()
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -107,9 +136,10 @@ def load_model(
 ) -> LoadedModel:
     """Load a model card, demo model name, ``.pt2`` export, or live module (see module doc).
 
-    ``trust=True`` allows what can run code: pickled whole models and cards whose architecture
-    is a factory function. ``device``: ``None`` keeps the model where it is (CPU for files),
-    ``"auto"`` picks the best accelerator, or a torch device string.
+    ``trust=True`` allows what can run code or read other files: pickled whole models, cards
+    whose architecture is not built in or whose weights lie outside the card's folder, and
+    ``.pt2`` archives with pickled objects or native code. ``device``: ``None`` keeps the model
+    where it is (CPU for files), ``"auto"`` picks the best accelerator, or a torch device string.
     """
     if isinstance(source, nn.Module):
         return _load_live_module(source, device)
@@ -187,30 +217,96 @@ def _zoo_folder() -> Path | None:
 def _load_card(
     card: ModelCard, *, trust: bool, device: str | torch.device | None, source: str
 ) -> LoadedModel:
-    model = build_from_card(card, trust=trust)
+    model = build_from_card(card, trust=trust, source=source)
+    trusted_code = [_architecture_code_record(card.architecture)] if is_custom_architecture(
+        card.architecture) else []
     digest = None
     if card.weights is not None:
-        weights = card.weights_path
-        assert weights is not None
+        weights = confined_weights_path(card, trust=trust, source=source)
         if not weights.is_file():
             raise FileNotFoundError(
                 f"model card {card.name!r}: weights file not found: {weights} (the card says "
                 f"weights: {card.weights!r}, relative to the card's folder)"
             )
-        state = read_state_dict(weights, trust=trust)
+        state, ran = _read_state_dict(weights, trust)
+        trusted_code += ran
         load_weights_checked(model, state, weights, card)
         digest = file_sha256(weights)
     model.eval()
     model.to(resolve_device(device, model))
-    return _finish(model, card, digest, source, input_batch=1)
+    return _finish(model, card, digest, source, input_batch=1, trusted_code=trusted_code)
 
 
-def _import_factory(spec: str, trust: bool) -> Any:
+def confined_weights_path(card: ModelCard, *, trust: bool = False, source: str = "") -> Path:
+    """The card's weights file, refused (without trust) when it lies outside the card's folder.
+
+    A card is a small text file that travels on its own; if it could name
+    ``../other_project/secret.safetensors`` or ``/home/me/...`` (or a symlink leading there), a
+    downloaded card would make the tool read, hash and report on files the user never chose.
+    The check is on the fully resolved path (``..`` and symlinks followed). A card built in
+    Python without a folder (``base_dir=None``) is the caller's own code and is not confined.
+    """
+    weights = card.weights_path
+    assert weights is not None
+    if trust or card.base_dir is None:
+        return weights
+    folder = card.base_dir.resolve()
+    if not weights.is_relative_to(folder):
+        where = source or str(folder)
+        raise ModelLoadError(
+            f"model card {card.name!r} ({where}): weights {card.weights!r} lie outside the "
+            f"card's folder {folder} (they resolve to {weights}). A card may only read weights "
+            "from its own folder or below it, so that a card from elsewhere cannot make "
+            "napari-gradcam read other files; put the weights next to the card and write a "
+            f"relative path. {TRUST_HINT}."
+        )
+    return weights
+
+
+def is_custom_architecture(spec: str) -> bool:
+    """True when a card's architecture is code outside napari-gradcam's built-ins.
+
+    Built-in: a name from :data:`~napari_gradcam.core.architectures.ARCHITECTURES`, or
+    ``napari_gradcam.core.architectures:Class``. Anything else (``somemodule:Net``) is a module
+    that importing would run, so it needs trust.
+    """
+    if ":" not in spec:
+        return False
+    module_name, _, attribute = spec.partition(":")
+    if module_name != BUILTIN_ARCHITECTURE_MODULE:
+        return True
+    from napari_gradcam.core import architectures
+
+    found = getattr(architectures, attribute, None)
+    return not (isinstance(found, type) and issubclass(found, nn.Module))
+
+
+def _architecture_code_record(spec: str) -> str:
+    """``"architecture somemodule:Net from /path/somemodule.py (sha256 ...)"``, for provenance."""
+    module_name = spec.partition(":")[0]
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not file or not Path(file).is_file():
+        return f"architecture {spec} (module {module_name}, no source file)"
+    path = Path(file).resolve()
+    return f"architecture {spec} from {path} (sha256 {file_sha256(path)})"
+
+
+def _import_factory(spec: str, trust: bool, card_name: str = "", source: str = "") -> Any:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ModelCardError(
             f"architecture {spec!r}: write a built-in name ({', '.join(ARCHITECTURES)}) or "
             "'package.module:ClassName'"
+        )
+    if not trust and is_custom_architecture(spec):
+        # Refused before importing: the import itself runs the module's code.
+        where = f"model card {card_name!r} ({source})" if source else f"model card {card_name!r}"
+        raise ModelLoadError(
+            f"{where}: architecture {spec!r} is not one of napari-gradcam's built-in "
+            f"architectures ({', '.join(ARCHITECTURES)}); it is Python code, and importing "
+            f"{module_name!r} would run it with your user's rights. It was not imported. "
+            f"{TRUST_HINT}."
         )
     try:
         module = importlib.import_module(module_name)
@@ -226,22 +322,18 @@ def _import_factory(spec: str, trust: bool) -> Any:
                 f"architecture {spec!r}: module {module_name!r} has no attribute {attribute!r}"
             )
         factory = getattr(factory, part)
-    if isinstance(factory, type) and issubclass(factory, nn.Module):
-        return factory
     if not callable(factory):
         raise ModelLoadError(f"architecture {spec!r} is not callable")
-    if not trust:
-        raise ModelLoadError(
-            f"architecture {spec!r} is a function, not an nn.Module class. A card may name any "
-            "function with arguments of its choosing (subprocess:run, for one), so functions "
-            "are only called for cards you trust: load with trust=True (GUI: 'trust this "
-            "model'), or name the network's nn.Module class instead"
-        )
     return factory
 
 
-def build_from_card(card: ModelCard, *, trust: bool = False) -> nn.Module:
-    """Instantiate the card's architecture with its ``architecture_kwargs`` (no weights)."""
+def build_from_card(card: ModelCard, *, trust: bool = False, source: str = "") -> nn.Module:
+    """Instantiate the card's architecture with its ``architecture_kwargs`` (no weights).
+
+    A built-in architecture needs no trust; any other (``module:Name``, a class or a factory
+    function) is imported and called only with ``trust=True``. ``source`` (the card's file)
+    only makes messages name it.
+    """
     kwargs = dict(card.architecture_kwargs)
     if ":" not in card.architecture:
         if card.architecture not in ARCHITECTURES:
@@ -250,11 +342,11 @@ def build_from_card(card: ModelCard, *, trust: bool = False) -> nn.Module:
             raise ModelCardError(
                 f"model card {card.name!r}: unknown architecture {card.architecture!r}{hint}. "
                 f"Built-in: {', '.join(ARCHITECTURES)}; for your own network write "
-                "'package.module:ClassName'"
+                "'package.module:ClassName' (loaded only with trust)"
             )
         factory: Any = ARCHITECTURES[card.architecture]
     else:
-        factory = _import_factory(card.architecture, trust)
+        factory = _import_factory(card.architecture, trust, card.name, source)
     try:
         model = (
             build_architecture(card.architecture, **kwargs)
@@ -383,19 +475,22 @@ def _is_weights_only_refusal(error: BaseException) -> bool:
     ).lower()
 
 
-def _torch_load(path: Path, trust: bool) -> Any:
-    """``torch.load`` safely, and unsafely only with ``trust``; errors say which happened."""
+def _torch_load(path: Path, trust: bool) -> tuple[Any, bool]:
+    """``torch.load`` safely, and unsafely only with ``trust``; errors say which happened.
+
+    Returns the object and whether the full (code-running) unpickler was needed.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True), False
         except Exception as error:
             if not _is_weights_only_refusal(error):
                 raise _corrupt_error(path, error) from error
             if not trust:
                 raise _pickled_code_error(path, error) from None
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False), True
         except (ImportError, AttributeError) as error:
             raise ModelLoadError(
                 f"{path} is a pickled model whose code is not available here ({error}). "
@@ -423,6 +518,15 @@ def _is_state_dict(obj: Any) -> bool:
 def read_state_dict(path: Path, *, trust: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` or ``torch.save`` state-dict file (never runs code
     unless ``trust``)."""
+    return _read_state_dict(path, trust)[0]
+
+
+def _pickle_record(path: Path) -> str:
+    return f"pickled objects in {path} (sha256 {file_sha256(path)}), unpickled in full"
+
+
+def _read_state_dict(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """:func:`read_state_dict`, plus what ran because of trust (for provenance)."""
     kind = sniff_format(path)
     if kind == "torchscript":
         raise _torchscript_error(path)
@@ -435,19 +539,20 @@ def read_state_dict(path: Path, *, trust: bool = False) -> dict[str, torch.Tenso
         from safetensors.torch import load_file
 
         try:
-            return dict(load_file(str(path), device="cpu"))
+            return dict(load_file(str(path), device="cpu")), []
         except Exception as error:
             raise _corrupt_error(path, error) from error
-    obj = _torch_load(path, trust)
+    obj, ran_code = _torch_load(path, trust)
+    trusted_code = [_pickle_record(path)] if ran_code else []
     if isinstance(obj, nn.Module):  # only reachable with trust=True
-        return dict(obj.state_dict())
+        return dict(obj.state_dict()), trusted_code
     obj = _unwrap_checkpoint(obj)
     if not _is_state_dict(obj):
         raise ModelLoadError(
             f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of parameter "
             "names to tensors); save model.state_dict()"
         )
-    return dict(obj)
+    return dict(obj), trusted_code
 
 
 def _load_model_file(path: Path, *, trust: bool, device: str | torch.device | None
@@ -456,7 +561,7 @@ def _load_model_file(path: Path, *, trust: bool, device: str | torch.device | No
     if kind == "torchscript":
         raise _torchscript_error(path)
     if kind == "export":
-        return _load_export(path, device)
+        return _load_export(path, device, trust)
     if kind == "safetensors":
         raise ModelLoadError(
             f"{path} holds weights only, not the network. Write a model card (.yaml) next to "
@@ -467,12 +572,13 @@ def _load_model_file(path: Path, *, trust: bool, device: str | torch.device | No
             f"{path} is not a format napari-gradcam can load (model card .yaml, torch.export "
             ".pt2, safetensors or torch.save file), or it is corrupt"
         )
-    obj = _torch_load(path, trust)
+    obj, ran_code = _torch_load(path, trust)
     if isinstance(obj, nn.Module):
         model = obj.eval()
         model.to(resolve_device(device, model))
         card = _inferred_card(model, name=path.stem, source=path, architecture=_class_path(model))
-        return _finish(model, card, file_sha256(path), str(path), input_batch=1, inferred=True)
+        return _finish(model, card, file_sha256(path), str(path), input_batch=1, inferred=True,
+                       trusted_code=[_pickle_record(path)] if ran_code else [])
     if _is_state_dict(_unwrap_checkpoint(obj)):
         raise ModelLoadError(
             f"{path} holds a state dict (weights only), not the network. Write a model card "
@@ -526,11 +632,187 @@ def _original_types(program: Any) -> dict[str, str]:
     return types
 
 
-def _load_export(path: Path, device: str | torch.device | None) -> LoadedModel:
+_NATIVE_CODE_SUFFIXES = (".so", ".dll", ".dylib", ".pyd")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _archive_part(name: str) -> str:
+    """A record's name inside a .pt2 without the archive's own top folder (``model/...``)."""
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def _pickle_globals(blob: bytes) -> list[str]:
+    """The ``module.name`` globals a pickle (or a ``torch.save`` zip's ``data.pkl``) imports,
+    read with :mod:`pickletools` (which only parses, never executes), for messages."""
+    if blob[:4] == _ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(io.BytesIO(blob)) as inner:
+                name = next(n for n in inner.namelist() if n.endswith("data.pkl"))
+                blob = inner.read(name)
+        except (zipfile.BadZipFile, StopIteration):
+            return []
+    names: list[str] = []
+    strings: list[str] = []  # recent string pushes: STACK_GLOBAL takes the last two
+    try:
+        for opcode, argument, _ in pickletools.genops(blob):
+            if opcode.name == "GLOBAL" and isinstance(argument, str):
+                names.append(".".join(argument.split(" ", 1)))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(argument, str) and "UNICODE" in opcode.name:
+                strings.append(argument)
+    except Exception:  # a damaged pickle: report what was found before the damage
+        pass
+    # protocol 2 writes Python 3's builtins under their Python 2 name
+    names = [re.sub(r"^__builtin__\.", "builtins.", name) for name in names]
+    return list(dict.fromkeys(names))
+
+
+def _is_tensor_rebuild(name: str) -> bool:
+    """The globals every tensor pickle names (left out of messages, which name the others)."""
+    return name.startswith(("torch._utils._rebuild", "collections.OrderedDict")) or (
+        name.startswith("torch.") and name.endswith("Storage"))
+
+
+def _pickle_refusal(blob: bytes) -> str | None:
+    """Why unpickling ``blob`` (a ``torch.save`` payload) could run code, or ``None`` if
+    torch's weights-only unpickler reads it (tensors, containers, numbers, strings only).
+
+    Anything the weights-only unpickler cannot read is refused, not only what it names as
+    unsafe: torch.export falls back to the full unpickler on *any* failure.
+    """
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as error:
+        named = [name for name in _pickle_globals(blob) if not _is_tensor_rebuild(name)]
+        if named:
+            return (f"is a pickle that names {', '.join(named)}, which unpickling would import "
+                    "and call")
+        first = str(error).splitlines()[0] if str(error) else ""
+        return ("is not a plain tensor pickle (torch's weights-only unpickler refuses it: "
+                f"{type(error).__name__}: {first}); torch would unpickle it in full")
+    return None
+
+
+def _export_config_parts(archive: zipfile.ZipFile) -> tuple[dict[str, str], set[str]]:
+    """From the weights/constants configs: ``{part: why it is unsafe}`` for objects that torch
+    unpickles with no safe mode at all, and the set of parts it unpickles with ``torch.load``."""
+    unsafe: dict[str, str] = {}
+    pickled: set[str] = set()
+    for name in archive.namelist():
+        part = _archive_part(name)
+        folder, _, file = part.rpartition("/")
+        if folder not in ("data/weights", "data/constants") or not file.endswith("config.json"):
+            continue
+        try:
+            config = json.loads(archive.read(name)).get("config", {})
+        except (ValueError, AttributeError):
+            unsafe[part] = "is not a valid payload config (JSON)"
+            continue
+        for entry in config.values() if isinstance(config, dict) else ():
+            entry = entry if isinstance(entry, dict) else {}
+            target = f"{folder}/{entry.get('path_name', '')}"
+            path_name = str(entry.get("path_name", ""))
+            if path_name.startswith(("custom_obj", "opaque_obj")):
+                # torchbind objects and arbitrary Python objects: read with the TorchScript
+                # or the plain unpickler, neither of which has a safe mode
+                unsafe[target] = "is a pickled Python object (not a tensor)"
+            elif entry.get("use_pickle"):
+                pickled.add(target)
+    return unsafe, pickled
+
+
+def export_archive_refusals(data: bytes) -> dict[str, str]:
+    """The parts of a ``.pt2`` archive that ``torch.export.load`` would run code from.
+
+    ``{part name: reason}``; empty when the archive holds only JSON, raw tensor bytes and
+    pickles that torch's weights-only unpickler reads. torch itself unpickles the example
+    inputs and pickled weights/constants with ``weights_only=False`` and loads AOTInductor
+    libraries, so each of those is checked here first, together with any other record that
+    is a ``torch.save`` payload or a pickle.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as error:
+        return {"(archive)": f"is not a readable zip archive ({error})"}
+    with archive:
+        refusals, pickled = _export_config_parts(archive)
+        for name in archive.namelist():
+            if name.endswith("/"):
+                continue
+            part = _archive_part(name)
+            if part in refusals:
+                continue
+            if part.startswith("data/aotinductor/") or part.lower().endswith(
+                    _NATIVE_CODE_SUFFIXES):
+                refusals[part] = "is compiled native code (AOTInductor), which loading would run"
+                continue
+            blob = archive.read(name)
+            # .pt records are torch.save payloads (example inputs, legacy weights); the rest
+            # are checked when they look like one (a nested zip, or a pickle's protocol mark)
+            if part in pickled or part.endswith(".pt") or blob[:4] == _ZIP_MAGIC or (
+                    blob[:1] == b"\x80" and not _is_raw_tensor_part(part)):
+                reason = _pickle_refusal(blob)
+                if reason:
+                    refusals[part] = reason
+    return refusals
+
+
+def _is_raw_tensor_part(part: str) -> bool:
+    """Raw tensor bytes (``data/weights/weight_0`` listed without ``use_pickle``) can start with
+    any byte, including a pickle's; torch reads them with ``torch.frombuffer``, not pickle."""
+    folder, _, file = part.rpartition("/")
+    if folder not in ("data/weights", "data/constants"):
+        return False
+    return not file.endswith((".json", ".pt", ".pkl"))
+
+
+def _export_refusal_error(path: Path, refusals: dict[str, str]) -> ModelLoadError:
+    lines = [f"{path} is a torch.export archive that would run code when loaded; it was not "
+             "loaded:"]
+    lines += [f"  part {part!r} {reason}" for part, reason in sorted(refusals.items())]
+    lines.append(
+        "torch.export.load would unpickle these parts in full (weights_only=False) or load "
+        "their native code, which can do anything your user account can. Export plain tensor "
+        "models (no custom objects), or share model.state_dict() with a model card. "
+        f"{TRUST_HINT}."
+    )
+    return ModelLoadError("\n".join(lines))
+
+
+@contextlib.contextmanager
+def _quiet_export_fallback_log() -> Iterator[None]:
+    """Silence torch.export's "fallback to weights_only=False" warning while a (trusted)
+    archive loads: trusted_code records it, and torch's own log call has a format bug
+    (two %s, one argument) that makes logging raise under handlers that re-raise errors."""
+    logger = logging.getLogger("torch._export.serde.serialize")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_export(path: Path, device: str | torch.device | None, trust: bool = False
+                 ) -> LoadedModel:
+    # Read once: the bytes that were checked are the bytes that are loaded and hashed.
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ModelLoadError(f"cannot read {path}: {error}") from error
+    refusals = export_archive_refusals(data)
+    if refusals and not trust:
+        raise _export_refusal_error(path, refusals)
+    digest = hashlib.sha256(data).hexdigest()
+    trusted_code = [f"{part} in {path} (sha256 {digest}): {reason}"
+                    for part, reason in sorted(refusals.items())]
+    try:
+        with warnings.catch_warnings(), _quiet_export_fallback_log():
             warnings.simplefilter("ignore", FutureWarning)
-            program = torch.export.load(str(path))
+            program = torch.export.load(io.BytesIO(data))
     except Exception as error:
         raise _corrupt_error(path, error) from error
     shape, static = _export_input(program, path)
@@ -559,8 +841,8 @@ def _load_export(path: Path, device: str | torch.device | None) -> LoadedModel:
         in_channels=shape[1],
         input_size=spatial if all(static[2:]) else None,
     )
-    return _finish(model, card, file_sha256(path), str(path), input_batch=shape[0],
-                   probe_size=spatial, inferred=True)
+    return _finish(model, card, digest, str(path), input_batch=shape[0],
+                   probe_size=spatial, inferred=True, trusted_code=trusted_code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,11 +925,14 @@ def _finish(
     input_batch: int,
     probe_size: tuple[int, ...] | None = None,
     inferred: bool = False,
+    trusted_code: list[str] | None = None,
 ) -> LoadedModel:
     """Dry-run the model, check the card against what it returned, and fill in its gaps.
 
     ``inferred`` cards (no card file: .pt2, pickled or live models) take their task from the
-    output shape; a written card that disagrees with its network is an error.
+    output shape; a written card that disagrees with its network is an error. What ran
+    because of trust (``trusted_code``) is appended to ``source``, so that the provenance the
+    shells write (``model_source``) says so.
     """
     try:
         probe = probe_model(model, card.spatial_dims, card.in_channels,
@@ -655,6 +940,9 @@ def _finish(
     except ValueError as error:
         raise ModelLoadError(f"model {card.name!r} ({source}): {error}") from error
     card = _complete_card(card, probe, model, inferred=inferred)
+    trusted = tuple(trusted_code or ())
+    if trusted:
+        source = f"{source} (trusted code: {'; '.join(trusted)})"
     return LoadedModel(
         model=model,
         card=card,
@@ -662,6 +950,7 @@ def _finish(
         weights_sha256=digest,
         source=source,
         feature_layers=probe.layers,
+        trusted_code=trusted,
     )
 
 
