@@ -2,9 +2,10 @@
 
 Grad-CAM differentiates a scalar score y^c per sample. For a classifier that is a class logit;
 for a U-Net it is the sum of a class's logits inside a region (Seg-Grad-CAM, Vinogradova et
-al. 2020); for a regression head it is whatever the user's callable returns. Every target here
-maps the model output ``(N, K, ...)`` to a score tensor ``(N,)`` and reports which class it
-used, so results can say what was explained.
+al. 2020); for a regression head (porosity, grain size, strength) it is the predicted value,
+signed by what the user asks (:class:`RegressionTarget`); or whatever a callable returns.
+Every target here maps the model output ``(N, K, ...)`` to a score tensor ``(N,)`` and reports
+which class it used, so results can say what was explained.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def _require_class_axis(output: torch.Tensor) -> None:
     if output.ndim < 2:
         raise ValueError(
             f"the model returned an output of shape {tuple(output.shape)}; a class target needs "
-            "(N, K) logits or (N, K, *spatial) maps. For a regression head pass a callable "
-            "target, e.g. target=lambda out: out[:, 0]."
+            "(N, K) logits or (N, K, *spatial) maps. For a regression head use "
+            "RegressionTarget(output_index=..., sign=+1 or -1)."
         )
 
 
@@ -168,6 +169,69 @@ class CallableTarget(Target):
 
     def describe(self) -> str:
         return f"callable {getattr(self.function, '__name__', repr(self.function))}"
+
+
+@dataclass(frozen=True)
+class RegressionTarget(Target):
+    """A regression head's prediction: ``sign * output[:, output_index]``.
+
+    Sign convention: ``sign=+1`` (the default) explains what *increases* the prediction (the
+    regions that push predicted porosity, grain size or strength up), ``sign=-1`` what
+    *decreases* it. Grad-CAM keeps only positive evidence (the ReLU), so the two are different
+    maps, not one map and its negative: with ``sign=-1`` the channel weights change sign
+    before the ReLU.
+
+    ``output_index`` picks one of several predicted properties of an ``(N, P)`` output; it may
+    stay ``None`` when the model predicts one value, shape ``(N,)`` or ``(N, 1)``.
+    """
+
+    output_index: int | None = None
+    sign: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sign, bool) or self.sign not in (1, -1):
+            raise ValueError(f"sign must be +1 (explain what increases the prediction) or -1 "
+                             f"(what decreases it), got {self.sign!r}")
+        object.__setattr__(self, "sign", int(self.sign))
+        index = self.output_index
+        if index is not None and (isinstance(index, bool)
+                                  or not isinstance(index, (int, np.integer))):
+            raise TypeError(f"output_index must be an integer or None, got {index!r}")
+        if index is not None:
+            object.__setattr__(self, "output_index", int(index))
+
+    def _values(self, output: torch.Tensor) -> torch.Tensor:
+        if output.ndim == 1:
+            if self.output_index not in (None, 0, -1):
+                raise ValueError(f"output_index={self.output_index} is out of range: the model "
+                                 f"predicts one value per sample (output shape "
+                                 f"{tuple(output.shape)})")
+            return output
+        if output.ndim != 2:
+            raise ValueError(
+                f"RegressionTarget needs predictions (N,) or (N, P); this model returned "
+                f"{tuple(output.shape)}. For a map output use SegmentationRegion (the sum "
+                "inside a region) or a callable target."
+            )
+        count = output.shape[1]
+        if self.output_index is None:
+            if count != 1:
+                raise ValueError(f"the model predicts {count} values per sample (output shape "
+                                 f"{tuple(output.shape)}): choose one with output_index=0.."
+                                 f"{count - 1}")
+            return output[:, 0]
+        if not -count <= self.output_index < count:
+            raise ValueError(f"output_index={self.output_index} is out of range for "
+                             f"{count} predicted value(s) (output shape {tuple(output.shape)})")
+        return output[:, self.output_index]
+
+    def score(self, output: torch.Tensor) -> torch.Tensor:
+        return self.sign * self._values(output)
+
+    def describe(self) -> str:
+        which = "prediction" if self.output_index is None else f"output {self.output_index}"
+        direction = "increases" if self.sign > 0 else "decreases"
+        return f"regression {which} (sign {self.sign:+d}: what {direction} it)"
 
 
 TargetSpec = None | int | str | Sequence[int] | Target | ScoreFunction
