@@ -254,6 +254,11 @@ def test_window_accumulator_moves_its_planes_like_the_windows_flush():
     assert np.array_equal(moments.mean()[:3], before_mean[1:])
     assert np.array_equal(moments.variance()[:3], before_var[1:])
     assert not moments.weight[3].any() and not moments.mean()[3].any()
+    mean_only = WeightedMoments((4, 2), np.float32, variance=False)
+    mean_only.add(np.arange(8.0).reshape(4, 2), 2.0)
+    assert mean_only.total_sq is None and np.array_equal(mean_only.mean(), before_mean)
+    with pytest.raises(ValueError, match="variance=False"):
+        mean_only.variance()
 
 
 def test_the_wrapper_runs_in_the_volume_loop_with_the_plain_maps():

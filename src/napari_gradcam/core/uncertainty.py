@@ -103,12 +103,15 @@ class WeightedMoments:
     two and get the window disagreement for the price of one more. Voxels with ``W = 0`` read
     as 0. ``dtype`` float64 (default) keeps ``Q/W − mean²`` accurate; float32 halves the
     memory for very wide slabs at a relative error of about 1e-7·mean²/variance.
+    ``variance=False`` keeps only ``W`` and ``S`` (exactly the blending loop's two buffers),
+    for runs that want the blended map alone.
     """
 
-    def __init__(self, shape: Sequence[int], dtype: np.dtype | type = np.float64) -> None:
+    def __init__(self, shape: Sequence[int], dtype: np.dtype | type = np.float64, *,
+                 variance: bool = True) -> None:
         self.weight = np.zeros(tuple(shape), dtype=dtype)
         self.total = np.zeros_like(self.weight)
-        self.total_sq = np.zeros_like(self.weight)
+        self.total_sq: np.ndarray | None = np.zeros_like(self.weight) if variance else None
         self.within: np.ndarray | None = None
 
     @property
@@ -123,6 +126,8 @@ class WeightedMoments:
         weights = np.broadcast_to(np.asarray(weights, dtype=self.weight.dtype), values.shape)
         self.weight[index] += weights
         self.total[index] += weights * values
+        if self.total_sq is None:
+            return
         self.total_sq[index] += weights * np.square(values)
         if within_variance is not None:
             if self.within is None:
@@ -134,6 +139,9 @@ class WeightedMoments:
         return np.divide(self.total[index], weight, out=np.zeros_like(weight), where=weight > 0)
 
     def variance(self, index: tuple[slice, ...] | slice = ...) -> np.ndarray:
+        if self.total_sq is None:
+            raise ValueError("this accumulator was made with variance=False; it keeps the "
+                             "weighted mean only")
         weight = self.weight[index]
         mean = self.mean(index)
         second = np.divide(self.total_sq[index], weight, out=np.zeros_like(weight),
@@ -152,9 +160,8 @@ class WeightedMoments:
         flush of volume.py's windows loop, which keeps only a window's depth of planes)."""
         if planes <= 0:
             return
-        buffers = [self.weight, self.total, self.total_sq]
-        buffers += [self.within] if self.within is not None else []
-        for buffer in buffers:
+        buffers = [self.weight, self.total, self.total_sq, self.within]
+        for buffer in (b for b in buffers if b is not None):
             if planes >= len(buffer):
                 buffer[...] = 0
                 continue
