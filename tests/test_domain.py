@@ -179,6 +179,18 @@ def test_a_large_lazy_stack_is_sampled_slice_by_slice_reproducibly():
     assert stats["input_size"] == [64, 64]
 
 
+def test_slices_along_another_axis_are_read_by_indexing_that_axis():
+    volume = textured(12, 32, seed=4).transpose(1, 0, 2)  # (y, z, x): slice along axis 1
+    along = input_statistics(volume, spatial_dims=2, axis=1, sample=12,
+                             voxel_size=(0.5, 2.0, 0.7))
+    moved = input_statistics(np.moveaxis(volume, 1, 0).copy(), spatial_dims=2, sample=12,
+                             voxel_size=(0.5, 0.7))
+    assert along == moved  # same items, same numbers, the slice axis's voxel size dropped
+    assert along["input_size"] == [32, 32] and along["voxel_size"] == [0.5, 0.7]
+    with pytest.raises(ValueError, match="one sample axis"):
+        input_statistics(np.zeros((2, 3, 8, 8)), spatial_dims=2, axis=1)
+
+
 def test_one_large_volume_is_read_in_bounded_blocks(monkeypatch):
     monkeypatch.setattr(domain, "MAX_ITEM_VOXELS", 16**3)
     volume = CountingArray((80, 80, 80))

@@ -172,19 +172,27 @@ def input_statistics(
     input_size: Sequence[int] | None = None,
     sample: int = DEFAULT_SAMPLE,
     seed: int = DEFAULT_SEED,
+    axis: int | None = None,
 ) -> dict[str, Any]:
     """The statistics of ``array`` as the model sees it, as plain (YAML/JSON-ready) data.
 
     ``array`` has shape ``(*sample_axes, *spatial)`` with ``spatial_dims`` spatial axes last
     (a stack of training patches ``(N, 64, 64)``, a CT volume ``(Z, Y, X)`` explained slice by
-    slice with ``spatial_dims=2``, one image ``(Y, X)``); put the axis you slice along first.
+    slice with ``spatial_dims=2``, one image ``(Y, X)``). For data with one sample axis that
+    is not the first (a CT volume explained along ``axis=1``), pass ``axis``: items are then
+    read along it by indexing, without moving the (possibly lazy) array.
     ``preprocess`` is the card's :class:`~napari_gradcam.core.preprocess.Preprocessor` (or any
     callable ``(1, *spatial) → (1, C, *spatial)``); channels are pooled. ``input_size`` is the
     size the model sees per pass when it is not the array's spatial shape (the window of
     windows mode); a ``resize`` step in ``preprocess`` is taken into account. ``voxel_size``
-    gives the spatial axes' physical sizes (the last ``spatial_dims`` entries are kept).
+    gives the physical sizes of the spatial axes, or of all axes (the sample axis's entry is
+    then dropped: ``axis``, else the leading ones).
     ``sample`` and ``seed`` fix which items are read (see the module docstring).
     """
+    if voxel_size is not None and axis is not None and len(voxel_size) == len(array.shape):
+        voxel_size = [v for i, v in enumerate(voxel_size) if i != axis % len(array.shape)]
+    if axis is not None:
+        array = _AxisFirst(array, axis, spatial_dims)
     shape = tuple(int(s) for s in getattr(array, "shape", ()))
     if spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
@@ -268,6 +276,27 @@ def input_statistics(
         "sampling": {"items_total": n_items, "items_read": len(item_stats), "seed": seed,
                      "values_used": int(pooled.size), "values_read": int(count)},
     }
+
+
+class _AxisFirst:
+    """A view of ``array`` with ``axis`` first, made by indexing (nothing is read or copied)."""
+
+    def __init__(self, array: object, axis: int, spatial_dims: int) -> None:
+        shape = tuple(array.shape)  # type: ignore[attr-defined]
+        if len(shape) != spatial_dims + 1 or not -len(shape) <= axis < len(shape):
+            raise ValueError(
+                f"axis={axis} needs data with one sample axis and {spatial_dims} spatial axes; "
+                f"got shape {shape}"
+            )
+        self.array, self.axis = array, axis % len(shape)
+        self.shape = (shape[self.axis], *(s for i, s in enumerate(shape) if i != self.axis))
+        self.dtype = getattr(array, "dtype", np.dtype(np.float32))
+
+    def __getitem__(self, index: tuple) -> object:
+        item, *rest = index
+        full = list(rest)
+        full.insert(self.axis, item)
+        return self.array[tuple(full)]  # type: ignore[index]
 
 
 def _summary(values: np.ndarray, mean: float, std: float, noise_sigma: float | None,
