@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import dask.array as da
 import numpy as np
 import pytest
 import yaml
+import zarr
 from scipy import ndimage
 
 from napari_gradcam.core import domain
@@ -189,6 +191,17 @@ def test_slices_along_another_axis_are_read_by_indexing_that_axis():
     assert along["input_size"] == [32, 32] and along["voxel_size"] == [0.5, 0.7]
     with pytest.raises(ValueError, match="one sample axis"):
         input_statistics(np.zeros((2, 3, 8, 8)), spatial_dims=2, axis=1)
+
+
+def test_zarr_and_dask_volumes_give_the_numbers_of_the_numpy_volume(tmp_path):
+    volume = textured(40, 32, seed=6)
+    stored = zarr.open(str(tmp_path / "v.zarr"), mode="w", shape=volume.shape,
+                       chunks=(1, 32, 32), dtype="f4")
+    stored[:] = volume
+    expected = input_statistics(volume, spatial_dims=2, sample=8)
+    assert input_statistics(stored, spatial_dims=2, sample=8) == expected
+    lazy = da.from_array(volume, chunks=(1, 32, 32))
+    assert input_statistics(lazy, spatial_dims=2, sample=8) == expected
 
 
 def test_one_large_volume_is_read_in_bounded_blocks(monkeypatch):

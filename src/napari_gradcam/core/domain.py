@@ -678,11 +678,13 @@ def check_domain(
     input_size: Sequence[int] | None = None,
     sample: int = DEFAULT_SAMPLE,
     seed: int = DEFAULT_SEED,
+    axis: int | None = None,
 ) -> DomainReport:
     """Statistics of ``array`` through a loaded model's preprocessing, against its card.
 
     ``model`` is a :class:`~napari_gradcam.core.models.LoadedModel` (its ``card`` and
-    ``preprocess`` are used). Cheap when the card has no statistics: nothing is read then.
+    ``preprocess`` are used); the other options are :func:`input_statistics`'s. Cheap when
+    the card has no statistics: nothing is read then.
     """
     card = getattr(model, "card", model)
     if training_statistics_of(card) is None:
@@ -690,5 +692,5 @@ def check_domain(
     stats = input_statistics(array, spatial_dims=int(card.spatial_dims),
                              preprocess=getattr(model, "preprocess", None),
                              voxel_size=voxel_size, input_size=input_size, sample=sample,
-                             seed=seed)
+                             seed=seed, axis=axis)
     return compare_to_training(stats, card, task=getattr(card, "task", None))
