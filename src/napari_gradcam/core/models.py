@@ -7,6 +7,8 @@ Users arrive with very different files. What each becomes:
   ``torch.load(weights_only=True)``. Nothing in either file can run code. This is the
   recommended way to share a model. The weights must lie in the card's folder (or below it).
 * a **demo model name**: a card shipped in ``napari_gradcam/zoo/``.
+* a **bioimage.io package** (a folder with ``rdf.yaml``, or that file): read into a card by
+  :mod:`napari_gradcam.core.bioimageio`, whose architecture is the package's ``.py`` file.
 * a **torch.export program** (``.pt2``): every pickled part of the archive is first checked
   with torch's weights-only unpickler, then the archive is loaded with ``torch.export.load`` and
   turned back into named submodules by ``torch.export.unflatten``, so forward hooks attach to
@@ -16,8 +18,9 @@ Users arrive with very different files. What each becomes:
 What could run code is refused unless the user says they trust it (``trust=True``; the CLI's
 ``--trust``; the widget's trust checkbox), each with a message saying what to do instead:
 
-* a card whose architecture is not one of napari-gradcam's built-ins (``package.module:Name``):
-  importing the module runs it, so it is not even imported without trust;
+* a card whose architecture is not one of napari-gradcam's built-ins (``package.module:Name``,
+  or ``file.py:Name`` in the card's folder, as bioimage.io packages have): importing the module
+  runs it, so it is not even imported without trust;
 * a card whose weights lie outside its folder (``../``, absolute paths, symlinks leading out),
   so a card cannot make the tool read other files;
 * a ``.pt2`` archive with a pickled part that names anything beyond tensors and plain data (torch
@@ -52,6 +55,7 @@ import pickletools
 import re
 import struct
 import sys
+import types
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -63,6 +67,7 @@ import torch
 from torch import nn
 
 from napari_gradcam.core.architectures import ARCHITECTURES, build_architecture
+from napari_gradcam.core.bioimageio import card_from_rdf, find_rdf
 from napari_gradcam.core.device import resolve_device
 from napari_gradcam.core.layer_discovery import (
     ORIGINAL_TYPES_ATTRIBUTE,
@@ -159,9 +164,14 @@ def load_model(
             card = find_demo_card(text)
             return _load_card(card, trust=trust, device=device, source=f"demo:{card.name}")
         raise FileNotFoundError(f"model file not found: {path.resolve()}")
+    rdf = find_rdf(path)
+    if rdf is not None:  # a bioimage.io package (its folder or its rdf.yaml)
+        card = card_from_rdf(rdf)
+        return _load_card(card, trust=trust, device=device, source=str(rdf.resolve()))
     if path.is_dir():
         raise ModelLoadError(
-            f"{path.resolve()} is a folder; give a model card (.yaml) or a model file (.pt2)"
+            f"{path.resolve()} is a folder; give a model card (.yaml), a model file (.pt2) or "
+            "a bioimage.io package (a folder with rdf.yaml)"
         )
     path = path.resolve()
     if path.suffix.lower() in CARD_SUFFIXES:
@@ -217,9 +227,7 @@ def _zoo_folder() -> Path | None:
 def _load_card(
     card: ModelCard, *, trust: bool, device: str | torch.device | None, source: str
 ) -> LoadedModel:
-    model = build_from_card(card, trust=trust, source=source)
-    trusted_code = [_architecture_code_record(card.architecture)] if is_custom_architecture(
-        card.architecture) else []
+    model, trusted_code = _build_from_card(card, trust=trust, source=source)
     digest = None
     if card.weights is not None:
         weights = confined_weights_path(card, trust=trust, source=source)
@@ -281,40 +289,94 @@ def is_custom_architecture(spec: str) -> bool:
     return not (isinstance(found, type) and issubclass(found, nn.Module))
 
 
-def _architecture_code_record(spec: str) -> str:
+def _module_record(spec: str, module: Any) -> str:
     """``"architecture somemodule:Net from /path/somemodule.py (sha256 ...)"``, for provenance."""
-    module_name = spec.partition(":")[0]
-    module = sys.modules.get(module_name)
     file = getattr(module, "__file__", None)
+    digest = getattr(module, _SOURCE_SHA256_ATTRIBUTE, None)
     if not file or not Path(file).is_file():
-        return f"architecture {spec} (module {module_name}, no source file)"
+        return f"architecture {spec} (module {module.__name__}, no source file)"
     path = Path(file).resolve()
-    return f"architecture {spec} from {path} (sha256 {file_sha256(path)})"
+    return f"architecture {spec} from {path} (sha256 {digest or file_sha256(path)})"
 
 
-def _import_factory(spec: str, trust: bool, card_name: str = "", source: str = "") -> Any:
+_SOURCE_SHA256_ATTRIBUTE = "__napari_gradcam_sha256__"
+
+
+def _architecture_file(card: ModelCard, written: str, source: str) -> Path:
+    """A card's ``file.py`` architecture, which must lie in the card's folder (even with trust:
+    a package's code is the code that came with it, not whatever a path can reach)."""
+    folder = (card.base_dir or Path.cwd()).resolve()
+    path = (folder / Path(written).expanduser()).resolve()
+    where = f"model card {card.name!r} ({source or folder})"
+    if not path.is_relative_to(folder):
+        raise ModelLoadError(
+            f"{where}: architecture file {written!r} lies outside the card's folder {folder} "
+            f"(it resolves to {path}); an architecture file must come with the card, in its "
+            "folder"
+        )
+    if not path.is_file():
+        raise ModelLoadError(f"{where}: architecture file not found: {path}")
+    return path
+
+
+def _module_from_file(path: Path) -> Any:
+    """Execute a trusted architecture file as a module of its own (not on ``sys.path``).
+
+    The bytes are read once: the SHA-256 recorded for provenance is that of the code that ran.
+    """
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"_napari_gradcam_architecture_{stem}_{digest[:16]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    setattr(module, _SOURCE_SHA256_ATTRIBUTE, digest)
+    sys.modules[name] = module  # dataclasses and pickling look classes up here
+    try:
+        exec(compile(data, str(path), "exec"), module.__dict__)  # reached only with trust
+    except Exception as error:
+        del sys.modules[name]
+        raise ModelLoadError(
+            f"architecture file {path} failed while it was executed ({type(error).__name__}: "
+            f"{error})"
+        ) from error
+    return module
+
+
+def _import_factory(spec: str, trust: bool, card: ModelCard, source: str = ""
+                    ) -> tuple[Any, str | None]:
+    """The callable a ``module:Name`` or ``file.py:Name`` architecture names, and (for code
+    outside the built-ins) the record of what ran, for provenance."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ModelCardError(
-            f"architecture {spec!r}: write a built-in name ({', '.join(ARCHITECTURES)}) or "
-            "'package.module:ClassName'"
+            f"architecture {spec!r}: write a built-in name ({', '.join(ARCHITECTURES)}), "
+            "'package.module:ClassName' or 'file.py:ClassName'"
         )
-    if not trust and is_custom_architecture(spec):
+    custom = is_custom_architecture(spec)
+    if not trust and custom:
         # Refused before importing: the import itself runs the module's code.
-        where = f"model card {card_name!r} ({source})" if source else f"model card {card_name!r}"
+        where = f"model card {card.name!r}" + (f" ({source})" if source else "")
+        doing, done = ("executing", "executed") if module_name.endswith(".py") else (
+            "importing", "imported")
         raise ModelLoadError(
             f"{where}: architecture {spec!r} is not one of napari-gradcam's built-in "
-            f"architectures ({', '.join(ARCHITECTURES)}); it is Python code, and importing "
-            f"{module_name!r} would run it with your user's rights. It was not imported. "
+            f"architectures ({', '.join(ARCHITECTURES)}); it is Python code, and {doing} "
+            f"{module_name!r} would run it with your user's rights. It was not {done}. "
             f"{TRUST_HINT}."
         )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ModelLoadError(
-            f"architecture {spec!r}: cannot import module {module_name!r} ({error}). Install "
-            "the package that defines the network, or put its folder on PYTHONPATH"
-        ) from error
+    if module_name.endswith(".py"):
+        module = _module_from_file(_architecture_file(card, module_name, source))
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ModelLoadError(
+                f"architecture {spec!r}: cannot import module {module_name!r} ({error}). "
+                "Install the package that defines the network, or put its folder on PYTHONPATH"
+            ) from error
     factory: Any = module
     for part in attribute.split("."):
         if not hasattr(factory, part):
@@ -324,17 +386,24 @@ def _import_factory(spec: str, trust: bool, card_name: str = "", source: str = "
         factory = getattr(factory, part)
     if not callable(factory):
         raise ModelLoadError(f"architecture {spec!r} is not callable")
-    return factory
+    return factory, _module_record(spec, module) if custom else None
 
 
 def build_from_card(card: ModelCard, *, trust: bool = False, source: str = "") -> nn.Module:
     """Instantiate the card's architecture with its ``architecture_kwargs`` (no weights).
 
-    A built-in architecture needs no trust; any other (``module:Name``, a class or a factory
-    function) is imported and called only with ``trust=True``. ``source`` (the card's file)
-    only makes messages name it.
+    A built-in architecture needs no trust; any other (``module:Name`` or ``file.py:Name`` in
+    the card's folder; a class or a factory function) is imported and called only with
+    ``trust=True``. ``source`` (the card's file) only makes messages name it.
     """
+    return _build_from_card(card, trust=trust, source=source)[0]
+
+
+def _build_from_card(card: ModelCard, *, trust: bool, source: str
+                     ) -> tuple[nn.Module, list[str]]:
+    """:func:`build_from_card`, plus what ran because of trust (for provenance)."""
     kwargs = dict(card.architecture_kwargs)
+    record = None
     if ":" not in card.architecture:
         if card.architecture not in ARCHITECTURES:
             close = difflib.get_close_matches(card.architecture, list(ARCHITECTURES), n=1)
@@ -342,11 +411,11 @@ def build_from_card(card: ModelCard, *, trust: bool = False, source: str = "") -
             raise ModelCardError(
                 f"model card {card.name!r}: unknown architecture {card.architecture!r}{hint}. "
                 f"Built-in: {', '.join(ARCHITECTURES)}; for your own network write "
-                "'package.module:ClassName' (loaded only with trust)"
+                "'package.module:ClassName' or 'file.py:ClassName' (loaded only with trust)"
             )
         factory: Any = ARCHITECTURES[card.architecture]
     else:
-        factory = _import_factory(card.architecture, trust, card.name, source)
+        factory, record = _import_factory(card.architecture, trust, card, source)
     try:
         model = (
             build_architecture(card.architecture, **kwargs)
@@ -362,7 +431,7 @@ def build_from_card(card: ModelCard, *, trust: bool = False, source: str = "") -
             f"architecture {card.architecture!r} returned a {type(model).__name__}, not a "
             "torch.nn.Module"
         )
-    return model
+    return model, [record] if record else []
 
 
 def _natural(name: str) -> list[Any]:
