@@ -269,3 +269,60 @@ def test_the_body_before_the_target_layer_runs_in_no_grad_mode(resnet2d, images)
         for hook in hooks:
             hook.remove()
     assert modes == {"features.1": False, "classifier": True}
+
+
+# --- wrong numbers must not pass without a word (issue 9) ----------------------------------
+
+
+def test_a_one_pixel_layer_warns_and_names_the_last_layer_with_spatial_extent(resnet2d, images):
+    """Global pooling makes a 1×1 map: its CAM is one value everywhere, so say so."""
+    with pytest.warns(UserWarning, match=r"'pool' outputs a feature map of one pixel "
+                      r"\(C×spatial = 16×1×1\) for an input of 16×16.*same value everywhere.*"
+                      r"'features\.3' \(output 16×4×4\)"):
+        maps = GradCAM(resnet2d, "pool")(images)
+    # the warning is about a real defect: each map is constant
+    assert np.ptp(maps.reshape(len(maps), -1), axis=1).max() == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layer with spatial extent: no warning
+        GradCAM(resnet2d, "features.3")(images)
+
+
+def test_a_one_pixel_layer_in_a_plain_sequential_suggests_the_layer_before_the_pool():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.warns(UserWarning, match=r"'2' outputs a feature map of one pixel.*"
+                      r"instead: '1' \(output 4×12×10\)"):
+        GradCAM(model, "2")(torch.rand(1, 1, 12, 10))
+
+
+def test_float64_beyond_float32_range_is_called_an_overflow_not_nan(resnet2d):
+    x = np.random.default_rng(0).random((1, 1, 16, 16))
+    x[0, 0, 3, 3] = -1e300
+    with pytest.raises(ValueError) as caught:
+        GradCAM(resnet2d, "features.3")(x)
+    message = str(caught.value)
+    assert "1 value(s) too large for the model's dtype float32" in message
+    assert "largest |value| is 1e+300" in message and "overflow to infinity" in message
+    assert "NaN" not in message  # the data holds no NaN: do not say it does
+    x[0, 0, 5, 5] = np.nan  # a real NaN as well: both are named
+    with pytest.raises(ValueError, match=r"too large.*1 value\(s\) are already NaN"):
+        GradCAM(resnet2d, "features.3")(x)
+
+
+def test_a_typo_in_the_layer_name_gets_the_close_match(resnet2d):
+    with pytest.raises(KeyError, match=r"no layer 'feature\.3' \(did you mean 'features\.3'\?\)"):
+        GradCAM(resnet2d, "feature.3")
+
+
+def test_a_long_layer_list_is_cut_but_never_loses_the_close_match():
+    model = nn.Module()
+    model.blocks = nn.Sequential(*[nn.Conv2d(1, 1, 3, padding=1) for _ in range(60)])
+    with pytest.raises(KeyError) as caught:
+        GradCAM(model, "block.57")
+    message = str(caught.value)
+    assert "did you mean 'blocks.57'?" in message
+    listed = message.split("Layers that make feature maps: ")[1]
+    names = listed.split(", ... (")[0].split(", ")
+    assert "blocks.57" in names  # beyond the first 40, kept because it is the close match
+    assert len(names) <= 40 and listed.endswith(f"({61 - len(names)} more)")

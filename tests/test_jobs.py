@@ -469,3 +469,27 @@ def test_guided_methods_work_in_windows_mode(method):
     (cam,) = explain(loaded, ImageSource("v", volume), request).maps.values()
     assert cam.shape == volume.shape
     assert np.isfinite(cam).all() and (cam >= 0).all() and cam.max() > 0
+
+
+@pytest.mark.parametrize(("model", "request_"), [
+    ("c2", ExplainRequest(mode="slices", axis=0, batch_size=2)),
+    ("c3", ExplainRequest(mode="windows", window=(8, 8, 8))),
+])
+def test_float64_data_beyond_float32_is_reported_as_overflow_not_nan(models, model,
+                                                                     request_) -> None:
+    data = volume((4, 16, 16)).astype(np.float64)
+    data[3, 2, 2] = 3e200
+    with pytest.raises(JobError) as caught:
+        explain(models[model], ImageSource("hot", data), request_)
+    message = str(caught.value)
+    assert "too large for the model's dtype float32" in message
+    assert "largest |value| is 3e+200" in message and "NaN" not in message
+
+
+def test_a_one_pixel_target_layer_warns_with_the_layer_to_use(models) -> None:
+    with pytest.warns(UserWarning, match=r"'pool' outputs a feature map of one pixel.*"
+                      r"instead: 'features\.3'"):
+        result = explain(models["c2"], ImageSource("v", volume((2, 16, 16))),
+                         ExplainRequest(mode="slices", axis=0, layer="pool"))
+    flat = result.maps["predicted"].reshape(2, -1)
+    assert np.ptp(flat, axis=1).max() == 0.0  # what the warning is about: constant maps

@@ -10,6 +10,7 @@ from napari_gradcam.core.architectures import ResNetLike, UNet
 from napari_gradcam.core.layer_discovery import (
     default_target_layer,
     discover_feature_layers,
+    last_spatial_layer,
     probe_model,
 )
 from napari_gradcam.core.model_card import ModelCard
@@ -102,3 +103,19 @@ def test_a_model_without_feature_maps_is_reported() -> None:
     assert discover_feature_layers(model, 1, 1, 16) == []
     with pytest.raises(ValueError, match="no layer of this model returns a feature map"):
         default_target_layer(model, 1, 1, 16)
+
+
+def test_a_mistyped_card_target_layer_gets_the_close_match() -> None:
+    card = ModelCard(name="c", architecture="resnet_like", spatial_dims=2, in_channels=1,
+                     task="classification", target_layer="feature.3")
+    with pytest.raises(ValueError, match=r"no such layer \(did you mean 'features\.3'\?\)"):
+        default_target_layer(ResNetLike(), 2, 1, card=card)
+
+
+def test_last_spatial_layer_is_found_at_the_users_input_size() -> None:
+    """What the engine suggests instead of a 1×1 layer: probed at the real input size."""
+    model = NeedsFixedSize()  # runs only at 8x8: a fixed 64x64 dummy would fail
+    found = last_spatial_layer(model, (1, 8, 8))
+    assert found is not None and found.name == "act" and found.output_shape == (2, 8, 8)
+    pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
+    assert last_spatial_layer(pooled, (1, 8, 8)) is None  # nothing with spatial extent

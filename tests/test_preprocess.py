@@ -157,3 +157,16 @@ def test_bad_steps_name_the_step_and_the_problem(steps: object, message: str) ->
 def test_validation_fills_defaults() -> None:
     (step,) = validate_preprocessing([{"op": "percentile_clip"}], spatial_dims=2)
     assert step == {"op": "percentile_clip", "low": 1.0, "high": 99.0}
+
+
+def test_float64_values_beyond_float32_are_called_an_overflow_with_the_largest_value() -> None:
+    """1e300 is finite; the message must not claim the data holds NaN or infinite values."""
+    pre = Preprocessor(spatial_dims=2, in_channels=1)
+    data = np.ones((1, 4, 4))
+    data[0, 2, 1] = 1e300
+    with pytest.raises(ValueError) as caught:
+        pre(data)
+    message = str(caught.value)
+    assert "too large for the model's dtype float32" in message
+    assert "largest |value| is 1e+300" in message and "overflow to infinity" in message
+    assert "NaN" not in message

@@ -521,3 +521,71 @@ def test_a_plain_3d_stack_with_a_one_channel_model_hides_the_channel_row(make_wi
     viewer.add_image(volume((4, 16, 16)), name="zyx")
     assert not widget.channel_combo.isVisibleTo(widget)
     assert not widget.channel_combo.isEnabled()
+
+
+# ------------------------------------------------------------------------------------------
+# Wrong numbers and misleading messages (issue 9)
+
+
+def test_a_one_pixel_target_layer_is_run_with_a_warning_naming_the_better_layer(
+        make_widget, qtbot, cards, errors) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((3, 24, 20)), name="pooled")
+    widget.layer_combo.setCurrentIndex(widget.layer_combo.findData("pool"))
+    set_mode(widget, "slices", axis=0)
+    widget.batch_spin.setValue(1)  # three batches, each warns: one notification
+    widget.run()
+    finish(qtbot, widget)
+    shown = [m for m in errors() if "'pool' outputs a feature map of one pixel" in m]
+    assert len(shown) == 1
+    assert "for an input of 24×20" in shown[0] and "instead: 'features.3'" in shown[0]
+    assert "pooled · gradcam · predicted" in viewer.layers  # the run itself went through
+
+
+def test_only_a_points_layer_says_which_layers_can_be_explained(make_napari_viewer, cards,
+                                                                errors) -> None:
+    """Through the plugin manifest, as users get it: napari hands the widget layer proxies."""
+    npe2 = pytest.importorskip("npe2")
+    manager = npe2.PluginManager.instance()
+    manifest = npe2.PluginManifest.from_file(MANIFEST)
+    if manifest.name not in manager._manifests:
+        manager.register(manifest)
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-gradcam", "Grad-CAM explainer")
+    widget.load_model_source(cards["c2"])
+    viewer.add_points(np.array([[3.0, 4.0]]), name="pts")
+    assert widget.run() is None
+    message = errors()[-1]
+    assert "'pts' is a Points layer" in message and "PublicOnlyProxy" not in message
+    assert "Grad-CAM explains Image layers" in message
+    assert "Labels and Shapes layers serve as regions" in message
+    assert [layer.name for layer in viewer.layers] == ["pts"]
+
+
+def test_removing_the_source_mid_run_keeps_the_map_and_says_so(make_widget, qtbot, cards,
+                                                               errors) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((12, 32, 32)), name="doomed", scale=(3.0, 1.0, 1.0))
+    set_mode(widget, "slices", axis=0)
+    widget.batch_spin.setValue(1)
+    worker = widget.run()
+    progress: list[tuple[int, int]] = []
+    worker.yielded.connect(progress.append)
+    qtbot.waitUntil(lambda: bool(progress), timeout=20000)
+    viewer.layers.remove("doomed")
+    finish(qtbot, widget)
+    assert progress[0][0] < 12, "the run ended before the layer was removed"
+    assert "The layer 'doomed' was removed" in errors()[-1]
+    assert "map was added anyway" in errors()[-1]
+    layer = viewer.layers["doomed · gradcam · predicted"]  # kept, where the source was
+    assert layer.data.shape == (12, 32, 32)
+    np.testing.assert_allclose(layer.scale, (3.0, 1.0, 1.0))
+
+
+def test_a_finished_run_on_a_present_source_adds_no_removal_notice(make_widget, qtbot, cards,
+                                                                   errors) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((16, 16)), name="kept")
+    widget.run()
+    finish(qtbot, widget)
+    assert not [m for m in errors() if "was removed" in m]

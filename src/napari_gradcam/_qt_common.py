@@ -330,6 +330,7 @@ class RunControlsMixin:
 
     worker: Any
     _pending: Any
+    _run_warnings: set[str]
     run_button: QPushButton
     progress_bar: QProgressBar
 
@@ -346,6 +347,7 @@ class RunControlsMixin:
         """Run ``guarded(job)`` in a napari thread worker; the button now cancels it."""
         self.progress_bar.setRange(0, 0)  # busy until the first batch reports
         self.run_button.setText("Cancel")
+        self._run_warnings = set()
         self.worker = create_worker(
             guarded, job,
             _start_thread=True,
@@ -353,10 +355,24 @@ class RunControlsMixin:
                 "yielded": self._on_progress,
                 "returned": self._on_returned,
                 "errored": self._on_errored,
+                "warned": self._on_warned,
                 "finished": self._on_finished,
             },
         )
         return self.worker
+
+    def _on_warned(self, warning: tuple[Any, ...]) -> None:
+        """Show a warning the job raised (a 1×1 target layer, a saturated score) once per run.
+
+        The worker catches warnings in its thread and emits them; napari 0.9 does not turn
+        them into notifications (its relay mixin's ``__init__`` never runs after Qt's), so
+        without this the engine's warnings about wrong numbers would be lost. Every batch
+        warns again: the same text is shown once per run.
+        """
+        text = str(warning[0]) if warning else ""
+        if text and text not in self._run_warnings:
+            self._run_warnings.add(text)
+            show_warning(text)
 
     def cancel(self) -> None:
         """Stop the running job before its next batch; nothing is added or changed."""

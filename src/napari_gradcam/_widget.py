@@ -364,10 +364,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         name = self.image_combo.currentText()
         layer = self._layer(name)
         if layer is None:
-            active = self.viewer.layers.selection.active
-            what = (f"the active layer {active.name!r} is a {type(active).__name__} layer"
-                    if active is not None else "no layer is selected")
-            raise ValueError(f"Select an image layer to explain ({what}).")
+            raise ValueError(self._no_image_message())
         if not isinstance(layer, Image):
             raise ValueError(f"{name!r} is not an image layer.")
         source = image_source(self.viewer, layer, click_point)
@@ -401,6 +398,23 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         origin = plan.origin(source.shape)  # explain_job makes this plan again: same origin
         return _Capture(layer.name, source, placement(layer, origin)), request
 
+    def _no_image_message(self) -> str:
+        """Why there is nothing to explain, and which layers could be explained.
+
+        The layer's kind comes from ``__class__`` (not ``type()``): napari hands plugins
+        proxies of its layers, whose ``type()`` is ``PublicOnlyProxy``.
+        """
+        active = self.viewer.layers.selection.active
+        if active is not None:
+            what = f"{active.name!r} is a {active.__class__.__name__} layer"
+        elif len(self.viewer.layers):
+            what = "no Image layer is open"
+        else:
+            what = "no layer is open"
+        return (f"Select an image layer to explain ({what}). Grad-CAM explains Image layers "
+                "(grey or RGB images, stacks, volumes, spectra); Labels and Shapes layers "
+                "serve as regions for segmentation models.")
+
     # ---------------------------------------------------------------------------------------
     # Running
 
@@ -424,6 +438,15 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         self.progress_bar.setValue(int(done))
 
     def _on_returned(self, result: ExplainResult) -> None:
+        """Add the maps of a finished run, also when its source layer is gone.
+
+        If the source layer was removed (or renamed, or its data replaced) during the run,
+        the map is still added, where the source was (its transforms were captured at *Run*),
+        with a warning saying so: the computation may have taken minutes, and the map stays
+        valid for the data it was computed on. Deleting a layer is one keystroke; silently
+        dropping an expensive result, or silently adding a map with no source beside it,
+        would leave the user guessing.
+        """
         if self._pending is None:
             return
         capture, _request = self._pending
@@ -431,6 +454,21 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             self._show_result(capture, result)
         except Exception as error:  # adding a layer must never take the widget down
             show_error(f"Could not add the result layer: {error}")
+            return
+        if not self._source_still_there(capture):
+            show_warning(
+                f"The layer {capture.name!r} was removed (or renamed, or its data replaced) "
+                "while Grad-CAM ran. Its map was added anyway, where the layer was, because "
+                "it is valid for the data it was computed on; delete it if you no longer "
+                "need it.")
+
+    def _source_still_there(self, capture: _Capture) -> bool:
+        """Whether the viewer still holds the explained layer, with the data explained."""
+        layer = self._layer(capture.name)
+        if not isinstance(layer, Image):
+            return False
+        data = layer.data[0] if layer.multiscale else layer.data
+        return data is capture.source.data
 
     def _on_errored(self, error: BaseException) -> None:
         show_error(str(error) if isinstance(error, JobError)

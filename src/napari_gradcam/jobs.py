@@ -53,6 +53,7 @@ from scipy import ndimage
 from napari_gradcam.core.device import run_with_oom_backoff
 from napari_gradcam.core.engine import preserved_model_state
 from napari_gradcam.core.methods import INPUT_GRADIENT_METHODS, heatmaps, make_explainer
+from napari_gradcam.core.preprocess import overflow_problem
 from napari_gradcam.core.provenance import make_provenance
 from napari_gradcam.core.targets import AllClasses, ClassTarget, PredictedClass, SegmentationRegion
 from napari_gradcam.core.volume import Cancelled, class_probabilities, run_job, volume_job
@@ -537,8 +538,13 @@ def to_model_input(slab: np.ndarray, source: ImageSource, in_channels: int) -> n
     return np.moveaxis(rgb, -1, 1)
 
 
-def _check_finite(batch: np.ndarray, where: str) -> None:
+def _check_finite(batch: np.ndarray, where: str, raw: np.ndarray | None = None) -> None:
+    """Refuse NaN/inf in a float32 ``batch``; ``raw`` (the data before the float32 cast) tells
+    finite values too large for float32 (1e300 in float64 data) from real NaN or inf."""
     if not np.isfinite(batch).all():
+        overflow = None if raw is None else overflow_problem(raw, np.float32, where)
+        if overflow:
+            raise ValueError(overflow)
         raise ValueError(f"NaN or infinite values in {where}: the model cannot explain them. "
                          "Fill or mask them first (e.g. replace NaN by the background)")
 
@@ -687,9 +693,10 @@ def _samples(loaded, explainer, source, request, plan, maps, labels) -> Generato
 
     def work(chunk: range) -> None:
         start, stop = chunk.start, chunk.stop
-        slab = to_model_input(read_slab(source, plan, start, stop), source, card.in_channels)
+        raw = read_slab(source, plan, start, stop)
+        slab = to_model_input(raw, source, card.in_channels)
         _check_finite(slab, where if plan.sample_axis is None
-                      else f"{where} {start}..{stop - 1} along axis {plan.sample_axis}")
+                      else f"{where} {start}..{stop - 1} along axis {plan.sample_axis}", raw)
         tensor = loaded.preprocess(slab)
         target, mask = _batch_target(loaded, source, request, plan, tensor, start, stop, device)
         if mask is not None and not mask.any():
@@ -777,7 +784,13 @@ class _BlockView:
         parts = list(key) if isinstance(key, tuple) else [key]
         parts += [slice(None)] * (3 - len(parts))
         full: list[object] = [self.plan.fixed[a] for a in range(self.source.ndim - 3)]
-        return np.asarray(self.source.data[tuple(full + parts)], dtype=np.float32)
+        raw = np.asarray(self.source.data[tuple(full + parts)])
+        block = raw.astype(np.float32, copy=False)
+        if raw.dtype.kind == "f" and raw.dtype.itemsize > 4 and not np.isfinite(block).all():
+            overflow = overflow_problem(raw, np.float32, f"the volume {self.source.name!r}")
+            if overflow:  # say so here: after the cast it would read as NaN/inf in the data
+                raise ValueError(overflow)
+        return block
 
 
 def _windows(loaded, explainer, source, request, plan, maps, labels) -> Generator:

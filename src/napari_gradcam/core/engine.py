@@ -15,6 +15,7 @@ parameter's ``requires_grad`` and removes the hooks, also when the model raises 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from napari_gradcam.core.device import autocast_context
+from napari_gradcam.core.preprocess import overflow_problem
 from napari_gradcam.core.targets import AllClasses, Target
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
@@ -48,9 +50,19 @@ def conv_layer_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _short_list(names: list[str], limit: int = 40) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+def _short_list(names: list[str], limit: int = 40, keep: Sequence[str] = ()) -> str:
+    """At most about ``limit`` names; the names in ``keep`` (close matches) are never cut."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    kept = set(keep) & set(names)
+    head = set(names[:max(limit - len(kept), 0)])
+    shown = [name for name in names if name in head or name in kept]
+    return ", ".join(shown) + f", ... ({len(names) - len(shown)} more)"
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> list[str]:
+    """The names closest to a mistyped one (difflib), best first; at most three."""
+    return difflib.get_close_matches(name, [c for c in choices if c], n=3, cutoff=0.6)
 
 
 def resolve_layers(model: nn.Module, layer: LayerSpec) -> list[tuple[str, nn.Module]]:
@@ -68,9 +80,11 @@ def resolve_layers(model: nn.Module, layer: LayerSpec) -> list[tuple[str, nn.Mod
             resolved.append((names_by_module[id(spec)] or "<model>", spec))
         elif isinstance(spec, str):
             if spec not in modules or spec == "":
+                close = _did_you_mean(spec, list(modules))
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise LayerNotFoundError(
-                    f"the model has no layer {spec!r}. Layers that make feature maps: "
-                    f"{_short_list(conv_layer_names(model))}"
+                    f"the model has no layer {spec!r}{hint}. Layers that make feature maps: "
+                    f"{_short_list(conv_layer_names(model), keep=close)}"
                 )
             resolved.append((spec, modules[spec]))
         else:
@@ -179,7 +193,7 @@ def check_input(x: object, model: nn.Module) -> torch.Tensor:
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"the input has dtype {tensor.dtype}; give real numbers (float32)")
     # float64 NumPy arrays and integer images meet a float32 model (or a float64 one)
-    tensor = tensor.to(model_dtype_device(model)[0])
+    original, tensor = tensor, tensor.to(model_dtype_device(model)[0])
     if tensor.ndim not in (3, 4, 5):
         raise ValueError(
             f"expected a batch of shape (N, C, *spatial) with 1, 2 or 3 spatial dims, got shape "
@@ -190,6 +204,9 @@ def check_input(x: object, model: nn.Module) -> torch.Tensor:
         raise ValueError(f"the input is empty (shape {tuple(tensor.shape)})")
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
+        overflow = overflow_problem(original, tensor.dtype)
+        if overflow:  # finite data beyond the model's dtype, not NaN in the data
+            raise ValueError(overflow)
         bad = int((~finite).sum())
         raise ValueError(
             f"the input holds {bad} NaN or infinite values; fill or mask them before explaining "
@@ -277,6 +294,37 @@ def _warn_if_zero_gradient(layers: list[LayerGradients]) -> None:
             UserWarning, stacklevel=4)
 
 
+def _warn_if_one_by_one(model: nn.Module, x: torch.Tensor,
+                        layers: list[LayerGradients]) -> None:
+    """Warn when a target layer's feature map is 1×1(×1): its CAM is one value everywhere.
+
+    A global pooling layer (``AdaptiveAvgPool2d(1)``) is a tempting name to type, and the
+    result, a constant map, looks like a (dull) answer. The warning names the layer to use
+    instead, found the way the default layer is chosen (a dry run at this input's size); it
+    runs after the hooks and model state of the real pass are gone.
+    """
+    flat = [layer for layer in layers if layer.activations.ndim > 2
+            and all(size == 1 for size in layer.activations.shape[2:])]
+    if not flat or all(size == 1 for size in x.shape[2:]):
+        return
+    from napari_gradcam.core.layer_discovery import last_spatial_layer  # it imports this module
+
+    try:
+        better = last_spatial_layer(model, tuple(x.shape[1:]))
+    except (ValueError, RuntimeError, TypeError):  # the advice is optional, the warning is not
+        better = None
+    advice = (f" Explain the last layer with spatial extent instead: {better.name!r} (output "
+              f"{'×'.join(str(s) for s in better.output_shape)})." if better is not None else
+              " Choose a layer before the global pooling.")
+    for layer in flat:
+        shape = "×".join(str(s) for s in layer.activations.shape[1:])
+        warnings.warn(
+            f"layer {layer.name!r} outputs a feature map of one pixel (C×spatial = {shape}) for "
+            f"an input of {'×'.join(str(s) for s in x.shape[2:])}, so its map is the same value "
+            f"everywhere and shows nothing about where the model looks.{advice}",
+            UserWarning, stacklevel=4)
+
+
 def forward_backward(
     model: nn.Module,
     x: torch.Tensor,
@@ -290,8 +338,25 @@ def forward_backward(
     """Run the model once with the graph cut at the layers, then differentiate the target.
 
     ``AllClasses`` runs one cheap backward pass per class over the same graph (retained),
-    giving gradients of shape ``(K, N, C, *spatial)``.
+    giving gradients of shape ``(K, N, C, *spatial)``. Warns when a layer's map is 1×1.
     """
+    result = _forward_backward(model, x, layers, target, device=device, amp=amp,
+                               need_gradients=need_gradients)
+    _warn_if_one_by_one(model, x, result.layers)
+    return result
+
+
+def _forward_backward(
+    model: nn.Module,
+    x: torch.Tensor,
+    layers: list[tuple[str, nn.Module]],
+    target: Target,
+    *,
+    device: torch.device,
+    amp: str | None = None,
+    need_gradients: bool = True,
+) -> ForwardBackward:
+    """:func:`forward_backward` without the check of the layers' map sizes."""
     x = x.to(device)
     # enable_grad: scoring and differentiation work even when the caller is inside no_grad.
     with preserved_model_state(model), ActivationCapture(layers) as capture, torch.enable_grad():

@@ -8,6 +8,7 @@ The shapes also tell the user how coarse each layer's heatmap will be.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -243,6 +244,24 @@ def choose_target_layer(probe: ForwardProbe) -> str:
     return group[-1]
 
 
+def last_spatial_layer(model: nn.Module, sample_shape: Sequence[int]) -> LayerInfo | None:
+    """The layer :func:`choose_target_layer` picks for inputs of ``sample_shape``
+    ``(C, *spatial)``, when its map has spatial extent (None otherwise, or when no layer makes
+    a feature map).
+
+    What the engine suggests when the layer a user named makes a 1×1 map (a global pool): the
+    probe runs at the user's own input size, where a fixed-size dummy could differ.
+    """
+    channels, *spatial = (int(s) for s in sample_shape)
+    probe = probe_model(model, len(spatial), channels, tuple(spatial))
+    try:
+        name = choose_target_layer(probe)
+    except ValueError:
+        return None
+    chosen = next(layer for layer in probe.layers if layer.name == name)
+    return chosen if chosen.has_spatial_extent else None
+
+
 def default_target_layer(
     model: nn.Module,
     spatial_dims: int,
@@ -261,9 +280,10 @@ def default_target_layer(
     if card is not None and card.target_layer:
         names = dict(model.named_modules())
         if card.target_layer not in names:
+            close = difflib.get_close_matches(card.target_layer, [n for n in names if n], n=1)
             raise ValueError(
                 f"the model card names target_layer {card.target_layer!r} but the model has no "
-                "such layer"
+                "such layer" + (f" (did you mean {close[0]!r}?)" if close else "")
             )
         return card.target_layer
     return choose_target_layer(probe_model(model, spatial_dims, in_channels, input_size))

@@ -218,6 +218,40 @@ OPS: dict[str, _Op] = {
 }
 
 
+def overflow_problem(values: object, dtype: torch.dtype | np.dtype | str,
+                     where: str = "the input") -> str | None:
+    """Why finite ``values`` become infinite in ``dtype`` (1e300 in float32), or None.
+
+    Float64 data beyond float32's range (about 3.4e38) turns into ``inf`` when it meets a
+    float32 model, and the check for NaN/inf that follows would blame the data for values it
+    does not hold. Callers ask this only once the converted data is found non-finite, so good
+    data pays nothing.
+    """
+    if isinstance(dtype, torch.dtype):
+        name, largest_allowed = str(dtype).removeprefix("torch."), float(torch.finfo(dtype).max)
+    else:
+        name, largest_allowed = np.dtype(dtype).name, float(np.finfo(np.dtype(dtype)).max)
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    array = np.asarray(values)
+    if array.dtype.kind not in "iuf":
+        return None
+    magnitude = np.abs(array.astype(np.float64, copy=False))
+    finite = np.isfinite(magnitude)
+    too_large = int((finite & (magnitude > largest_allowed)).sum())
+    if not too_large:
+        return None
+    also = int((~finite).sum())
+    return (
+        f"{where} holds {too_large} value(s) too large for the model's dtype {name}: the largest "
+        f"|value| is {float(magnitude[finite].max()):.3g}, but {name} ends at "
+        f"{largest_allowed:.3g}, so converted to {name} they overflow to infinity"
+        + (f" (and {also} value(s) are already NaN or infinite)" if also else "")
+        + ". Rescale the data (e.g. divide it by its maximum, or convert to physical units) "
+        "before explaining"
+    )
+
+
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -328,19 +362,23 @@ class Preprocessor:
     def _as_float_tensor(batch: object) -> torch.Tensor:
         # Always a private float32 copy: the ops must never alias (or write into) the caller's
         # image, and read-only buffers (zarr, memory maps) become writable.
+        raw: object = batch
         if isinstance(batch, torch.Tensor):
             array = batch.detach().to("cpu", torch.float32).numpy().copy()
         else:
-            array = np.asarray(batch)  # computes dask arrays, reads zarr slices
-            if array.dtype.kind not in "biuf":
+            raw = np.asarray(batch)  # computes dask arrays, reads zarr slices
+            if raw.dtype.kind not in "biuf":
                 raise TypeError(
-                    f"expected a real-valued numeric array, got dtype {array.dtype}; convert "
+                    f"expected a real-valued numeric array, got dtype {raw.dtype}; convert "
                     "complex or object data to real numbers first"
                 )
-            array = np.array(array, dtype=np.float32, order="C", copy=True)
+            array = np.array(raw, dtype=np.float32, order="C", copy=True)
         nan = int(np.isnan(array).sum())
         inf = int(np.isinf(array).sum())
         if nan or inf:
+            overflow = overflow_problem(raw, np.float32)
+            if overflow:
+                raise ValueError(overflow)
             raise ValueError(
                 f"the input contains {nan} NaN and {inf} infinite value(s) out of {array.size}; "
                 "a CNN cannot explain them. Fill them (e.g. numpy.nan_to_num) or crop them away"
