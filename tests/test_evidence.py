@@ -25,6 +25,7 @@ from napari_gradcam.core.evidence import (
     check_forbidden_region,
     deletion_insertion,
     energy_in_region,
+    random_placements,
     randomisation_check,
     region_test,
 )
@@ -196,6 +197,110 @@ def test_inpaint_fill_is_smooth_and_within_surrounding_range() -> None:
     by_mean = region_test(model, x, mask, target=0, fill="mean")
     np.testing.assert_allclose(by_mean.filled[0, 0][mask], x[0, 0][~torch.from_numpy(mask)].mean(),
                                rtol=1e-5)
+
+
+class ReadsOneRegion(nn.Module):
+    """Two logits, ±(sum of the input over a fixed region): a model whose answer depends on
+    that region and on nothing else, by construction."""
+
+    def __init__(self, region: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("region", torch.from_numpy(region.astype(np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = (x[:, 0] * self.region).flatten(1).sum(1)
+        return torch.stack([total, -total], dim=1)
+
+
+class ReadsEverything(nn.Module):
+    """Two logits, ±(mean of the input): every pixel matters a little and equally, so filling
+    any region lowers the score by about the same small amount (the false pass of a bare
+    drop: a 0.004 fall in probability)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = x.flatten(1).mean(1)
+        return torch.stack([total, -total], dim=1)
+
+
+def _bright_image(seed: int = 0) -> torch.Tensor:
+    """Positive noise (so removing any pixel by filling it with zero lowers a sum)."""
+    return torch.from_numpy(np.random.default_rng(seed).uniform(0.5, 1.5, (1, 1, SIZE, SIZE))
+                            ).float()
+
+
+def test_region_that_decides_stands_out_from_random_regions_of_its_shape() -> None:
+    model, x = ReadsOneRegion(CORNER), _bright_image()
+    result = region_test(model, x, CORNER, target=0, fill=0.0, n_null=50, seed=3)
+    # by hand: the drop is the region's sum; random regions elsewhere do not touch the corner
+    assert result.score_drop[0] == pytest.approx(float(x[0, 0][torch.from_numpy(CORNER)].sum()),
+                                                 rel=1e-5)
+    assert result.null_drops.shape == (1, 50)
+    np.testing.assert_allclose(result.null_drops, 0.0, atol=1e-5)
+    assert result.p_value[0] == pytest.approx(1 / 51)  # no random region drops as much
+    assert result.effect_size[0] == np.inf  # the null has no spread at all
+    assert result.stands_out(0.05)[0]
+
+
+def test_region_that_the_model_ignores_does_not_stand_out() -> None:
+    ignored = np.zeros((SIZE, SIZE), dtype=bool)
+    ignored[10:14, 10:14] = True
+    result = region_test(ReadsOneRegion(CORNER), _bright_image(), ignored, target=0, fill=0.0,
+                         n_null=50, seed=3)
+    assert result.score_drop[0] == pytest.approx(0.0, abs=1e-5)
+    # random squares that land on the corner drop the score, the others by nothing at all
+    assert (result.null_drops > 0.1).any() and result.p_value[0] == 1.0
+    assert not result.stands_out(0.05)[0]
+
+
+def test_a_drop_that_any_region_gives_does_not_stand_out() -> None:
+    """The old criterion (drop > 0) passed this; against its null it fails."""
+    x = _bright_image(1)
+    result = region_test(ReadsEverything(), x, CORNER, target=0, fill=0.0, n_null=50, seed=0)
+    assert result.score_drop[0] > 0  # what used to pass
+    # each random 6x6 square removes its own sum / 256: drops of the same size as the corner's
+    null_by_hand = result.null_drops[0]
+    assert 0.5 * result.score_drop[0] < np.median(null_by_hand) < 2 * result.score_drop[0]
+    expected_p = (1 + np.sum(null_by_hand >= result.score_drop[0])) / 51
+    assert result.p_value[0] == pytest.approx(expected_p)
+    assert result.p_value[0] > 0.05 and not result.stands_out(0.05)[0]
+    mean, spread = null_by_hand.mean(), null_by_hand.std(ddof=1)
+    assert result.effect_size[0] == pytest.approx((result.score_drop[0] - mean) / spread)
+
+
+def test_trained_model_deciding_corner_stands_out_and_distractor_does_not(blob_model) -> None:
+    model, x = blob_model
+    corner = region_test(model, x[:2], CORNER, target=1, fill="inpaint", n_null=50, seed=0)
+    assert corner.stands_out(0.05).all() and (corner.effect_size > 3).all()
+    half = np.zeros((SIZE, SIZE), dtype=bool)
+    half[4:10, 10:16] = True  # where the distractor blobs are, which both classes have
+    distractor = region_test(model, x[:2], half, target=1, fill="inpaint", n_null=50, seed=0)
+    assert not distractor.stands_out(0.05).any()
+
+
+def test_random_placements_keep_the_shape_and_avoid_the_region() -> None:
+    rng = np.random.default_rng(0)
+    shape = np.zeros((12, 12), dtype=bool)
+    shape[2:5, 3:8] = True
+    shape[4, 3] = False  # not a rectangle: the exact shape must travel
+    moved, how = random_placements(shape, 20, rng)
+    assert len(moved) == 20 and how == "shifted inside the input"
+    for copy_ in moved:
+        assert copy_.sum() == shape.sum() and not (copy_ & shape).any()
+        rows, cols = np.nonzero(copy_)
+        np.testing.assert_array_equal(copy_[rows.min():rows.min() + 3, cols.min():cols.min() + 5],
+                                      shape[2:5, 3:8])
+    # a band across the whole width fits nowhere else whole in x, but can move in y
+    band = np.zeros((12, 12), dtype=bool)
+    band[0:3, :] = True
+    moved, how = random_placements(band, 5, rng)
+    assert len(moved) == 5 and all(m.sum() == 36 and not (m & band).any() for m in moved)
+    # a region covering most of the input has no null
+    most = np.ones((12, 12), dtype=bool)
+    most[0, 0] = False
+    assert random_placements(most, 5, rng) == ([], "no random placement avoids the region (it "
+                                                    "covers too much of the input)")
+    with pytest.raises(ValueError, match="n_null"):
+        region_test(ReadsEverything(), _bright_image(), CORNER, n_null=-1)
 
 
 # ---------------------------------------------------------------------------- energy

@@ -31,6 +31,7 @@ from napari_gradcam.evidence_report import (
     EvidenceReport,
     EvidenceSettings,
     evidence_job,
+    evidence_summary,
     run_evidence,
 )
 
@@ -199,6 +200,57 @@ def test_report_provenance_names_model_method_layer_target(subject: Subject,
     assert per_map["method"] == "occlusion" and per_map["layers"] == []
     assert per_map["options"]["evidence_of"] == "gradcam"
     assert per_map["options"]["origin"] == [0, 0]
+
+
+def test_the_evidence_summary_travels_with_the_map(full_report: EvidenceReport) -> None:
+    summary = evidence_summary(full_report)
+    rows = full_report.rows()
+    assert summary["passed"] == full_report.passed
+    assert [row["check"] for row in summary["rows"]] == [row.check for row in rows]
+    assert [row["verdict"] for row in summary["rows"]] == [row.verdict for row in rows]
+    for mine, row in zip(summary["rows"], rows, strict=True):
+        if np.isfinite(row.value):
+            assert mine["value"] == pytest.approx(row.value)
+    assert summary["failed"] == [f"{r.check}: {r.measure}" for r in rows if r.passed is False]
+    assert summary["source"] == "test sample" and summary["method"] == "gradcam"
+    # JSON-ready (no NaN), and in every map's provenance, so layers and OME-Zarr carry it
+    assert json.loads(json.dumps(summary, allow_nan=False)) == summary
+    for name in full_report.maps:
+        assert full_report.map_provenance(name)["options"]["evidence"] == summary
+
+
+def test_region_row_is_judged_against_random_regions(subject: Subject,
+                                                     full_report: EvidenceReport) -> None:
+    region = full_report.region
+    assert region.null_count == FAST.region_null_samples == 50
+    rows = [row for row in full_report.rows() if row.check == "Region test"]
+    verdict = rows[0]
+    assert "p-value" in verdict.measure and verdict.reference == FAST.region_alpha
+    assert verdict.value == pytest.approx(float(region.p_value[0]))
+    assert verdict.passed == bool(region.score_drop[0] > 0 and region.p_value[0] < 0.05)
+    assert verdict.passed  # the deciding square of a model that learnt it stands out
+    effect = next(row for row in rows if row.measure.startswith("effect size"))
+    assert effect.value == pytest.approx(float(region.effect_size[0])) and effect.value > 2
+    numbers = full_report.to_dict()["region"]
+    assert numbers["p_value"] == pytest.approx(float(region.p_value[0]))
+    assert numbers["effect_size"] == pytest.approx(float(region.effect_size[0]))
+    assert len(numbers["null_drops"]) == 50 and numbers["alpha"] == 0.05
+    assert "p-value" in full_report.summary()
+
+
+def test_a_region_that_does_not_stand_out_fails(tiny: Subject) -> None:
+    """A square of background of the deciding square's size: filling it changes the score a
+    little, as filling any square does; against random squares it must not pass."""
+    rows_with_square = np.flatnonzero(tiny.mask.any(axis=1))
+    background = np.zeros_like(tiny.mask)
+    low = 0 if rows_with_square.min() >= 12 else SIZE - 5
+    background[low:low + 5, 0:5] = True
+    assert not (background & tiny.mask).any()
+    report = run_evidence(tiny.model, tiny.x, layer=tiny.layer, target=tiny.target, checks=(),
+                          region_mask=background, settings=FAST)
+    verdict = next(row for row in report.rows() if row.check == "Region test")
+    assert verdict.passed is False and not report.passed
+    assert f"Region test: {verdict.measure}" in evidence_summary(report)["failed"]
 
 
 # --------------------------------------------------------------------------------------------

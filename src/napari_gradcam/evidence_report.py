@@ -75,6 +75,7 @@ __all__ = [
     "EvidenceRow",
     "EvidenceSettings",
     "evidence_job",
+    "evidence_summary",
     "format_value",
     "plot_deletion_insertion",
     "plot_maps",
@@ -145,8 +146,11 @@ class EvidenceSettings:
       same places, the user's question; a rank correlation over all pixels (reported too) is
       dominated by the order of the many unimportant background pixels, which is noise;
     * ``region_fill``: how the region test fills the region (``"inpaint"`` blends it into its
-      surroundings without drawing a new edge); ``forbidden_threshold``: the largest share of
-      the map allowed inside a forbidden region;
+      surroundings without drawing a new edge); ``region_null_samples``: how many random
+      regions of the same shape are filled the same way to tell a real drop from the drop any
+      filling causes, and ``region_alpha``: the region passes when its drop is positive and its
+      p-value against them is below it; ``forbidden_threshold``: the largest share of the map
+      allowed inside a forbidden region;
     * ``seed``, ``batch_size``: reproducibility and memory.
     """
 
@@ -163,6 +167,8 @@ class EvidenceSettings:
     agreement_top_k: float = 0.1
     agreement_factor: float = 3.0
     region_fill: str | float = "inpaint"
+    region_null_samples: int = 50
+    region_alpha: float = 0.05
     forbidden_threshold: float = 0.2
     seed: int = 0
     batch_size: int = 16
@@ -175,6 +181,12 @@ class EvidenceSettings:
         if not 0.0 < self.agreement_top_k <= 1.0:
             raise ValueError(f"agreement_top_k is a fraction in (0, 1], got "
                              f"{self.agreement_top_k!r}")
+        if not 0.0 < self.region_alpha < 1.0:
+            raise ValueError(f"region_alpha is a p-value threshold in (0, 1), got "
+                             f"{self.region_alpha!r}")
+        null = self.region_null_samples
+        if isinstance(null, bool) or not isinstance(null, (int, np.integer)) or null < 0:
+            raise ValueError(f"region_null_samples must be a non-negative integer, got {null!r}")
         if not 0.0 <= self.forbidden_threshold <= 1.0:
             raise ValueError(f"forbidden_threshold is a share in [0, 1], got "
                              f"{self.forbidden_threshold!r}")
@@ -320,13 +332,7 @@ class EvidenceReport:
                 float(result.spearman), None, None, "for information",
             ))
         if self.region is not None:
-            drop = float(self.region.score_drop[0])
-            if self.region_kind == "evidence":
-                rows.append(EvidenceRow(
-                    "Region test", f"target score drop when the region is filled "
-                    f"({self.region.fill})", drop, 0.0, drop > 0,
-                    "positive (the region supports the target)",
-                ))
+            rows.extend(self._region_rows())
             if self.region.probability_before is not None:
                 rows.append(EvidenceRow(
                     "Region test", "target probability after filling",
@@ -358,6 +364,43 @@ class EvidenceReport:
                 ))
         return rows
 
+    def _region_rows(self) -> list[EvidenceRow]:
+        """The region test's drop, judged against random regions of the same shape."""
+        region = self.region
+        assert region is not None
+        drop = float(region.score_drop[0])
+        evidence = self.region_kind == "evidence"
+        rows = []
+        if region.p_value is None:  # no null distribution: the drop is all there is
+            rows.append(EvidenceRow(
+                "Region test", f"target score drop when the region is filled ({region.fill})",
+                drop, 0.0, None if not evidence else False,
+                "no random regions to compare with"
+                + (f" ({region.null_note})" if region.null_note else "")
+                + ": a drop alone is not evidence",
+            ))
+            return rows
+        alpha = self.settings.region_alpha
+        p_value = float(region.p_value[0])
+        effect = float(region.effect_size[0])
+        null_mean = float(region.null_drops[0].mean())
+        rows.append(EvidenceRow(
+            "Region test", f"p-value of the target score drop ({region.fill} fill) against "
+            f"{region.null_count} random regions of the same shape", p_value, alpha,
+            bool(region.stands_out(alpha)[0]) if evidence else None,
+            f"below {alpha:g} with a positive drop (the region matters more than others)"
+            if evidence else "for information (a forbidden region should not stand out)",
+        ))
+        rows.append(EvidenceRow(
+            "Region test", "target score drop (reference: mean drop of the random regions)",
+            drop, null_mean, None, "for information",
+        ))
+        rows.append(EvidenceRow(
+            "Region test", "effect size (drop - null mean) / null std", effect, None, None,
+            "for information",
+        ))
+        return rows
+
     @property
     def passed(self) -> bool:
         """True when every row with a pass criterion passed."""
@@ -381,10 +424,16 @@ class EvidenceReport:
     # Provenance and numbers
 
     def map_provenance(self, name: str, **options: Any) -> dict[str, Any]:
-        """The provenance record of one map (for a napari layer or a file)."""
+        """The provenance record of one map (for a napari layer or a file).
+
+        ``options["evidence"]`` is :func:`evidence_summary`: which checks passed, with their
+        numbers, so a map saved or shared without its report folder still says how far it was
+        tested.
+        """
         record = dict(self.provenance)
         cam_like = name == self.method or name == "score_cam"
-        extra = {**record.get("options", {}), "evidence_of": self.method, **options}
+        extra = {**record.get("options", {}), "evidence_of": self.method,
+                 "evidence": evidence_summary(self), **options}
         return make_provenance(
             method=name,
             layers=list(record["layers"]) if cam_like else [],
@@ -471,6 +520,17 @@ class EvidenceReport:
                                           else float(self.region.probability_after[0])),
                     "flipped": (None if self.region.flipped is None
                                 else bool(self.region.flipped[0])),
+                    "null_count": self.region.null_count,
+                    "null_placement": self.region.null_note,
+                    "null_drops": (None if self.region.null_drops is None
+                                   else [float(d) for d in self.region.null_drops[0]]),
+                    "null_mean": (None if self.region.null_drops is None
+                                  else float(self.region.null_drops[0].mean())),
+                    "effect_size": (None if self.region.effect_size is None
+                                    else _finite(self.region.effect_size[0])),
+                    "p_value": (None if self.region.p_value is None
+                                else float(self.region.p_value[0])),
+                    "alpha": self.settings.region_alpha,
                 })
             if self.forbidden is not None:
                 region["forbidden_message"] = self.forbidden.message
@@ -599,6 +659,37 @@ class EvidenceReport:
             figure = Figure(figsize=size, dpi=150, layout="constrained")
             draw(self, figure)
             figure.savefig(files[role])
+
+
+def evidence_summary(report: EvidenceReport) -> dict[str, Any]:
+    """The verdicts of an evidence run, small and JSON-ready, to travel with the map.
+
+    A heatmap that leaves napari (a layer saved, an OME-Zarr sent to a colleague) loses its
+    report folder; this record goes into its provenance instead (:meth:`EvidenceReport.
+    map_provenance` puts it under ``options["evidence"]``; the explainer widget and the command
+    line put it under the map's ``provenance["evidence"]``). It holds the overall verdict, the
+    checks that failed by name, and every row of the verdict table with its number, reference
+    and criterion; undefined numbers are ``None`` (JSON has no NaN).
+    """
+    rows = report.rows()
+    record = report.provenance
+    return {
+        "passed": report.passed,
+        "failed": [f"{row.check}: {row.measure}" for row in rows if row.passed is False],
+        "method": report.method,
+        "layer": report.layer,
+        "target": report.target,
+        "model": report.model_name,
+        "source": record.get("source"),
+        "created": record.get("created"),
+        "checks": list(report.checks),
+        "rows": [
+            {"check": row.check, "measure": row.measure, "value": _finite(row.value),
+             "reference": _finite(row.reference), "verdict": row.verdict,
+             "criterion": row.criterion}
+            for row in rows
+        ],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -959,7 +1050,7 @@ def _costs(checks: Sequence[str], subject: _Subject, settings: EvidenceSettings
         "smoothgrad": 2 * settings.smoothgrad_samples,
         "integrated_gradients": 2 * (settings.ig_steps + 1),
         "score_cam": 66,
-        "region": 3,
+        "region": 2 + settings.region_null_samples,
     }
     return [(check, costs[check]) for check in checks]
 
@@ -1150,7 +1241,7 @@ def _run_stage(stage: str, subject: _Subject, target: Any, settings: EvidenceSet
         if should_stop():
             raise Cancelled("evidence run stopped before the region test")
         result = region_test(model, inputs, mask, target, fill=settings.region_fill,
-                             batch_size=settings.batch_size)
+                             n_null=settings.region_null_samples, seed=settings.seed, **common)
         progress(1, 1)
         return result
     raise AssertionError(stage)  # pragma: no cover - _checked_checks rejects unknown names
