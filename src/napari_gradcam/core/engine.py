@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from napari_gradcam.core.device import autocast_context
+from napari_gradcam.core.outputs import OutputSpec, select_output
 from napari_gradcam.core.preprocess import overflow_problem
 from napari_gradcam.core.targets import AllClasses, Target
+from napari_gradcam.core.tokens import FeatureMapView, TokenLayout, feature_map_view
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
 
@@ -253,14 +255,18 @@ class ForwardBackward:
 
 
 def _validate_activation(name: str, capture: ActivationCapture, x: torch.Tensor,
-                         model: nn.Module) -> torch.Tensor:
+                         model: nn.Module, tokens: TokenLayout | None = None,
+                         module: nn.Module | None = None
+                         ) -> tuple[torch.Tensor, FeatureMapView]:
+    """The layer's raw output and how to read it as (N, C, *grid) (tokens, channels-last)."""
     if name in capture.problems:
         raise ValueError(f"layer {name!r} {capture.problems[name]}; pick a layer that returns a "
                          "feature map")
     if name not in capture.activations:
         raise ValueError(f"layer {name!r} was not used by the model's forward pass")
     activation = capture.activations[name]
-    if activation.ndim != x.ndim:
+    view = feature_map_view(name, tuple(activation.shape), tuple(x.shape), model, tokens, module)
+    if view is None:
         raise ValueError(
             f"layer {name!r} outputs shape {tuple(activation.shape)}, which is not a feature map "
             f"(N, C, *spatial) like the input {tuple(x.shape)}. Layers that make feature maps: "
@@ -269,7 +275,7 @@ def _validate_activation(name: str, capture: ActivationCapture, x: torch.Tensor,
     if capture.calls[name] > 1:
         warnings.warn(f"layer {name!r} ran {capture.calls[name]} times in one forward pass; its "
                       "last call is explained", UserWarning, stacklevel=4)
-    return activation
+    return activation, view
 
 
 def _warn_if_probabilities(outputs: torch.Tensor) -> None:
@@ -334,6 +340,8 @@ def forward_backward(
     device: torch.device,
     amp: str | None = None,
     need_gradients: bool = True,
+    output: OutputSpec = None,
+    tokens: TokenLayout | None = None,
 ) -> ForwardBackward:
     """Run the model once with the graph cut at the layers, then differentiate the target.
 
@@ -341,7 +349,7 @@ def forward_backward(
     giving gradients of shape ``(K, N, C, *spatial)``. Warns when a layer's map is 1×1.
     """
     result = _forward_backward(model, x, layers, target, device=device, amp=amp,
-                               need_gradients=need_gradients)
+                               need_gradients=need_gradients, output=output, tokens=tokens)
     _warn_if_one_by_one(model, x, result.layers)
     return result
 
@@ -355,6 +363,8 @@ def _forward_backward(
     device: torch.device,
     amp: str | None = None,
     need_gradients: bool = True,
+    output: OutputSpec = None,
+    tokens: TokenLayout | None = None,
 ) -> ForwardBackward:
     """:func:`forward_backward` without the check of the layers' map sizes."""
     x = x.to(device)
@@ -371,18 +381,22 @@ def _forward_backward(
                 raise RuntimeError(
                     f"the model failed on an input of shape {tuple(x.shape)}: {error}"
                 ) from error
-        if not isinstance(outputs, torch.Tensor):
-            raise TypeError(f"the model returned a {type(outputs).__name__}; a CAM needs a tensor "
-                            "output (wrap the model to return the logits)")
-        activations = [_validate_activation(name, capture, x, model) for name, _ in layers]
+        outputs = select_output(outputs, output)  # a tuple or dict: the tensor asked for
+        # Tokens (N, T, C) and channels-last maps are differentiated as the layer made them;
+        # the views (linear, index-only) turn activations and gradients into (N, C, *grid).
+        checked = [_validate_activation(name, capture, x, model, tokens, module)
+                   for name, module in layers]
+        activations = [activation for activation, _ in checked]
+        views = [view for _, view in checked]
         outputs_float = outputs.float()
         _warn_if_probabilities(outputs_float)
         result = ForwardBackward(outputs=outputs_float.detach(), scores=None, class_indices=None)
         if not need_gradients:
             result.class_indices = (None if isinstance(target, AllClasses)
                                     else target.class_indices(outputs_float))
-            result.layers = [LayerGradients(name, a.detach().float(), torch.empty(0))
-                             for (name, _), a in zip(layers, activations, strict=True)]
+            result.layers = [LayerGradients(name, view(a.detach()).float(), torch.empty(0))
+                             for (name, _), a, view in zip(layers, activations, views,
+                                                           strict=True)]
             return result
         if not outputs_float.requires_grad:
             raise ValueError("the model's output does not depend on the target layer(s) "
@@ -407,9 +421,11 @@ def _forward_backward(
                          zip(grads, activations, strict=True)]
             result.scores = score.detach()
             result.class_indices = target.class_indices(outputs_float)
+        for (name, _), view, g in zip(layers, views, gradients, strict=True):
+            view.warn_if_only_class_token_reached(name, g)
         result.layers = [
-            LayerGradients(name, a.detach().float(), g.float())
-            for (name, _), a, g in zip(layers, activations, gradients, strict=True)
+            LayerGradients(name, view(a.detach()).float(), view(g).float())
+            for (name, _), a, g, view in zip(layers, activations, gradients, views, strict=True)
         ]
         _warn_if_zero_gradient(result.layers)
         return result
