@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import pickle
 import textwrap
 import zipfile
 from pathlib import Path
@@ -105,6 +106,23 @@ def evil_pickled_weight(tmp_path: Path, marker: Path) -> Path:
     return evil
 
 
+def evil_opaque_constant(tmp_path: Path, marker: Path) -> Path:
+    """A real export whose constants config lists an "opaque object", which torch reads with
+    plain ``pickle.loads`` (no safe mode at all)."""
+    good = saved_export(tmp_path / "good.pt2")
+    with zipfile.ZipFile(good) as archive:
+        config_name = next(n for n in archive.namelist()
+                           if n.endswith("data/constants/model_constants_config.json"))
+        config = json.loads(archive.read(config_name))
+    config.setdefault("config", {})["smuggled"] = {
+        "path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+    evil = tmp_path / "evil_constant.pt2"
+    rewrite_archive(good, evil, {
+        "data/constants/model_constants_config.json": json.dumps(config).encode(),
+    }, add={"data/constants/opaque_obj_0": pickle.dumps(MarkerPayload(marker, "None"))})
+    return evil
+
+
 # --------------------------------------------------------------------------------------------
 # .pt2 archives
 
@@ -112,6 +130,7 @@ def evil_pickled_weight(tmp_path: Path, marker: Path) -> Path:
 @pytest.mark.parametrize(("build", "part"), [
     (evil_sample_inputs, "data/sample_inputs/model.pt"),
     (evil_pickled_weight, "data/weights/weight_"),
+    (evil_opaque_constant, "data/constants/opaque_obj_0"),
 ])
 def test_pt2_with_a_hostile_pickle_is_refused_before_anything_runs(
     tmp_path: Path, build: Any, part: str
@@ -232,6 +251,22 @@ def test_custom_architecture_with_trust_is_imported_and_recorded(
     assert hashlib.sha256((tmp_path / "trusted_lab_net.py").read_bytes()).hexdigest() in record
     # the provenance every shell writes takes model_source from loaded.source
     assert "trusted code: " + record in loaded.source
+
+
+def test_card_architecture_file_beside_the_card_runs_only_with_trust(tmp_path: Path) -> None:
+    (tmp_path / "lab_net.py").write_text(CUSTOM_NET, encoding="utf-8")
+    card = tmp_path / "card.yaml"
+    card.write_text(yaml.safe_dump({
+        "name": "from-file", "architecture": "lab_net.py:Net",
+        "architecture_kwargs": {"classes": 3}, "spatial_dims": 2, "in_channels": 1,
+        "task": "classification"}), encoding="utf-8")
+    marker = tmp_path / "imported_marker"
+    with pytest.raises(ModelLoadError, match=r"'lab_net.py:Net' is not one of .*not executed"):
+        load_model(card)
+    assert not marker.exists()
+    loaded = load_model(card, trust=True)
+    assert marker.exists() and str((tmp_path / "lab_net.py").resolve()) in loaded.trusted_code[0]
+    assert loaded.card.target_layer == "body.1"
 
 
 def test_built_in_architectures_need_no_trust(tmp_path: Path) -> None:

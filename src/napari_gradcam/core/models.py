@@ -813,6 +813,9 @@ def export_archive_refusals(data: bytes) -> dict[str, str]:
                 continue
             part = _archive_part(name)
             if part in refusals:
+                named = _pickle_globals(archive.read(name))
+                if named and "names" not in refusals[part]:
+                    refusals[part] += f" that names {', '.join(named)}"
                 continue
             if part.startswith("data/aotinductor/") or part.lower().endswith(
                     _NATIVE_CODE_SUFFIXES):
