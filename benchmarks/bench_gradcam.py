@@ -9,7 +9,13 @@ Compared, on the same model, input and target layer:
 * ``naive``     — hooks + ``loss.backward()`` through the whole network with parameter
   gradients, as pytorch-grad-cam and MONAI's CAMs do;
 * ``captum``    — Captum's ``LayerGradCam`` + ``LayerAttribution.interpolate`` (if installed);
-* ``volume``    — :func:`explain_volume` slice-wise over the stack vs plain batched inference.
+* ``volume``    — :func:`explain_volume` slice-wise over the stack vs plain batched inference;
+* ``methods``   — every method of the registry (``napari_gradcam.METHODS``) on one smaller batch,
+  each timed against a forward pass of that batch in the same run: gradient CAMs cost about
+  one forward pass, Score-CAM and Ablation-CAM one forward pass per channel of the layer.
+
+A smoke run that takes seconds: ``--slices 2 --size 32 --volume 16 --methods-batch 2
+--methods-size 32 --repeats 1``.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the process's peak
 resident set (VmHWM) above what it held before, reset between runs through
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_gradcam import GradCAM, explain_volume
+from napari_gradcam import METHODS, GradCAM, explain_volume, explainer
 from napari_gradcam.core.architectures import ResNetLike
 
 
@@ -174,11 +180,28 @@ def make_runs(args: argparse.Namespace, device: torch.device
         if captum_gradcam(model, layer, x[:1]) is not None:
             runs[case, "captum LayerGradCam"] = in_batches(partial(captum_gradcam, model, layer))
     volume_case = f"volume: {args.slices}×{args.size}² stack, slice-wise"
-    explainer = GradCAM(model2d, "features.3")
+    volume_cam = GradCAM(model2d, "features.3")
     runs[volume_case, "plain batched inference"] = partial(forward_only, model2d, x2d,
                                                            args.batch)
     runs[volume_case, "explain_volume(mode='slices')"] = partial(
-        explain_volume, explainer, stack, batch_size=args.batch)
+        explain_volume, volume_cam, stack, batch_size=args.batch)
+    runs.update(method_runs(args, model2d, x2d, device))
+    return runs
+
+
+def method_runs(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor,
+                device: torch.device) -> dict[tuple[str, str], Callable[[], object]]:
+    """Every registered method on one batch, after a forward pass of the same batch."""
+    batch = torch.nn.functional.interpolate(x[:args.methods_batch], size=(args.methods_size,) * 2,
+                                            mode="bilinear", align_corners=False)
+    channels = dict(model.named_modules())["features.3"].conv2.out_channels
+    case = (f"methods: {len(batch)}×{args.methods_size}² ResNet-like, features.3 "
+            f"({channels} channels)")
+    runs: dict[tuple[str, str], Callable[[], object]] = {
+        (case, "forward (inference)"): partial(forward_only, model, batch, len(batch))}
+    for name in METHODS:
+        built = explainer(name, model, "features.3")
+        runs[case, name] = partial(built, batch, None)
     return runs
 
 
@@ -190,6 +213,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--volume", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--methods-batch", type=int, default=4,
+                        help="images in the every-method case (Score-CAM and Ablation-CAM run "
+                             "one forward pass per channel and image)")
+    parser.add_argument("--methods-size", type=int, default=128)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 

@@ -238,6 +238,46 @@ def test_integrated_gradients_batch_size_does_not_change_result() -> None:
     np.testing.assert_allclose(one, many, rtol=1e-4, atol=1e-7)
 
 
+class SquaredProjection(nn.Module):
+    """f(x) = (w·x)²: along the path a·x the gradient 2 a (w·x) w is linear in a, so each
+    quadrature's error is known: IG = x ⊙ w (w·x) · Σ_i c_i 2 a_i, and Σ_i c_i 2 a_i is
+    (n-1)/n (left), (n+1)/n (right), 1 (middle, trapezoid, Gauss-Legendre) and n/(n+1) for
+    Captum's "riemann_trapezoid" (its n+1 weights 1/(n+1) sum to n/(n+1))."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.from_numpy(np.random.default_rng(seed).normal(size=size)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.flatten(1) * self.w).sum(1) ** 2)[:, None]
+
+
+@pytest.mark.parametrize(("method", "factor"), [
+    ("riemann_left", lambda n: (n - 1) / n), ("riemann_right", lambda n: (n + 1) / n),
+    ("riemann_middle", lambda n: 1.0), ("riemann_trapezoid", lambda n: n / (n + 1)),
+    ("trapezoid", lambda n: 1.0), ("gausslegendre", lambda n: 1.0)])
+def test_integrated_gradients_quadratures_and_convergence_delta(method, factor) -> None:
+    model = SquaredProjection(6).double().eval()
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(2, 1, 6)))
+    w = model.w.detach().numpy()
+    projection = x.numpy().reshape(2, 6) @ w
+    steps = 4
+    maps, delta = integrated_gradients(model, x, target=0, steps=steps, method=method,
+                                       return_convergence_delta=True)
+    expected = x.numpy()[:, 0] * w * projection[:, None] * factor(steps)
+    np.testing.assert_allclose(maps, expected, rtol=1e-6)  # returned as float32
+    # delta = sum(attributions) - (f(x) - f(0)) = projection² (factor - 1)
+    np.testing.assert_allclose(delta, projection**2 * (factor(steps) - 1.0), atol=1e-10)
+    assert delta.shape == (2,)
+    # the old call returns the map alone
+    assert isinstance(integrated_gradients(model, x, target=0, steps=steps), np.ndarray)
+
+
+def test_integrated_gradients_rejects_an_unknown_quadrature() -> None:
+    with pytest.raises(ValueError, match="gausslegendre"):
+        integrated_gradients(linear_model((4,)), torch.randn(1, 1, 4), method="simpson")
+
+
 # ---------------------------------------------------------------------------- occlusion
 
 
@@ -269,6 +309,19 @@ def test_occlusion_overlapping_patches_average_the_drops() -> None:
         covered[start:start + 3] += 1
     maps = occlusion(model, x, target=0, patch=3, stride=2, baseline=0.0)
     np.testing.assert_allclose(maps[0], expected / covered, rtol=1e-4, atol=1e-6)
+
+
+def test_occlusion_refuses_a_stride_larger_than_the_patch() -> None:
+    """Issue 12: stride 5 with patch 3 leaves elements 3, 4, 8, ... never occluded: their
+    attribution was 0/0 = NaN, silently."""
+    model = linear_model((12,))
+    with pytest.raises(ValueError, match=r"stride \(5,\) is larger than the patch \(3,\)"):
+        occlusion(model, torch.randn(1, 1, 12), target=0, patch=3, stride=5)
+    model2d = linear_model((6, 6))
+    with pytest.raises(ValueError, match=r"dim\(s\) \[1\]"):
+        occlusion(model2d, torch.randn(1, 1, 6, 6), target=0, patch=(2, 2), stride=(2, 3))
+    equal = occlusion(model, torch.randn(1, 1, 12), target=0, patch=3, stride=3)
+    assert np.isfinite(equal).all()
 
 
 def test_occlusion_3d_non_divisible_shape_and_batching() -> None:
@@ -313,13 +366,43 @@ def test_score_cam_where_one_channel_decides() -> None:
     x = torch.zeros(1, 1, 8, 8)
     x[0, 0, 2:5, 1:4] = 1.0
     region = x[0, 0].numpy() > 0
-    p_full = float(torch.sigmoid(torch.tensor(8.0 * region.mean())))
+    logit_full = 8.0 * region.mean()  # class-0 logit of x·H0 = x; x·H1 = 0 scores 0
+    # Default (the paper's Algorithm 1): softmax over the channels' logits, A0 = 1_R, A1 = 1_notR
+    alpha0 = float(torch.sigmoid(torch.tensor(logit_full)))
     maps = score_cam(model, "features", x, target=0)
     assert maps.shape == (1, 8, 8)
-    np.testing.assert_allclose(maps[0], np.where(region, p_full - 0.5, 0.0), rtol=1e-5, atol=1e-6)
-    # Without the baseline (the official implementation): weights p_full and 0.5.
-    raw = score_cam(model, "features", x, target=0, subtract_baseline=False, batch_size=1)
-    np.testing.assert_allclose(raw[0], np.where(region, p_full, 0.5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps[0], np.where(region, alpha0, 1.0 - alpha0), rtol=1e-5,
+                               atol=1e-6)
+    # "increase": probability minus that of the all-zero baseline (0.5)
+    p_full = float(torch.sigmoid(torch.tensor(logit_full)))
+    for increase in (score_cam(model, "features", x, target=0, weights="increase"),
+                     score_cam(model, "features", x, target=0, subtract_baseline=True)):
+        np.testing.assert_allclose(increase[0], np.where(region, p_full - 0.5, 0.0), rtol=1e-5,
+                                   atol=1e-6)
+    # Without the baseline (the authors' code): weights p_full and 0.5.
+    for raw in (score_cam(model, "features", x, target=0, weights="raw", batch_size=1),
+                score_cam(model, "features", x, target=0, subtract_baseline=False, batch_size=1)):
+        np.testing.assert_allclose(raw[0], np.where(region, p_full, 0.5), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="either weights or subtract_baseline"):
+        score_cam(model, "features", x, weights="raw", subtract_baseline=False)
+
+
+def test_score_cam_default_is_not_all_zero_where_the_baseline_variant_is() -> None:
+    """Issue 12: with the baseline subtracted from probabilities, the weighted sum is negative
+    wherever most masked inputs score below the blank image, and the ReLU leaves an all-zero
+    map; the softmax weights are positive, so after a ReLU layer the map cannot vanish."""
+    zero_default = zero_increase = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build_architecture("resnet_like", spatial_dims=2, widths=(4, 8)).eval()
+        x = torch.randn(8, 1, 16, 16)
+        default = score_cam(model, "features.2", x, batch_size=64)
+        increase = score_cam(model, "features.2", x, weights="increase", score="probability",
+                             batch_size=64)
+        zero_default += int((default.reshape(8, -1).max(1) == 0).sum())
+        zero_increase += int((increase.reshape(8, -1).max(1) == 0).sum())
+    assert zero_default == 0
+    assert zero_increase > 0  # the degenerate variant, still available, shows the problem
 
 
 def test_score_cam_upsamples_and_runs_in_1d_2d_3d() -> None:
@@ -396,7 +479,8 @@ def test_exception_in_target_leaves_the_model_as_found() -> None:
         return output[:, 0]
 
     with pytest.raises(RuntimeError, match="boom"):
-        score_cam(model, "features.2", torch.randn(1, 1, 12, 12), target=failing_target)
+        score_cam(model, "features.2", torch.randn(1, 1, 12, 12), target=failing_target,
+                  batch_size=2)
     assert model_state(model) == before
 
 
@@ -460,8 +544,10 @@ class ReusesALayer(nn.Module):
         return self.conv(self.conv(x)).mean(dim=2)
 
 
-def test_score_cam_rejects_a_layer_that_runs_twice() -> None:
+def test_score_cam_explains_the_last_call_of_a_layer_that_runs_twice() -> None:
+    """Like every CAM here (the engine's rule): the last call is explained, with a warning."""
     model = ReusesALayer().eval()
-    with pytest.raises(ValueError, match="runs exactly once"):
-        score_cam(model, "conv", torch.randn(1, 1, 8), target=0)
+    with pytest.warns(UserWarning, match="ran 2 times"):
+        maps = score_cam(model, "conv", torch.randn(1, 1, 8), target=lambda out: out[:, 0])
+    assert maps.shape == (1, 8) and np.isfinite(maps).all()
     assert all(not module._forward_hooks for module in model.modules())

@@ -15,12 +15,14 @@ from torch import nn
 from napari_gradcam import (
     CAM,
     GradCAM,
+    GradCAMElementWise,
     GradCAMPlusPlus,
     GuidedBackprop,
     GuidedGradCAM,
     HiResCAM,
     LayerCAM,
     SegmentationRegion,
+    ShapleyCAM,
     XGradCAM,
     make_explainer,
 )
@@ -114,6 +116,44 @@ def test_layercam_is_relu_gradient_times_activation(square_head):
     assert not np.allclose(HiResCAM(model, "0")(x, cls), expected)  # the inner ReLU matters
 
 
+def test_gradcam_elementwise_clips_each_channels_product(square_head):
+    model, x, a, g, cls = square_head
+    expected = np.maximum(g * a, 0).sum(1)
+    _assert_maps(GradCAMElementWise(model, "0")(x, cls), expected)
+    # not HiResCAM: there the negative products cancel part of the positive ones
+    assert not np.allclose(HiResCAM(model, "0")(x, cls), expected, rtol=1e-3)
+
+
+class _PlusSquare(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + x * x
+
+
+def test_shapleycam_uses_gradient_minus_half_hessian_times_activation(square_head):
+    """Head y = Σ W (A + A²) + b: G = W (1 + 2A), H A = 2 W A, so G - ½ H A = W (1 + A),
+    which is not proportional to the gradient (Grad-CAM weighs by mean W (1 + 2A))."""
+    square_model, x, a, _, cls = square_head
+    conv, linear = square_model[0], square_model[3]
+    model = nn.Sequential(conv, _PlusSquare(), nn.Flatten(), linear).double().eval()
+    w = linear.weight.detach().double().numpy()[cls].reshape(3, *SHAPE)
+    gradient = w[None] * (1 + 2 * a)
+    effective = w[None] * (1 + a)
+    np.testing.assert_allclose(effective, gradient - 0.5 * (2 * w[None] * a))  # the algebra
+    expected = _combine(effective.mean((2, 3)), a)
+    _assert_maps(ShapleyCAM(model, "0")(x, cls), expected)
+    _assert_maps(ShapleyCAM(model, "0")(x, "all")[:, cls], expected)
+    _assert_maps(GradCAM(model, "0")(x, cls), _combine(gradient.mean((2, 3)), a))
+    assert not np.allclose(GradCAM(model, "0")(x, cls), expected, rtol=1e-2)
+
+
+def test_shapleycam_equals_gradcam_when_the_head_is_linear(hand):
+    model = hand.set_known_weights(hand.GapLinear(2), seed=8).double().eval()
+    x = np.random.default_rng(8).normal(size=(2, 2, *SHAPE))
+    for cls in range(3):
+        np.testing.assert_allclose(ShapleyCAM(model, "relu")(x, cls),
+                                   GradCAM(model, "relu")(x, cls), rtol=1e-6, atol=1e-9)
+
+
 def test_cam_uses_the_heads_weights_and_equals_gradcam_times_positions(hand):
     model = hand.set_known_weights(hand.GapLinear(2), seed=6).double().eval()
     x = np.random.default_rng(6).normal(size=(2, 2, *SHAPE))
@@ -161,8 +201,8 @@ def test_multi_layer_fusion_of_max_normalised_upsampled_maps(resnet2d, images, f
 def test_unknown_fusion_and_method_are_rejected(resnet2d):
     with pytest.raises(ValueError, match="fusion must be"):
         GradCAM(resnet2d, ["features.2", "features.3"], fusion="median")
-    with pytest.raises(ValueError, match="unknown method 'scorecam'"):
-        make_explainer("scorecam", resnet2d, "features.3")
+    with pytest.raises(ValueError, match=r"unknown method 'nosuchcam'; choose one of .*eigencam"):
+        make_explainer("nosuchcam", resnet2d, "features.3")
 
 
 def test_make_explainer_builds_each_method(resnet2d, images):

@@ -26,29 +26,28 @@ is reused by ``evidence``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from napari_gradcam.core.engine import (
-    check_input,
-    model_dtype_device,
-    preserved_model_state,
-    resolve_layers,
+from napari_gradcam.core.engine import preserved_model_state
+from napari_gradcam.core.methods.perturbation import ScoreCAM, ScoreCAMWeights
+from napari_gradcam.core.scoring import (  # re-exported: evidence and older code import them here
+    ResolvedTarget,
+    ScoreKind,
+    as_input_tensor,
+    batch_ranges,
+    check_batch_size,
+    check_model,
+    forward,
+    forward_in_batches,  # noqa: F401 (re-exported)
+    resolve_scorer,
+    target_scores,
 )
-from napari_gradcam.core.methods import upsample
-from napari_gradcam.core.targets import (
-    AllClasses,
-    ClassTarget,
-    PredictedClass,
-    SegmentationRegion,
-    TargetSpec,
-    resolve_target,
-)
+from napari_gradcam.core.targets import TargetSpec
 from napari_gradcam.core.volume import Cancelled, window_starts
 
 __all__ = [
@@ -63,39 +62,12 @@ __all__ = [
 
 ProgressCallback = Callable[[int, int], None]
 StopCallback = Callable[[], bool]
-ScoreKind = Literal["logit", "probability"]
 
 
 # --------------------------------------------------------------------------------------------
-# Shared machinery (also used by napari_gradcam.core.evidence)
+# Shared machinery (also used by napari_gradcam.core.evidence); the row scoring lives in
+# napari_gradcam.core.scoring
 # --------------------------------------------------------------------------------------------
-
-
-def check_model(model: object) -> nn.Module:
-    """Return ``model`` if it is a torch module, otherwise raise a TypeError that says so."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model must be a torch.nn.Module, got {type(model).__name__}; load the network "
-            "first (e.g. with a model card) and pass the module itself"
-        )
-    return model
-
-
-def as_input_tensor(x: object, model: nn.Module) -> torch.Tensor:
-    """The engine's input checks (shape, dims and channels against the model, finiteness),
-    then a detached copy in the model's dtype on the model's device."""
-    tensor = check_input(x, model).detach()
-    dtype, device = model_dtype_device(model)
-    return tensor.to(device=device, dtype=dtype)
-
-
-def check_batch_size(batch_size: int) -> int:
-    """``batch_size`` as an int >= 1: it bounds the memory of every batched method."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    return int(batch_size)
 
 
 class ProgressTracker:
@@ -124,136 +96,6 @@ class ProgressTracker:
         self.done += int(count)
         if self.progress is not None:
             self.progress(self.done, self.total)
-
-
-def batch_ranges(total: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` pairs that cover ``range(total)`` in chunks of ``batch_size``."""
-    for start in range(0, total, batch_size):
-        yield start, min(start + batch_size, total)
-
-
-@dataclass(frozen=True)
-class ResolvedTarget:
-    """What to score: one class index per sample, or a function of the model output.
-
-    ``indices`` is set for class targets (a fixed class, one per sample, or the predicted
-    class of the clean input); ``function`` for everything else (``SegmentationRegion``, a
-    callable, any custom :class:`~napari_gradcam.core.targets.Target`). Batches of perturbed
-    copies mix rows of different samples, so scoring always goes through the sample index of
-    each row (:meth:`rows`); a function target must therefore score each row on its own, and a
-    ``SegmentationRegion`` with one mask per sample gets the masks of the batch's rows.
-    """
-
-    indices: np.ndarray | None
-    function: Callable[[torch.Tensor], torch.Tensor] | None
-    description: str = ""
-    per_sample_region: SegmentationRegion | None = None
-
-    def rows(self, sample_indices: np.ndarray | Sequence[int]) -> np.ndarray:
-        """The sample index of each row of a batch (what :func:`target_scores` needs)."""
-        return np.asarray(sample_indices, dtype=np.int64).reshape(-1)
-
-    def function_for(self, samples: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The score function for a batch whose rows come from ``samples``."""
-        assert self.function is not None
-        region = self.per_sample_region
-        if region is None:
-            return self.function
-        mask = region.mask
-        picked = mask[torch.as_tensor(samples)] if isinstance(mask, torch.Tensor) else np.asarray(
-            mask
-        )[samples]
-        return SegmentationRegion(region.class_index, picked).score
-
-
-def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """``model(inputs)``, insisting on a tensor output (the scores are taken from it)."""
-    output = model(inputs)
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(
-            f"the model returned {type(output).__name__}, expected a tensor; wrap the model so "
-            "that it returns its logits (or pass a callable target that picks the score)"
-        )
-    return output
-
-
-def forward_in_batches(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Model outputs for ``x`` (no gradients), computed ``batch_size`` samples at a time."""
-    outputs = []
-    with torch.no_grad():
-        for start, stop in batch_ranges(x.shape[0], batch_size):
-            outputs.append(forward(model, x[start:stop]))
-    return torch.cat(outputs, dim=0)
-
-
-def resolve_scorer(
-    model: nn.Module, x: torch.Tensor, target: TargetSpec, batch_size: int = 16
-) -> ResolvedTarget:
-    """Turn the user's ``target`` into per-sample class indices or a score function.
-
-    Accepts everything the engine accepts except ``"all"`` (perturbation methods explain one
-    score at a time). Class targets are checked against one gradient-free forward pass of the
-    clean input; for ``None``/``"predicted"`` that pass also fixes the class, so every later
-    perturbation is scored against the class the model chose for the unperturbed sample, not
-    against a class that changes as the input is destroyed.
-    """
-    spec = resolve_target(target)
-    if isinstance(spec, AllClasses):
-        raise ValueError(
-            "target 'all' is not supported by attribution and evidence functions; call once "
-            "per class with target=<class index>"
-        )
-    if isinstance(spec, (ClassTarget, PredictedClass)):
-        indices = spec.class_indices(forward_in_batches(model, x, batch_size))
-        return ResolvedTarget(np.asarray(indices, dtype=np.int64), None, spec.describe())
-    per_sample = None
-    # A mask (N, *spatial) holds one mask per sample; (*spatial) is shared by all.
-    if isinstance(spec, SegmentationRegion) and np.ndim(spec.mask) == x.ndim - 1:
-        if spec.mask.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"the region has {spec.mask.shape[0]} masks but the input has {x.shape[0]} "
-                "samples; give one mask per sample or one mask for all"
-            )
-        per_sample = spec
-    return ResolvedTarget(None, spec.score, spec.describe(), per_sample)
-
-
-def target_scores(
-    output: torch.Tensor,
-    rows: np.ndarray,
-    target: ResolvedTarget,
-    kind: ScoreKind = "logit",
-) -> torch.Tensor:
-    """One score per row of ``output``: the target logit or probability, or the function's value.
-
-    ``rows`` holds the sample index of each row (from :meth:`ResolvedTarget.rows`).
-
-    * classifier output ``(B, K)``: the logit of the row's class, or its softmax probability;
-    * dense output ``(B, K, *spatial)`` (segmentation): the class logits summed over all pixels
-      (as the engine does), or the class probability averaged over pixels;
-    * a function target (``SegmentationRegion``, a callable): its value unchanged; ``kind``
-      does not apply.
-    """
-    if kind not in ("logit", "probability"):
-        raise ValueError(f"score must be 'logit' or 'probability', got {kind!r}")
-    batch = output.shape[0]
-    samples = target.rows(rows)
-    if target.function is not None:
-        scores = target.function_for(samples)(output)
-        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (batch,):
-            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)
-            raise ValueError(
-                f"the target must give one score per sample, shape ({batch},), got {shape}"
-            )
-        return scores
-    assert target.indices is not None and output.ndim >= 2  # checked on the clean output
-    index = torch.as_tensor(target.indices[samples], device=output.device, dtype=torch.long)
-    picked = output if kind == "logit" else torch.softmax(output, dim=1)
-    picked = picked[torch.arange(batch, device=output.device), index]
-    if picked.ndim == 1:
-        return picked
-    picked = picked.flatten(1)
-    return picked.sum(dim=1) if kind == "logit" else picked.mean(dim=1)
 
 
 def _input_gradients(
@@ -350,6 +192,7 @@ def smoothgrad(
     score: ScoreKind = "logit",
     seed: int | None = 0,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | np.ndarray | None = None,
     batch_size: int = 16,
     progress: ProgressCallback | None = None,
     should_stop: StopCallback | None = None,
@@ -361,10 +204,17 @@ def smoothgrad(
     range (CT in Hounsfield units and normalised micrographs get the same treatment). The
     per-copy maps are computed as in :func:`saliency` and averaged. Noise is drawn on the CPU
     from ``generator`` (or a generator seeded with ``seed``), copy by copy, so the result does
-    not depend on ``batch_size``. Costs ``N * n_samples`` forward and backward passes.
+    not depend on ``batch_size``. ``noise`` gives the noise itself instead, shape
+    ``(N, n_samples, C, *spatial)``, added as it is (``n_samples``, ``noise_level``, ``seed``
+    and ``generator`` are then not used): to reproduce another tool's run with the same noise
+    (Captum's ``NoiseTunnel``) or to share the noise between models. Costs ``N * n_samples``
+    forward and backward passes.
     """
     model = check_model(model)
     batch_size = check_batch_size(batch_size)
+    given_noise = None if noise is None else _given_noise(noise, x)
+    if given_noise is not None:
+        n_samples = given_noise.shape[1]
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
     if noise_level < 0:
@@ -381,14 +231,17 @@ def smoothgrad(
         tracker = ProgressTracker(total, progress, should_stop)
         for start, stop in batch_ranges(total, batch_size):
             tracker.check()
-            samples = np.arange(start, stop) // n_samples
-            noise = torch.stack(
-                [
+            items = np.arange(start, stop)
+            samples = items // n_samples
+            if given_noise is not None:
+                drawn = given_noise[torch.as_tensor(samples), torch.as_tensor(items % n_samples)]
+            else:
+                drawn = torch.stack([
                     torch.randn(inputs.shape[1:], generator=noise_source) * (noise_level * spans[s])
                     for s in samples
-                ]
-            ).to(device=inputs.device, dtype=inputs.dtype)
-            noisy = inputs[torch.as_tensor(samples, device=inputs.device)] + noise
+                ])
+            noise_batch = drawn.to(device=inputs.device, dtype=inputs.dtype)
+            noisy = inputs[torch.as_tensor(samples, device=inputs.device)] + noise_batch
             gradient, _ = _input_gradients(model, noisy, resolved.rows(samples), resolved, score)
             per_copy = gradient.abs() if absolute else gradient
             if sums is None:
@@ -398,6 +251,18 @@ def smoothgrad(
         assert sums is not None
         mean = sums / n_samples
     return _reduce(mean, reduce_channels, "max" if absolute else "sum")
+
+
+def _given_noise(noise: torch.Tensor | np.ndarray, x: object) -> torch.Tensor:
+    """The caller's SmoothGrad noise as a CPU tensor, checked against x: (N, S, C, *spatial)."""
+    tensor = torch.as_tensor(np.asarray(noise) if isinstance(noise, np.ndarray) else noise)
+    shape = tuple(np.shape(x))
+    if tensor.ndim != len(shape) + 1 or tensor.shape[0] != shape[0] or \
+            tuple(tensor.shape[2:]) != shape[1:] or tensor.shape[1] < 1:
+        raise ValueError(f"noise must have shape (N, n_samples, C, *spatial) = ({shape[0]}, "
+                         f"n_samples, {', '.join(map(str, shape[1:]))}), got "
+                         f"{tuple(tensor.shape)}")
+    return tensor.detach().cpu()
 
 
 def _baseline_like(baseline: object, inputs: torch.Tensor) -> torch.Tensor:
@@ -423,10 +288,40 @@ def _baseline_like(baseline: object, inputs: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"baseline must be None, a number or an array, got {type(baseline).__name__}")
 
 
-def _trapezoid_weights(steps: int) -> np.ndarray:
-    weights = np.full(steps + 1, 1.0 / steps)
-    weights[0] = weights[-1] = 0.5 / steps
-    return weights
+Quadrature = Literal["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+                     "trapezoid", "gausslegendre"]
+QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+               "trapezoid", "gausslegendre")
+
+
+def path_quadrature(steps: int, method: str = "trapezoid") -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``alpha`` in [0, 1] along the path and their weights, float64.
+
+    ``steps`` counts sub-intervals of [0, 1]: the Riemann rules take one point in each
+    (left end, right end or middle; ``steps`` points), the trapezoid rule both ends of each
+    (``steps + 1`` points) and Gauss-Legendre ``steps`` nodes (exact for polynomials of degree
+    ``2 steps - 1``). The positions and weights are Captum's (``IntegratedGradients(method=
+    ...)``, whose ``n_steps`` is the number of points), including ``"riemann_trapezoid"``:
+    Captum gives its ``n`` points the weight ``1/n`` (halved at the ends), which sums to
+    ``(n - 1)/n``, not 1, so that rule underestimates the integral by ``1/n`` of it; it is
+    here for parity with Captum. ``"trapezoid"`` (the default) is the true trapezoid rule
+    (weights ``1/steps``, halved at the ends).
+    """
+    if method not in QUADRATURES:
+        raise ValueError(f"method must be one of {', '.join(QUADRATURES)}, got {method!r}")
+    if method == "trapezoid":
+        weights = np.full(steps + 1, 1.0 / steps)
+        weights[0] = weights[-1] = 0.5 / steps
+        return np.linspace(0.0, 1.0, steps + 1), weights
+    if method == "riemann_trapezoid":  # Captum's rule: weights 1/n, halved at both ends
+        weights = np.full(steps + 1, 1.0 / (steps + 1))
+        weights[0] = weights[-1] = 0.5 / (steps + 1)
+        return np.linspace(0.0, 1.0, steps + 1), weights
+    if method == "gausslegendre":
+        nodes, node_weights = np.polynomial.legendre.leggauss(steps)
+        return 0.5 * (nodes + 1.0), 0.5 * node_weights
+    offset = {"riemann_left": 0.0, "riemann_middle": 0.5, "riemann_right": 1.0}[method]
+    return (np.arange(steps) + offset) / steps, np.full(steps, 1.0 / steps)
 
 
 def integrated_gradients(
@@ -436,34 +331,39 @@ def integrated_gradients(
     *,
     baseline: float | np.ndarray | torch.Tensor | None = None,
     steps: int = 32,
+    method: Quadrature = "trapezoid",
     reduce_channels: bool = True,
     score: ScoreKind = "logit",
+    return_convergence_delta: bool = False,
     batch_size: int = 16,
     progress: ProgressCallback | None = None,
     should_stop: StopCallback | None = None,
-) -> np.ndarray:
-    """Integrated Gradients (Sundararajan et al. 2017) with the trapezoid rule.
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Integrated Gradients (Sundararajan et al. 2017).
 
     ``attribution = (x - baseline) * integral_0^1 d score(baseline + a (x - baseline)) / dx da``,
-    the integral approximated on ``steps + 1`` equally spaced points with trapezoid weights.
+    the integral approximated by the quadrature ``method`` (:func:`path_quadrature`: the
+    trapezoid rule on ``steps + 1`` equally spaced points by default, the left/right/middle
+    Riemann sums or Gauss-Legendre on ``steps`` points, as Captum offers them).
     Attributions are signed; with ``reduce_channels`` they are summed over channels, which keeps
-    completeness: the map sums to ``score(x) - score(baseline)`` up to the discretisation error
-    (check it with :func:`completeness_residual`; for a linear model it is exact). ``baseline``
-    is zeros by default, or a number, or an array broadcastable to ``x``.
-    Costs ``N * (steps + 1)`` forward and backward passes.
+    completeness: the map sums to ``score(x) - score(baseline)`` up to the discretisation error.
+    ``return_convergence_delta=True`` returns ``(attributions, delta)`` with that error per
+    sample, ``delta = sum(attributions) - (score(x) - score(baseline))`` (Captum's convergence
+    delta; it costs two more forward passes per sample). ``baseline`` is zeros by default, or a
+    number, or an array broadcastable to ``x``. Costs one forward and backward pass per point
+    and sample.
     """
     model = check_model(model)
     batch_size = check_batch_size(batch_size)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    weights = _trapezoid_weights(steps)
-    alphas = np.linspace(0.0, 1.0, steps + 1)
+    alphas, weights = path_quadrature(steps, method)
     with preserved_model_state(model):
         inputs = as_input_tensor(x, model)
         reference = _baseline_like(baseline, inputs)
         resolved = resolve_scorer(model, inputs, target, batch_size)
         difference = inputs - reference
-        points = steps + 1
+        points = len(alphas)
         total = inputs.shape[0] * points
         integral = torch.zeros_like(inputs)
         tracker = ProgressTracker(total, progress, should_stop)
@@ -480,7 +380,25 @@ def integrated_gradients(
             integral.index_add_(0, sample_index, gradient * weight.view(shape))
             tracker.advance(stop - start)
         attributions = difference * integral
-    return _reduce(attributions, reduce_channels, "sum")
+        if return_convergence_delta:
+            gap = _score_gap(model, inputs, reference, resolved, score, batch_size)
+            delta = attributions.flatten(1).double().sum(1).cpu().numpy() - gap
+    reduced = _reduce(attributions, reduce_channels, "sum")
+    return (reduced, delta) if return_convergence_delta else reduced
+
+
+def _score_gap(model: nn.Module, inputs: torch.Tensor, reference: torch.Tensor,
+               resolved: ResolvedTarget, score: ScoreKind, batch_size: int) -> np.ndarray:
+    """``score(x) - score(baseline)`` per sample, float64, ``batch_size`` samples at a time."""
+    gaps = []
+    with torch.no_grad():
+        for start, stop in batch_ranges(inputs.shape[0], batch_size):
+            rows = resolved.rows(range(start, stop))
+            at_input = target_scores(forward(model, inputs[start:stop]), rows, resolved, score)
+            at_baseline = target_scores(forward(model, reference[start:stop]), rows, resolved,
+                                        score)
+            gaps.append((at_input - at_baseline).double().cpu().numpy())
+    return np.concatenate(gaps)
 
 
 def completeness_residual(
@@ -495,7 +413,8 @@ def completeness_residual(
     """``sum(attributions) - (score(x) - score(baseline))`` per sample, shape ``(N,)``.
 
     Integrated Gradients satisfies completeness exactly in the limit of infinitely many steps,
-    so this residual measures how good the step count was (and is a unit test of the method).
+    so this residual measures how good the step count was (and is a unit test of the method);
+    ``integrated_gradients(..., return_convergence_delta=True)`` returns it with the map.
     ``attributions`` may be channel-summed ``(N, *spatial)`` or full ``(N, C, *spatial)``.
     """
     model = check_model(model)
@@ -503,11 +422,7 @@ def completeness_residual(
         inputs = as_input_tensor(x, model)
         reference = _baseline_like(baseline, inputs)
         resolved = resolve_scorer(model, inputs, target)
-        with torch.no_grad():
-            rows = resolved.rows(range(inputs.shape[0]))
-            at_input = target_scores(forward(model, inputs), rows, resolved, score)
-            at_baseline = target_scores(forward(model, reference), rows, resolved, score)
-        gap = (at_input - at_baseline).double().cpu().numpy()
+        gap = _score_gap(model, inputs, reference, resolved, score, 16)
     values = np.asarray(attributions, dtype=np.float64)
     if values.shape[0] != inputs.shape[0]:
         raise ValueError(
@@ -565,6 +480,13 @@ def occlusion(
         spatial = tuple(inputs.shape[2:])
         patch_size = _per_dim(patch, spatial, "patch")
         step = patch_size if stride is None else _per_dim(stride, spatial, "stride")
+        gaps = [dim for dim, (p, s) in enumerate(zip(patch_size, step, strict=True)) if s > p]
+        if gaps:
+            raise ValueError(
+                f"occlusion stride {step} is larger than the patch {patch_size} along spatial "
+                f"dim(s) {gaps}: the elements between windows would never be occluded and "
+                "their attribution would be 0/0. Use a stride no larger than the patch"
+            )
         starts_per_dim = [
             window_starts(size, p, step=s)
             for size, p, s in zip(spatial, patch_size, step, strict=True)
@@ -618,92 +540,52 @@ def score_cam(
     x: torch.Tensor | np.ndarray,
     target: TargetSpec = None,
     *,
-    score: ScoreKind = "probability",
-    subtract_baseline: bool = True,
+    weights: ScoreCAMWeights | None = None,
+    score: ScoreKind | None = None,
+    subtract_baseline: bool | None = None,
     batch_size: int = 16,
     progress: ProgressCallback | None = None,
     should_stop: StopCallback | None = None,
 ) -> np.ndarray:
-    """Score-CAM (Wang et al. 2020): weigh each channel by how much it alone explains the class.
+    """Score-CAM (Wang et al. 2020) of one layer, upsampled to the input, not normalised.
 
-    The layer's activations ``A_k`` are captured with a forward hook; each channel is upsampled
-    to the input size and min-max normalised into a mask ``H_k`` in [0, 1]; the weight of the
-    channel is the target score (softmax probability by default) of the masked input
-    ``x * H_k`` minus, with ``subtract_baseline`` (as in the paper's equation), the score of the
-    all-masked baseline ``x * 0``. The map is ``ReLU(sum_k w_k A_k)`` upsampled to the input
-    size, shape ``(N, *spatial)``, not normalised. Constant channels carry no spatial
-    information and get weight 0. Gradient-free; costs about ``N * (channels + 2)`` forward
-    passes, ``batch_size`` masked copies at a time.
+    The function form of :class:`napari_gradcam.core.methods.ScoreCAM` (whose docstring gives
+    the three weightings with their formulas), with progress and cancelling for the evidence
+    checks. ``weights`` is ``"softmax"`` (default: the paper's Algorithm 1, a softmax over the
+    channels' target logits; never all zero after a ReLU layer), ``"increase"`` (score of the
+    masked input minus that of the all-zero baseline) or ``"raw"`` (the authors' code).
+    ``subtract_baseline`` is the former spelling: True means "increase", False "raw" (both with
+    probabilities unless ``score`` says otherwise). Returns ``(N, *spatial)`` float32.
+    Gradient-free; costs about ``N * (channels + 1)`` forward passes, ``batch_size`` at a time.
     """
     model = check_model(model)
     batch_size = check_batch_size(batch_size)
     if not isinstance(layer, (str, nn.Module)):
         raise TypeError(f"score_cam explains one layer: a dotted name or a module, not {layer!r}")
-    ((layer_name, module),) = resolve_layers(model, layer)
-    captured: list[torch.Tensor] = []
+    if weights is None:
+        weights = "softmax" if subtract_baseline is None else (
+            "increase" if subtract_baseline else "raw")
+    elif subtract_baseline is not None:
+        raise ValueError("give either weights or subtract_baseline (its former spelling), "
+                         "not both")
+    monitor = _LazyTracker(progress, should_stop)
+    explainer = ScoreCAM(model, layer, weights=weights, score=score, batch_size=batch_size,
+                         monitor=monitor)
+    return explainer(as_input_tensor(x, model), target)
 
-    def keep_activation(_module: nn.Module, _inputs: object, output: object) -> None:
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(
-                f"layer {layer_name!r} returns {type(output).__name__}, not a tensor; pick a "
-                "layer whose output is a feature map"
-            )
-        captured.append(output.detach())
 
-    with preserved_model_state(model), torch.no_grad():
-        inputs = as_input_tensor(x, model)
-        spatial = tuple(inputs.shape[2:])
-        resolved = resolve_scorer(model, inputs, target, batch_size)
-        handle = module.register_forward_hook(keep_activation)
-        try:
-            for number, (start, stop) in enumerate(batch_ranges(inputs.shape[0], batch_size)):
-                forward(model, inputs[start:stop])
-                if len(captured) != number + 1:
-                    raise ValueError(
-                        f"layer {layer_name!r} ran {len(captured) - number} times in one forward "
-                        "pass (a reused module); Score-CAM needs a layer that runs exactly once"
-                    )
-        finally:
-            handle.remove()
-        activations = torch.cat(captured, dim=0)
-        captured.clear()
-        if activations.ndim != inputs.ndim:
-            raise ValueError(
-                f"layer {layer_name!r} outputs shape {tuple(activations.shape)}, not a feature "
-                f"map (N, K, *spatial) with {len(spatial)} spatial dims; pick a convolutional layer"
-            )
-        count, channels = activations.shape[:2]
-        flat = activations.flatten(2)
-        low, high = flat.amin(dim=2), flat.amax(dim=2)
-        informative = high > low
-        total = count * channels + (count if subtract_baseline else 0)
-        tracker = ProgressTracker(total, progress, should_stop)
-        baseline_scores = torch.zeros(count, dtype=inputs.dtype, device=inputs.device)
-        if subtract_baseline:
-            for start, stop in batch_ranges(count, batch_size):
-                tracker.check()
-                rows = resolved.rows(range(start, stop))
-                output = forward(model, torch.zeros_like(inputs[start:stop]))
-                baseline_scores[start:stop] = target_scores(output, rows, resolved, score)
-                tracker.advance(stop - start)
-        weights = torch.zeros((count, channels), dtype=inputs.dtype, device=inputs.device)
-        for start, stop in batch_ranges(count * channels, batch_size):
-            tracker.check()
-            items = np.arange(start, stop)
-            samples, kept = items // channels, items % channels
-            sample_index = torch.as_tensor(samples, device=inputs.device)
-            channel_index = torch.as_tensor(kept, device=inputs.device)
-            chosen = activations[sample_index, channel_index].unsqueeze(1)
-            masks = upsample(chosen, spatial)
-            span = (high - low)[sample_index, channel_index].clamp_min(1e-12)
-            shape = (-1,) + (1,) * (inputs.ndim - 1)
-            masks = (masks - low[sample_index, channel_index].view(shape)) / span.view(shape)
-            masked = inputs[sample_index] * masks
-            scores = target_scores(forward(model, masked), resolved.rows(samples), resolved, score)
-            weights[sample_index, channel_index] = scores - baseline_scores[sample_index]
-            tracker.advance(stop - start)
-        weights = torch.where(informative, weights, torch.zeros_like(weights))
-        shape = (count, channels) + (1,) * len(spatial)
-        combined = torch.relu((weights.view(shape) * activations).sum(dim=1, keepdim=True))
-        cam = upsample(combined, spatial)[:, 0]
-    return cam.clamp_min(0).cpu().numpy().astype(np.float32, copy=False)
+class _LazyTracker:
+    """A :class:`ProgressTracker` that learns its total when the batches start."""
+
+    def __init__(self, progress: ProgressCallback | None, should_stop: StopCallback | None
+                 ) -> None:
+        self.tracker = ProgressTracker(0, progress, should_stop)
+
+    def start(self, total: int) -> None:
+        self.tracker.total = int(total)
+
+    def check(self) -> None:
+        self.tracker.check()
+
+    def advance(self, count: int) -> None:
+        self.tracker.advance(count)
