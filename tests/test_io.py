@@ -123,8 +123,8 @@ def test_plain_zarr_array_and_5d_ome_zarr(tmp_path, volume):
     data, info = read_volume(tmp_path / "tczyx.zarr")
     assert data.shape == volume.shape
     np.testing.assert_array_equal(np.asarray(data), volume)
-    assert info.scale == (30.0, 10.0, 10.0)
-    assert info.unit == "nanometer" and info.axes == "zyx"
+    assert info.scale == pytest.approx((0.030, 0.010, 0.010))  # every length in micrometres
+    assert info.unit == "micrometer" and info.axes == "zyx"
 
 
 def test_npy_is_memory_mapped_and_never_unpickled(tmp_path, volume):

@@ -11,6 +11,7 @@ lazy (a dask array over the zarr chunks), so a map volume larger than RAM opens 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -81,7 +82,7 @@ def read_gradcam_zarr(path: str | os.PathLike | list | tuple) -> list[LayerData]
         "colormap": COLORMAP,
         "blending": BLENDING,
         "opacity": OPACITY,
-        "contrast_limits": _contrast_limits(record, attrs),
+        "contrast_limits": _contrast_limits(record, attrs, single),
         "metadata": {ATTRS_KEY: record, "source_path": str(single)},
         "axis_labels": tuple(info.axes),
     }
@@ -97,18 +98,37 @@ def _layer_name(path: Path, record: dict[str, Any]) -> str:
     return f"{path.name.removesuffix('.zarr').removesuffix('.ome')}{detail}"
 
 
-def _contrast_limits(record: dict[str, Any], attrs: dict[str, Any]) -> tuple[float, float]:
+def _contrast_limits(record: dict[str, Any], attrs: dict[str, Any],
+                     path: Path) -> tuple[float, float]:
     """The map volume's value range as recorded when it was written (reading the whole volume
-    to find it would defeat lazy loading); [0, 1] when the file does not say."""
+    to find it would defeat lazy loading); [0, 1] when the file does not say.
+
+    A record that is there but malformed (edited by hand, written by another tool) is an error
+    that names the store and the field, not a bare float-parsing message."""
     low, high = 0.0, 1.0
-    value_range = record.get("value_range")
-    if isinstance(value_range, (list, tuple)) and len(value_range) == 2:
-        low, high = float(value_range[0]), float(value_range[1])
+    if record.get("value_range") is not None:
+        low, high = _two_numbers(record["value_range"], path, f"{ATTRS_KEY}.value_range")
     else:
         channels = (attrs.get("omero") or {}).get("channels") or []
-        window = channels[0].get("window") if channels else None
+        window = channels[0].get("window") if channels and isinstance(channels[0], dict) \
+            else None
         if isinstance(window, dict) and "start" in window and "end" in window:
-            low, high = float(window["start"]), float(window["end"])
+            low, high = _two_numbers([window["start"], window["end"]], path,
+                                     "omero.channels[0].window start/end")
+    if not (math.isfinite(low) and math.isfinite(high)):  # an all-NaN map: any range will do
+        low, high = 0.0, 1.0
     if not high > low:  # a constant map (e.g. all zero) still needs a valid range
         high = low + 1.0
     return low, high
+
+
+def _two_numbers(value: Any, path: Path, field: str) -> tuple[float, float]:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and not any(
+            isinstance(v, bool) for v in value):
+        try:
+            return float(value[0]), float(value[1])
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{path}: the field {field!r} in its .zattrs is malformed ({value!r}); "
+                     "expected two numbers [low, high] (rewrite the map with napari-gradcam "
+                     "or fix the field)")

@@ -7,9 +7,9 @@
     napari-gradcam explain scan.tif --model my_card.yaml --mode slices --workers 4 --out m.zarr
     napari maps.zarr                                        # opens with the right scale
 
-Exit codes: 0 done, 1 failure, 2 bad usage or input (one line on stderr, no traceback),
-130 cancelled (Ctrl-C or SIGTERM stop the run at the next batch, a second one at once; the
-partial output is removed either way).
+Exit codes: 0 done, 1 failure (e.g. a full disk), 2 bad usage or input (one line on stderr,
+no traceback), 130 cancelled (Ctrl-C or SIGTERM stop the run at the next batch, a second one
+at once; the partial output is removed either way).
 
 Adding a subcommand: write ``def add_x(subparsers)`` that calls ``subparsers.add_parser(...)``
 and ``parser.set_defaults(handler=function)`` where ``function(args) -> int``, decorate it
@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 Registrar = Callable[[Any], None]
@@ -37,7 +38,7 @@ COMMAND_MODULES: tuple[str, ...] = ("napari_gradcam.cli_evidence",)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                IsADirectoryError, KeyError)
+                IsADirectoryError, KeyError, PermissionError)
 
 
 def register_command(registrar: Registrar) -> Registrar:
@@ -147,16 +148,19 @@ def run_explain(args: argparse.Namespace) -> int:
     distributed = args.workers is not None or args.scheduler is not None
     label = "explain (chunks)" if distributed else "explain"
     progress = None if args.quiet else ProgressBar(label)
+
+    def notify(message: str) -> None:  # retries, leftovers of killed runs: on stderr
+        print(f"napari-gradcam: {message}", file=sys.stderr, flush=True)
+
     if distributed:
         summary = run_distributed(args.input, args.model, args.out, options=options,
                                   overwrite=args.overwrite, workers=args.workers,
                                   scheduler_address=args.scheduler, progress=progress,
-                                  should_stop=getattr(args, "should_stop", None))
+                                  should_stop=getattr(args, "should_stop", None), notify=notify)
     else:
         summary = explain_file(args.input, args.model, args.out, options=options,
                                overwrite=args.overwrite, progress=progress,
-                               should_stop=getattr(args, "should_stop", None),
-                               notify=lambda message: print(message, file=sys.stderr))
+                               should_stop=getattr(args, "should_stop", None), notify=notify)
     if not args.quiet:
         print(summary.describe())
     return EXIT_OK
@@ -241,6 +245,10 @@ def run_sample(args: argparse.Namespace) -> int:
     from napari_gradcam.io import check_output_path, output_kind, write_tiff_volume
     from napari_gradcam.samples.ct_volume import make_ct_volume
 
+    if args.labels and Path(args.labels).expanduser().resolve() == Path(
+            args.out).expanduser().resolve():
+        raise UsageError(f"--labels {args.labels} is the volume's own output; give it another "
+                         "name")
     for path in filter(None, (args.out, args.labels)):
         if output_kind(path) != "tiff":
             raise UsageError(f"sample volumes are written as TIFF; name the file *.tif, not "
@@ -333,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, or argparse's own usage errors
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
     from napari_gradcam.core.volume import Cancelled
+    from napari_gradcam.io import OutputError
 
     try:
         with StopRequest().installed() as stop:
@@ -341,6 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, Cancelled):
         print("\nnapari-gradcam: cancelled; no output was written", file=sys.stderr)
         return EXIT_CANCELLED
+    except OutputError as error:  # disk full, folder not writable: the message says it all
+        if args.debug:
+            raise
+        _error(str(error))
+        return EXIT_FAILURE
     except USAGE_ERRORS as error:
         if args.debug:
             raise

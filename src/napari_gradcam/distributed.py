@@ -358,14 +358,16 @@ def explain_file(
 
     ``model_source`` is anything :func:`napari_gradcam.core.models.load_model` takes (a demo
     name, a card path, a live module). The output appears only when the run has finished;
-    :class:`napari_gradcam.Cancelled` is raised when ``should_stop()`` turns true.
+    :class:`napari_gradcam.Cancelled` is raised when ``should_stop()`` turns true. The output
+    is never the input (refused even with ``overwrite``); ``notify(message)`` hears about the
+    engine's retries and about leftovers of killed runs that were cleaned up.
     """
     from napari_gradcam.core.volume import explain_volume
     from napari_gradcam.io import check_output_path
 
     options = options or ExplainOptions()
     input_path = _as_input_path(input_path)
-    check_output_path(out_path, overwrite)
+    check_output_path(out_path, overwrite, inputs=[input_path])
     volume, voxel = read_volume(input_path)
     loaded = get_model(_model_source(model_source), options.device, options.trust,
                        options.torch_threads)
@@ -376,7 +378,7 @@ def explain_file(
     started = time.perf_counter()
     with open_output(out_path, volume.shape, scale=voxel.scale, unit=voxel.unit,
                      dtype=options.dtype, chunks=plan.chunks, attrs=record,
-                     overwrite=overwrite) as output:
+                     overwrite=overwrite, inputs=[input_path], notify=notify) as output:
         tracked = RangeTrackingArray(output.array)
         engine_options: dict[str, Any] = {"mode": plan.mode, "batch_size": options.batch_size,
                                           "target": plan.target,
@@ -624,19 +626,21 @@ def run_distributed(
     scheduler_address: str | None = None,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Explain a volume file chunk by chunk on dask workers; write an OME-Zarr output.
 
     Give one of ``client`` (an existing ``distributed.Client``), ``scheduler_address`` (e.g.
     ``"tcp://head-node:8786"``) or ``workers`` (start a local cluster of that many worker
     processes with one thread each, closed again at the end). ``progress(done, total)`` counts
-    finished chunks. The result equals :func:`explain_file`'s (see the module docstring).
+    finished chunks; ``notify(message)`` hears what was found and removed of earlier runs that
+    were killed. The result equals :func:`explain_file`'s (see the module docstring).
     """
     options = options or ExplainOptions()
     input_path = _as_input_path(input_path)
     from napari_gradcam.io import check_output_path, output_kind
 
-    check_output_path(out_path, overwrite)
+    check_output_path(out_path, overwrite, inputs=[input_path])
     if output_kind(out_path) != "zarr":
         raise ValueError("distributed runs write OME-Zarr (workers write their chunks in "
                          f"parallel); name the output *.zarr, not {Path(out_path).name!r}")
@@ -660,7 +664,8 @@ def run_distributed(
                               {"scheduler": where})
     started = time.perf_counter()
     with open_output(out_path, shape, scale=voxel.scale, unit=voxel.unit, dtype=options.dtype,
-                     chunks=plan.chunks, attrs=record, overwrite=overwrite) as output:
+                     chunks=plan.chunks, attrs=record, overwrite=overwrite, inputs=[input_path],
+                     notify=notify) as output:
         array_path = str(output.partial / "0")
         tasks = [ChunkTask(str(input_path), source, array_path, options, plan, start, stop,
                            loaded.weights_sha256)

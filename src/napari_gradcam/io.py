@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import socket
+import warnings
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +55,29 @@ _UNIT_ALIASES = {
     "\\u00b5m": "micrometer",
     "nanometer": "nanometer", "nanometre": "nanometer", "nm": "nanometer",
     "millimeter": "millimeter", "millimetre": "millimeter", "mm": "millimeter",
-    "centimeter": "centimeter", "cm": "centimeter",
+    "centimeter": "centimeter", "centimetre": "centimeter", "cm": "centimeter",
     "meter": "meter", "metre": "meter", "m": "meter",
-    "angstrom": "angstrom", "å": "angstrom",
+    "angstrom": "angstrom", "angstroms": "angstrom", "ångström": "angstrom", "å": "angstrom",
+    "\\u00c5": "angstrom",
+    "picometer": "picometer", "picometre": "picometer", "pm": "picometer",
 }
+#: Spellings that only mean a length in this exact case ("Mm" is a megametre, "Pm" a petametre).
+_CASE_SENSITIVE_UNITS = frozenset({"Mm", "Pm"})
+#: Micrometres per unit: every length read is converted to micrometres, so the axes of a file
+#: whose Z is in µm and X/Y in nm end up in one unit (napari's scale has no unit per axis).
+MICROMETERS_PER_UNIT = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3,
+                        "centimeter": 1e4, "meter": 1e6, "angstrom": 1e-4, "picometer": 1e-6}
+_PIXEL_UNITS = frozenset({"pixel", "pixels", "px", "pix"})
 _IMAGEJ_UNITS = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm",
-                 "centimeter": "cm", "meter": "m", "angstrom": "angstrom"}
+                 "centimeter": "cm", "meter": "m", "angstrom": "angstrom", "picometer": "pm"}
+
+
+class TruncatedFileError(ValueError):
+    """A file ends before the data its own header promises (an interrupted copy or download)."""
+
+
+class UnitMismatchError(ValueError):
+    """A file gives its axes' voxel sizes in units that have no common length unit."""
 
 
 def normalize_unit(unit: object) -> str | None:
@@ -64,7 +85,44 @@ def normalize_unit(unit: object) -> str | None:
     if unit is None:
         return None
     text = str(unit).strip()
-    return _UNIT_ALIASES.get(text.lower(), _UNIT_ALIASES.get(text))
+    if text in _UNIT_ALIASES:
+        return _UNIT_ALIASES[text]
+    if text in _CASE_SENSITIVE_UNITS:
+        return None
+    return _UNIT_ALIASES.get(text.lower())
+
+
+def to_micrometers(scale: Sequence[float], units: Sequence[object], axes: str,
+                   source: object) -> tuple[tuple[float, ...], str | None]:
+    """Voxel sizes given per axis in possibly different units → ``(scale, unit)`` in one unit.
+
+    ``units[i]`` is the unit the file states for axis ``i``, or None where it states none (that
+    axis then shares the unit of the others). Lengths are converted to micrometres; sizes in
+    pixels (or without any unit) stay as they are, with unit None. A mix that has no common unit
+    (a length on one axis, pixels or an unknown unit on another) is refused, naming the axes:
+    guessing would put the map beside its scan off by the ratio of the units.
+    """
+    scale = tuple(float(s) for s in scale)
+    stated = [(axis, str(unit).strip()) for axis, unit in zip(axes, units, strict=False)
+              if unit is not None and str(unit).strip()]
+    lengths = {axis: normalize_unit(unit) for axis, unit in stated}
+    if stated and all(lengths.values()):
+        # Axes without a stated unit take the first stated one (the file's common unit).
+        common = lengths[stated[0][0]]
+        factors = [MICROMETERS_PER_UNIT[lengths.get(axis) or common]
+                   for axis in axes[:len(scale)]]
+        return tuple(s * f for s, f in zip(scale, factors, strict=True)), "micrometer"
+    other = {unit.lower() for axis, unit in stated if not lengths[axis]}
+    if not any(lengths.values()) and (len(other) <= 1 or other <= _PIXEL_UNITS):
+        return scale, None  # one unit that is not a length (pixels, or one we do not know)
+    by_axis = dict(stated)
+    described = ", ".join(f"{axis} {size:g} {by_axis.get(axis, '(no unit)')}"
+                          for axis, size in zip(axes, scale, strict=False))
+    raise UnitMismatchError(
+        f"{source} gives the voxel size in units that cannot be converted to one ({described}); "
+        f"napari-gradcam converts {', '.join(sorted(MICROMETERS_PER_UNIT))} to micrometres: "
+        "fix the unit metadata of the file"
+    )
 
 
 @dataclass(frozen=True)
@@ -158,8 +216,10 @@ def _read_npy(path: Path) -> tuple[Any, VoxelInfo]:
         return array, VoxelInfo(scale=(1.0,) * array.ndim, axes="zyx"[-array.ndim:])
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        info = VoxelInfo(tuple(float(s) for s in meta["scale"]), normalize_unit(meta.get("unit")),
-                         str(meta.get("axes", "zyx")), dict(meta.get(ATTRS_KEY, {})))
+        axes = str(meta.get("axes", "zyx"))
+        scale = tuple(float(s) for s in meta["scale"])
+        scale, unit = to_micrometers(scale, [meta.get("unit")] * len(scale), axes, sidecar)
+        info = VoxelInfo(scale, unit, axes, dict(meta.get(ATTRS_KEY, {})))
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"the sidecar {sidecar} is not valid napari-gradcam metadata "
                          f"({error}); delete it to read the array with voxel size 1") from None
@@ -177,16 +237,85 @@ def _read_tiff(path: Path, lazy: bool | None) -> tuple[Any, VoxelInfo]:
         raise ValueError(f"{path} is a folder, not a TIFF file")
     if lazy is None:
         lazy = path.stat().st_size > LAZY_TIFF_BYTES
-    try:
-        with tifffile.TiffFile(path) as tif:
-            info = _tiff_voxel_info(tif)
-            shape = tuple(tif.series[0].shape)
-            array = None if lazy else tif.series[0].asarray()
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as error:
-        raise ValueError(f"{path} is not a readable TIFF file ({error})") from None
+    with _tifffile_complaints() as complaints:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(tif.series[0].shape)
+                _check_tiff_complete(tif, path, complaints)
+                info = _tiff_voxel_info(tif, path)
+                array = None if lazy else tif.series[0].asarray()
+                _check_tiff_complete(tif, path, complaints)
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as error:
+            if isinstance(error, (TruncatedFileError, UnitMismatchError)):
+                raise
+            raise ValueError(f"{path} is not a readable TIFF file ({error})") from None
     if array is None:
         array = _lazy_tiff(path, shape)
     return array, info
+
+
+@contextlib.contextmanager
+def _tifffile_complaints() -> Iterator[list[str]]:
+    """Collect what tifffile logs while reading instead of letting it print.
+
+    tifffile reads a TIFF whose end is cut off without raising: it logs "invalid page offset"
+    or "corrupted file" and returns the pages it could find, so a truncated 3D stack looks like
+    a healthy 2D image. Its complaints are the evidence that the file is damaged.
+    """
+    import logging
+
+    complaints: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            complaints.append(record.getMessage())
+
+    logger = logging.getLogger("tifffile")
+    handler, propagate = Collect(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield complaints
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+#: What tifffile logs when a file ends early: an IFD or a tag value that points past its end.
+#: (Not its "ImageJ series metadata invalid or corrupted file" alone: odd writers cause that in
+#: files whose pages are all there; the page count check below catches truncated ones.)
+_DAMAGE_WORDS = ("invalid page offset", "invalid value offset", "truncat", "failed to read",
+                 "beyond end")
+
+
+def _check_tiff_complete(tif: Any, path: Path, complaints: Sequence[str]) -> None:
+    """Raise :class:`TruncatedFileError` when the TIFF is cut off or its structure is damaged:
+    tifffile complained, the data of the first or last page lies beyond the end of the file,
+    or an ImageJ stack has fewer pages than its header counts."""
+    damage = [text for text in complaints if any(word in text.lower() for word in
+                                                 _DAMAGE_WORDS)]
+    size = path.stat().st_size
+    try:
+        pages = tif.pages
+        ends = [offset + count for index in {0, len(pages) - 1}
+                for offset, count in zip(pages[index].dataoffsets, pages[index].databytecounts,
+                                         strict=False)]
+        series = tif.series[0]
+        if getattr(series, "dataoffset", None) is not None:  # contiguous: one block of data
+            ends.append(int(series.dataoffset) + int(series.nbytes))
+        if ends and max(ends) > size:
+            damage.append(f"its image data needs {max(ends)} bytes, the file has {size}")
+        images = int((tif.imagej_metadata or {}).get("images", 0))
+        if images > len(pages) and len(pages) > 1:
+            damage.append(f"its ImageJ header counts {images} images, the file holds "
+                          f"{len(pages)}")
+    except (AttributeError, TypeError, ValueError, IndexError):
+        pass
+    if damage:
+        raise TruncatedFileError(
+            f"{path} is truncated or corrupt ({'; '.join(dict.fromkeys(damage))}); copy it "
+            "again from its source"
+        )
 
 
 def _lazy_tiff(path: Path, shape: tuple[int, ...]) -> Any:
@@ -207,13 +336,13 @@ def _lazy_tiff(path: Path, shape: tuple[int, ...]) -> Any:
     return opened[next(iter(opened.array_keys()))]  # a pyramid: its full-resolution level
 
 
-def _tiff_voxel_info(tif: Any) -> VoxelInfo:
+def _tiff_voxel_info(tif: Any, path: Path) -> VoxelInfo:
     ndim = len(tif.series[0].shape)
     metadata: dict[str, Any] = {}
     if tif.is_ome and tif.ome_metadata:
-        scale, unit = _ome_tiff_scale(tif.ome_metadata)
+        scale, units = _ome_tiff_scale(tif.ome_metadata)
     else:
-        scale, unit = [1.0, 1.0, 1.0], None
+        scale, units = [1.0, 1.0, 1.0], [None, None, None]
         imagej = tif.imagej_metadata or {}
         page = tif.pages[0]
         resolution_unit = int(getattr(page.tags.get("ResolutionUnit"), "value", 1))
@@ -228,34 +357,38 @@ def _tiff_voxel_info(tif: Any) -> VoxelInfo:
                     if numerator and denominator and numerator != denominator:
                         scale[axis] = factor * denominator / numerator  # unit per pixel
             if not imagej and any(s != 1.0 for s in scale):
-                unit = "micrometer"
+                units = ["micrometer"] * 3
         if "spacing" in imagej:
             scale[0] = float(imagej["spacing"])
-        unit = normalize_unit(imagej.get("unit")) or unit
+        if imagej.get("unit"):  # ImageJ's Calibration: x in unit, y in yunit, z in zunit
+            unit = imagej["unit"]
+            units = [imagej.get("zunit") or unit, imagej.get("yunit") or unit, unit]
         info_field = imagej.get("Info")
         if isinstance(info_field, str) and info_field.lstrip().startswith("{"):
             with contextlib.suppress(ValueError, AttributeError):
                 metadata = dict(json.loads(info_field).get(ATTRS_KEY, {}))
+    scale, unit = to_micrometers(scale, units, "zyx", path)
     return VoxelInfo(_fit_scale(scale, ndim), unit, "zyx"[-ndim:] if ndim <= 3 else "zyx",
                      metadata)
 
 
-def _ome_tiff_scale(xml: str) -> tuple[list[float], str | None]:
-    scale, unit = [1.0, 1.0, 1.0], None
+def _ome_tiff_scale(xml: str) -> tuple[list[float], list[str | None]]:
+    """Voxel size (z, y, x) and the unit stated for each axis (None where no size is given)."""
+    scale, units = [1.0, 1.0, 1.0], [None, None, None]
     try:
         root = ElementTree.fromstring(xml)
     except ElementTree.ParseError:
-        return scale, unit
+        return scale, units
     pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
     if pixels is None:
-        return scale, unit
+        return scale, units
     for axis, name in ((0, "Z"), (1, "Y"), (2, "X")):
         value = pixels.get(f"PhysicalSize{name}")
         if value is not None:
             scale[axis] = float(value)
             # The OME schema's default unit is the micrometre.
-            unit = unit or normalize_unit(pixels.get(f"PhysicalSize{name}Unit", "µm"))
-    return scale, unit
+            units[axis] = pixels.get(f"PhysicalSize{name}Unit", "µm")
+    return scale, units
 
 
 def _read_zarr(path: Path) -> tuple[Any, VoxelInfo]:
@@ -291,8 +424,10 @@ def _read_zarr(path: Path) -> tuple[Any, VoxelInfo]:
         scale = tuple(a * b for a, b in zip(scale, top, strict=True))
         axes = image.get("axes") or [{"name": n} for n in "tczyx"[-array.ndim:]]
         names = [a["name"] if isinstance(a, Mapping) else str(a) for a in axes]
-        units = [a.get("unit") for a in axes if isinstance(a, Mapping) and a.get("type") in
-                 (None, "space")]
+        units = [a.get("unit") if isinstance(a, Mapping) and a.get("type") in (None, "space")
+                 else None for a in axes]
+        if len(names) != array.ndim:
+            raise ValueError(f"{len(names)} axes for an array of {array.ndim} dimensions")
     except (KeyError, IndexError, TypeError, ValueError) as error:
         raise ValueError(f"{path} has malformed OME-Zarr 'multiscales' metadata ({error!r})"
                          ) from None
@@ -307,8 +442,8 @@ def _read_zarr(path: Path) -> tuple[Any, VoxelInfo]:
         import dask.array as da
 
         array = da.from_zarr(array)[(0,) * extra]
-        scale, names = scale[extra:], names[extra:]
-    unit = next((normalize_unit(u) for u in units if normalize_unit(u)), None)
+        scale, names, units = scale[extra:], names[extra:], units[extra:]
+    scale, unit = to_micrometers(scale, units, "".join(names), path)
     return array, VoxelInfo(tuple(scale), unit, "".join(names), ours)
 
 
@@ -336,48 +471,238 @@ def output_kind(path: str | os.PathLike) -> str:
                      ".zarr (OME-Zarr, recommended), .tif or .npy")
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+class OutputError(OSError):
+    """An output could not be written (disk full, folder not writable); the message names the
+    user's output path, never the temporary ``*.partial-*`` file the data went to first."""
+
+
+class OutputIsInputError(ValueError):
+    """The output would replace (or be written inside, or contain) one of the run's inputs."""
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False, *,
+                      inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Refuse, before any work starts, an output that exists (unless ``overwrite``), has no
-    folder to go into, or has an unknown format."""
+    folder to go into, sits in a folder that cannot be written, has an unknown format, or is
+    one of ``inputs`` (the files the run reads: a scan is never replaced by its own map, not
+    even with ``overwrite``)."""
     path = Path(path).expanduser()
     output_kind(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the output folder {path.parent} does not exist; create it "
                                 "first")
+    for source in inputs:
+        _refuse_output_over_input(path, Path(source).expanduser())
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to "
                               "replace it")
+    # os.access says False for root too when the file system is mounted read-only.
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the output {path}: {_why_not_writable(path.parent)}"
+                              "; choose another output folder")
     return path
+
+
+def _why_not_writable(folder: Path) -> str:
+    with contextlib.suppress(OSError, AttributeError):
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"the folder {folder} is not writable (a read-only file system)"
+    return f"the folder {folder} is not writable (permission denied)"
+
+
+def _refuse_output_over_input(output: Path, source: Path) -> None:
+    """Raise :class:`OutputIsInputError` when ``output`` is ``source`` (after resolving
+    symbolic links, or the same file under another name: a hard link), lies inside it (an
+    OME-Zarr folder) or contains it."""
+    out_real, source_real = output.resolve(), source.resolve()
+    how = ""
+    if out_real == source_real:
+        how = "the same file" + ("" if output.absolute() == out_real else f": {out_real}")
+    elif output.exists() and source.exists() and os.path.samefile(output, source):
+        how = "the same file under another name (a hard link)"
+    elif source_real in out_real.parents:
+        how = "inside the input"
+    elif out_real in source_real.parents:
+        how = "a folder that contains the input"
+    if how:
+        raise OutputIsInputError(
+            f"the output {output} is the input {source} ({how}); napari-gradcam never writes "
+            "over its input, also not with --overwrite: choose another output name"
+        )
 
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
+    elif path.exists() or path.is_symlink():  # unlink fails on a read-only mount even for a
+        with contextlib.suppress(FileNotFoundError):  # name that is not there
             path.unlink()
 
 
+# --------------------------------------------------------------------------- partial outputs
+
+_PARTIAL = re.compile(r"\.(?P<kind>partial|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)"
+                      r"-[0-9a-f]{8}(?P<sidecar>\.json)?")
+_LEGACY_PARTIAL = re.compile(r"\.(?:partial|old)-[0-9a-f]{8}(?:\.json)?")
+
+
+def _host_tag() -> str:
+    """This machine's name as it may appear in a file name (letters, digits, ``_`` and ``.``)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname() or "host")[:40] or "host"
+
+
+def _temporary_name(path: Path, kind: str) -> Path:
+    """``<name>.<kind>-<host>-<pid>-<random>``: who wrote it, so that a later run can tell a
+    leftover of a killed run (removed) from the output of a run still going (kept)."""
+    return path.with_name(f"{path.name}.{kind}-{_host_tag()}-{os.getpid()}-"
+                          f"{secrets.token_hex(4)}")
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch; Linux), None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in
+                    Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+def _process_runs(pid: int, since: float) -> bool:
+    """Whether ``pid`` is a running process that may have written a file dated ``since``: a
+    zombie (killed, not yet reaped) is not running, and a process that started after the file
+    was last written is another program that reuses the number."""
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
+    started = _process_start(pid)
+    # A minute of slack for clock ticks and mtime rounding: in doubt, the file is kept.
+    return started is None or started <= since + 60.0
+
+
+def clean_stale_partials(path: str | os.PathLike) -> list[str]:
+    """Remove what killed runs left next to output ``path``; say what was found.
+
+    A run writes ``<name>.partial-<host>-<pid>-<random>`` and renames it at the end; a run
+    killed with SIGKILL (or by a power cut) cannot clean up. Removed here: such files of this
+    output name whose process, on this machine, no longer runs, and an ``.old-*`` copy of a
+    replaced output when the new output is in place. Kept (and reported): files of a run that
+    still goes on, of another machine, of an older version without a process id, and an
+    ``.old-*`` copy that is the only one left of the previous output. Returns one sentence per
+    file found.
+    """
+    path = Path(path).expanduser()
+    messages: list[str] = []
+    try:
+        candidates = sorted(p for p in path.parent.iterdir()
+                            if p.name.startswith(path.name + "."))
+    except OSError:
+        return messages
+    here = _host_tag()
+    for candidate in candidates:
+        tail = candidate.name[len(path.name):]
+        match = _PARTIAL.fullmatch(tail)
+        if match is None:
+            if _LEGACY_PARTIAL.fullmatch(tail):
+                messages.append(f"found {candidate}, left by an earlier run of unknown process; "
+                                "not removed: delete it if no other run writes "
+                                f"{path.name}")
+            continue
+        pid, host, kind = int(match["pid"]), match["host"], match["kind"]
+        try:
+            written = candidate.lstat().st_mtime
+        except OSError:
+            continue
+        if host != here:
+            messages.append(f"found {candidate}, written by process {pid} on {host}; not "
+                            "removed (its run may still go on there): delete it once that run "
+                            "has ended")
+        elif _process_runs(pid, written):
+            if pid != os.getpid():
+                messages.append(f"{candidate} is being written by another run (process {pid}) "
+                                f"to the same output {path.name}; left alone")
+        elif kind == "old" and not match["sidecar"] and not path.exists():
+            messages.append(f"found {candidate}: the previous {path.name}, kept by a run that "
+                            f"was killed while replacing it; rename it back to {path.name} to "
+                            "keep it")
+        else:
+            _remove(candidate)
+            what = "partial output" if kind == "partial" else "copy of a replaced output"
+            messages.append(f"removed {candidate}: the {what} of a run that was killed "
+                            f"(process {pid} no longer runs)")
+    return messages
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary ``<path>.partial-<random>`` to write into; rename it to ``path`` on
-    success, delete it on any error or interrupt (``KeyboardInterrupt`` included).
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = False,
+                inputs: Sequence[str | os.PathLike] = (),
+                notify: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary ``<path>.partial-<host>-<pid>-<random>`` to write into; rename it to
+    ``path`` on success, delete it on any error or interrupt (``KeyboardInterrupt`` included).
 
     An existing ``path`` is refused unless ``overwrite``; it is replaced only once the new
-    output is complete, so a failed run never destroys the previous result.
+    output is complete, so a failed run never destroys the previous result. ``inputs`` are
+    never replaced (see :func:`check_output_path`). Leftovers of killed runs are cleaned up
+    first (:func:`clean_stale_partials`); ``notify`` hears about them (default: a warning).
+    A full disk or a folder that turns out not to be writable raises :class:`OutputError`
+    naming ``path``.
     """
-    path = check_output_path(path, overwrite)
-    partial = path.with_name(f"{path.name}.partial-{secrets.token_hex(4)}")
+    path = check_output_path(path, overwrite, inputs=inputs)
+    for message in clean_stale_partials(path):
+        if notify is not None:
+            notify(message)
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    partial = _temporary_name(path, "partial")
     try:
         yield partial
         if not partial.exists():
             raise RuntimeError(f"nothing was written to {partial}")
         _replace(partial, path, overwrite)
-    except BaseException:
+    except BaseException as error:
         with _signals_deferred():  # a second Ctrl-C must not stop the clean-up half way
             settle_zarr_writes()
             _remove(partial)
+        clear = _output_error(error, path, partial)
+        if clear is not None:
+            raise clear from None
         raise
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _output_error(error: BaseException, path: Path, partial: Path) -> OutputError | None:
+    """The user's words for a failed write: which output, and why (disk full, not writable).
+
+    Only errors about the output itself are reworded (an error that names another file, e.g.
+    the input, is left as it is)."""
+    if isinstance(error, OutputError) or not isinstance(error, OSError):
+        return None
+    named = str(error.filename or "")
+    if named and not named.startswith((str(partial), str(path))):
+        return None
+    if error.errno in _DISK_FULL:
+        clear = OutputError(f"not enough space to write the output {path}: the disk (or quota) "
+                            f"holding {path.parent} is full; the partial output was removed; "
+                            "free space or choose another output folder")
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and named:
+        clear = OutputError(f"cannot write the output {path}: "
+                            f"{_why_not_writable(path.parent)}; choose another output folder")
+    else:
+        return None
+    clear.errno = error.errno
+    return clear
 
 
 @contextlib.contextmanager
@@ -446,7 +771,7 @@ def _replace(partial: Path, path: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(f"{path} appeared while writing; the new result was discarded")
-    old = path.with_name(f"{path.name}.old-{secrets.token_hex(4)}")
+    old = _temporary_name(path, "old")
     os.replace(path, old)
     try:
         os.replace(partial, path)
@@ -621,13 +946,18 @@ def open_output(
     chunks: Sequence[int] | None = None,
     attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    notify: Callable[[str], None] | None = None,
 ) -> Iterator[OutputVolume]:
     """Create an output volume (format from the name: ``.zarr``, ``.tif``, ``.npy``) that is
     written in place on disk and appears under ``path`` only when the block finishes cleanly.
 
     ``.zarr`` is OME-Zarr (the recommended, chunked, lazily readable format); ``.tif`` an
     ImageJ float32 stack with the voxel size; ``.npy`` a NumPy memory map with a ``.json``
-    sidecar for the voxel size and provenance.
+    sidecar for the voxel size and provenance. The memory-mapped formats get their whole
+    size reserved on disk first, so a full disk is an :class:`OutputError` at the start and
+    not a SIGBUS that kills the process half way. ``inputs`` and ``notify``: see
+    :func:`atomic_path`.
     """
     kind = output_kind(path)
     shape = tuple(int(s) for s in shape)
@@ -637,15 +967,18 @@ def open_output(
     record = _jsonable(dict(attrs or {}))
     partial_sidecar: Path | None = None
     try:
-        with atomic_path(path, overwrite=overwrite) as partial:
+        with atomic_path(path, overwrite=overwrite, inputs=inputs, notify=notify) as partial:
             partial_sidecar = _sidecar(partial)
             if kind == "zarr":
                 array = create_ome_zarr(partial, shape, scale=scale, unit=unit, dtype=dtype,
                                         chunks=chunks, attrs=record, name=Path(path).stem)
-            elif kind == "tiff":
-                array = _create_tiff(partial, shape, scale, unit, dtype, record)
             else:
-                array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+                if kind == "tiff":
+                    array = _create_tiff(partial, shape, scale, unit, dtype, record)
+                else:
+                    array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype,
+                                                      shape=shape)
+                _reserve_disk_space(partial, int(array.offset))
             output = OutputVolume(kind, partial, array, scale, unit, record)
             yield output
             output._finish()
@@ -655,6 +988,39 @@ def open_output(
         raise
     if kind == "npy":  # only once the data is in place: move its sidecar next to it
         os.replace(partial_sidecar, _sidecar(Path(path).expanduser()))
+
+
+def _reserve_disk_space(file: Path, data_offset: int) -> None:
+    """Allocate every block of a freshly created (sparse) file before anything is written
+    through its memory map.
+
+    Writing through a memory map into a hole of a file on a full disk does not fail with an
+    error: the kernel sends SIGBUS, which kills the process on the spot, without a message and
+    without cleaning up. Reserving the space first turns a full disk into an ENOSPC here,
+    before any work. Where ``posix_fallocate`` is missing, zeros are written instead.
+    """
+    size = file.stat().st_size
+    try:
+        if hasattr(os, "posix_fallocate"):
+            descriptor = os.open(file, os.O_RDWR)
+            try:
+                os.posix_fallocate(descriptor, 0, size)
+                return
+            except OSError as error:
+                if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+            finally:
+                os.close(descriptor)
+        with open(file, "r+b") as handle:  # no fallocate here: write the zeros themselves
+            handle.seek(data_offset)
+            block = bytes(16 * 1024**2)
+            for start in range(data_offset, size, len(block)):
+                handle.write(block[:min(len(block), size - start)])
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        error.filename = str(file)
+        raise
 
 
 def _create_tiff(partial: Path, shape: tuple[int, ...], scale: tuple[float, ...],
