@@ -125,8 +125,12 @@ class FeatureMapView:
                 UserWarning, stacklevel=5)
 
 
-def _plausible_grid(grid: Sequence[int], spatial: Sequence[int]) -> bool:
-    """Whether ``grid`` is the input size divided by one integer stride (floor or ceil)."""
+def grid_matches_input(grid: Sequence[int], spatial: Sequence[int]) -> bool:
+    """Whether ``grid`` is the input size divided by one integer stride (floor or ceil).
+
+    Layer discovery can use it to tell feature maps from look-alikes such as a ViT's
+    attention weights ``(N, heads, T, T)``, whose "grid" T×T is no division of the input.
+    """
     if len(grid) != len(spatial) or min(grid) < 1:
         return False
     for stride in range(1, max(spatial) + 1):
@@ -255,6 +259,7 @@ def feature_map_view(name: str, shape: Sequence[int], input_shape: Sequence[int]
     if layout.channels_last:
         return FeatureMapView("channels_last", shape[1:-1])
     if (layout.channels_last is None and dims >= 2 and not _has_conv(module)
-            and not _plausible_grid(shape[2:], spatial) and _plausible_grid(shape[1:-1], spatial)):
+            and not grid_matches_input(shape[2:], spatial)
+            and grid_matches_input(shape[1:-1], spatial)):
         return FeatureMapView("channels_last", shape[1:-1])
     return FeatureMapView("channels_first", shape[2:])
