@@ -95,6 +95,34 @@ def test_pooled_maps_are_the_mean_and_spread_of_all_variants():
     assert mean_map.shape == std_map.shape == (1, 16, 16)
 
 
+class PositionalNet(nn.Module):
+    """conv → flatten → linear: the class depends on where things are, so flips change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.features = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def test_prediction_changes_count_the_variants_whose_class_differs():
+    model, x = PositionalNet(), image(seed=1, n=8, size=8)
+    cam = GradCAM(model, "features")
+    mean_map, _, info = explain_with_uncertainty(cam, x, sources=("flips",))
+    with torch.no_grad():
+        plain = model(x).argmax(1)
+        expected = sum(int((model(torch.flip(x, [d])).argmax(1) != plain).sum()) for d in (2, 3))
+    assert info.prediction_changes == expected > 0
+    # every variant still explains the class predicted for the unchanged input
+    fixed = tuple(plain.tolist())
+    variants = [cam(x, fixed), np.flip(cam(torch.flip(x, [2]), fixed), 1),
+                np.flip(cam(torch.flip(x, [3]), fixed), 2)]
+    np.testing.assert_allclose(mean_map, np.mean(variants, 0), atol=1e-6)
+
+
 def test_all_classes_keep_their_class_axis():
     mean_map, std_map, _ = explain_with_uncertainty(GradCAM(TinyNet(SHIFTING), "features"),
                                                     image(), "all", sources=("flips", "shifts"))
