@@ -15,10 +15,11 @@ Results are **identical** to the single-process engine, not just close:
 * *slices*: a chunk is a whole number of engine batches (``chunk`` is a multiple of
   ``batch_size`` and chunks start at multiples of it), so every slice is explained in exactly
   the same batch as in one process.
-* *windows*: a chunk ``[z0, z1)`` gathers every window of the global grid
-  (:func:`napari_gradcam.core.volume.window_starts`) that touches it, in the engine's order and
-  batches, adds their Gaussian-weighted maps restricted to the chunk and divides by the summed
-  weights, so each voxel sees the same terms in the same order as in
+* *windows*: a chunk ``[z0, z1)`` gathers every window of the global grid (the engine's
+  :func:`~napari_gradcam.core.volume.window_starts` over the volume extended by its mirrored
+  margins, :func:`~napari_gradcam.core.volume.edge_pads`) that touches it, in the engine's
+  order and batches, adds their Gaussian-weighted maps restricted to the chunk and divides by
+  the summed weights, so each voxel sees the same terms in the same order as in
   :func:`napari_gradcam.explain_volume`. Windows that straddle a chunk border are computed by
   both chunks (the "halo"); larger chunks waste less.
 
@@ -545,8 +546,10 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, ...]]]:
     """The engine's windowed blending, restricted to planes ``[start, stop)``.
 
-    Same global window grid, same order of windows, same batches, same weights, same
+    Same mirrored margins (:func:`~napari_gradcam.core.volume.edge_pads`), same global window
+    grid over the padded volume, same order of windows, same batches, same weights, same
     division: each voxel's sum has the same terms in the same order as in one process.
+    Coordinates below are those of the padded volume unless they say otherwise.
     """
     import torch
 
@@ -555,7 +558,8 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
     from napari_gradcam.core.volume import (
         blending_weights,
         class_probabilities,
-        padded_window,
+        edge_pads,
+        read_mirrored,
         window_starts,
     )
 
@@ -563,45 +567,53 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
     assert plan.window is not None
     shape = tuple(volume.shape)
     window = plan.window
-    starts = [window_starts(s, w, options.overlap) for s, w in zip(shape, window, strict=True)]
-    effective = tuple(min(s, w) for s, w in zip(shape, window, strict=True))
-    weights = blending_weights(effective, "gaussian")
-    depth, height, width = effective
-    start, stop = task.start, task.stop
-    accumulated = np.zeros((stop - start, shape[1], shape[2]), dtype=np.float32)
+    pads = edge_pads(shape, window)
+    padded = tuple(s + a + b for s, (a, b) in zip(shape, pads, strict=True))
+    starts = [window_starts(s, w, options.overlap) for s, w in zip(padded, window, strict=True)]
+    weights = blending_weights(window, "gaussian")
+    depth, height, width = window
+    (z_pad, _), (y_pad, _), (x_pad, _) = pads
+    first, last = task.start + z_pad, task.stop + z_pad  # this chunk's planes, padded
+    accumulated = np.zeros((last - first, padded[1], padded[2]), dtype=np.float32)
     weight_sum = np.zeros_like(accumulated)
     predictions: list[np.ndarray] = []
     positions: list[tuple[int, ...]] = []
     device = getattr(explainer, "device", None) or torch.device("cpu")
     corners = list(itertools.product(starts[1], starts[2]))
     for z0 in starts[0]:
-        low, high = max(z0, start), min(z0 + depth, stop)
+        low, high = max(z0, first), min(z0 + depth, last)
         if low >= high:
             continue
-        slab = np.asarray(volume[z0:z0 + depth], dtype=np.float32)
-        owned = start <= z0 < stop  # each window's prediction is reported by one chunk
+        slab = read_mirrored(volume, (z0 - z_pad, -y_pad, -x_pad), (depth, *padded[1:]))
+        # Each window's prediction is reported by one chunk: the one holding its first real
+        # plane (a window that starts in the mirrored margin belongs to the first chunk).
+        owner = min(max(z0 - z_pad, 0), shape[0] - 1)
+        owned = task.start <= owner < task.stop
 
         def work(batch_corners: list[tuple[int, int]], slab: np.ndarray = slab, z0: int = z0,
                  low: int = low, high: int = high, owned: bool = owned) -> None:
-            batch = np.stack([padded_window(slab, y0, x0, window) for y0, x0 in batch_corners])
+            batch = np.stack([slab[:, y0:y0 + height, x0:x0 + width]
+                              for y0, x0 in batch_corners])
             result = explainer.explain(loaded.preprocess(batch), plan.target)
             maps = heatmaps(result.maps, getattr(explainer, "name", ""))
             if maps.ndim != 4:
                 raise ValueError(f"window explanation needs one 3D map per window; got maps of "
                                  f"shape {maps.shape}. Use a 3D model and a single target.")
             for (y0, x0), cam in zip(batch_corners, maps, strict=True):
-                cam = cam[:depth, :height, :width] * weights
-                region = (slice(low - start, high - start), slice(y0, y0 + height),
+                weighted = cam * weights
+                region = (slice(low - first, high - first), slice(y0, y0 + height),
                           slice(x0, x0 + width))
-                accumulated[region] += cam[low - z0:high - z0]
+                accumulated[region] += weighted[low - z0:high - z0]
                 weight_sum[region] += weights[low - z0:high - z0]
             if owned:
                 predictions.extend(class_probabilities(result.outputs))
-                positions.extend((z0, y0, x0) for y0, x0 in batch_corners)
+                positions.extend((z0 - z_pad, y0 - y_pad, x0 - x_pad)
+                                 for y0, x0 in batch_corners)
 
         for _ in run_with_oom_backoff(corners, options.batch_size, work, device):
             pass
-    maps = accumulated / np.maximum(weight_sum, 1e-12)
+    crop = (slice(None), slice(y_pad, y_pad + shape[1]), slice(x_pad, x_pad + shape[2]))
+    maps = accumulated[crop] / np.maximum(weight_sum[crop], 1e-12)
     stacked = np.stack(predictions) if predictions else np.zeros((0, 0), dtype=np.float32)
     return maps, stacked, positions
 
