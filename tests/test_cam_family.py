@@ -26,6 +26,7 @@ from napari_gradcam import (
     GradCAM,
     GuidedBackprop,
     ScoreCAM,
+    SegmentationRegion,
     explain_volume,
     explainer,
     make_explainer,
@@ -294,6 +295,21 @@ def test_scorecam_all_classes_equals_one_class_at_a_time(resnet2d, images):
                                    rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", [ScoreCAM, AblationCAM])
+def test_perturbation_cams_score_each_row_with_its_own_samples_region(unet2d, images, method):
+    """Batches mix samples and channels; a region with one mask per sample must follow the
+    rows: explaining both samples together equals explaining each with its own mask."""
+    masks = np.zeros((2, 16, 16), dtype=bool)
+    masks[0, 2:6, 3:9] = True
+    masks[1, 9:14, 1:5] = True
+    together = method(unet2d, "dec0", batch_size=5)(images, SegmentationRegion(1, masks))
+    for n in range(2):
+        alone = method(unet2d, "dec0", batch_size=5)(images[n:n + 1],
+                                                    SegmentationRegion(1, masks[n]))
+        assert alone.max() > 0
+        np.testing.assert_allclose(together[n], alone[0], rtol=1e-4, atol=1e-6 * alone.max())
+
+
 def test_scorecam_keeps_feature_map_size_and_normalizes_like_the_others(resnet2d, images):
     raw = ScoreCAM(resnet2d, "features.2", upsample=False)(images, 0)
     assert raw.shape == (2, 8, 8)
@@ -352,6 +368,7 @@ def test_per_channel_heatmaps_show_which_input_channel_was_used():
     assert per_channel[:, 1].max() > 0
     np.testing.assert_allclose(per_channel, np.abs(gradients))
     np.testing.assert_allclose(heatmaps(gradients, "guided-backprop"), per_channel.max(1))
+    np.testing.assert_allclose(heatmaps(gradients, "Guided_Backprop"), per_channel.max(1))
     np.testing.assert_allclose(heatmaps(gradients, "guided-backprop", channels="sum"),
                                gradients.sum(1))
     cam = np.ones((2, 4, 4), np.float32)

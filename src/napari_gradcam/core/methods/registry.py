@@ -7,6 +7,7 @@ builds one (gradients? a linear head? one class at a time? one map per input cha
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -141,6 +142,8 @@ def heatmaps(maps: np.ndarray, method: str, channels: ChannelMode = "max") -> np
     if channels not in ("max", "per-channel", "sum"):
         raise ValueError(f"channels must be 'max', 'per-channel' or 'sum', got {channels!r}")
     maps = np.asarray(maps, dtype=np.float32)
+    with contextlib.suppress(ValueError, TypeError):  # a spelling users type, e.g. Score_CAM
+        method = canonical_name(method)
     if method not in INPUT_GRADIENT_METHODS:
         return maps
     if channels == "max":
