@@ -170,6 +170,10 @@ def test_the_api_refuses_too(inputs, card, tmp_path):
         io.check_output_path(hard, overwrite=True, inputs=[inputs["tif"]])
     # Another file in the same folder is fine.
     assert io.check_output_path(tmp_path / "maps.tif", inputs=[inputs["tif"]]).name == "maps.tif"
+    # Any output, e.g. a report folder, can be checked on its own.
+    with pytest.raises(io.OutputIsInputError, match="inside the input"):
+        io.refuse_output_over_input(inputs["zarr"] / "report", [inputs["zarr"]])
+    io.refuse_output_over_input(tmp_path / "report", [inputs["zarr"], inputs["tif"]])
 
 
 # ----------------------------------------------------------------------------- 2: full disk

@@ -491,8 +491,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False, *,
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the output folder {path.parent} does not exist; create it "
                                 "first")
-    for source in inputs:
-        _refuse_output_over_input(path, Path(source).expanduser())
+    refuse_output_over_input(path, inputs)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to "
                               "replace it")
@@ -510,10 +509,16 @@ def _why_not_writable(folder: Path) -> str:
     return f"the folder {folder} is not writable (permission denied)"
 
 
-def _refuse_output_over_input(output: Path, source: Path) -> None:
-    """Raise :class:`OutputIsInputError` when ``output`` is ``source`` (after resolving
-    symbolic links, or the same file under another name: a hard link), lies inside it (an
-    OME-Zarr folder) or contains it."""
+def refuse_output_over_input(output: str | os.PathLike,
+                             inputs: Sequence[str | os.PathLike]) -> None:
+    """Raise :class:`OutputIsInputError` when ``output`` (a file or a folder, e.g. a report
+    folder) is one of ``inputs`` (after resolving symbolic links, or the same file under
+    another name: a hard link), lies inside one (an OME-Zarr folder) or contains one."""
+    for source in inputs:
+        _refuse_one(Path(output).expanduser(), Path(source).expanduser())
+
+
+def _refuse_one(output: Path, source: Path) -> None:
     out_real, source_real = output.resolve(), source.resolve()
     how = ""
     if out_real == source_real:
