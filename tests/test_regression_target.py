@@ -13,8 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from napari_gradcam import GradCAM, explain_volume
-from napari_gradcam.core.targets import RegressionTarget
+from napari_gradcam import GradCAM, RegressionTarget, explain_volume
 
 
 def regression_model(hand, spatial_dims: int, properties: int) -> nn.Module:
