@@ -71,9 +71,11 @@ __all__ = [
     "DEFAULT_CHECKS",
     "Cancelled",
     "EvidenceError",
+    "EvidenceEstimate",
     "EvidenceReport",
     "EvidenceRow",
     "EvidenceSettings",
+    "estimate_evidence",
     "evidence_job",
     "evidence_summary",
     "format_value",
@@ -1309,6 +1311,93 @@ def _assemble(subject: _Subject, method: str, target_index: int | None,
         forbidden=forbidden,
         timings=timings,
     )
+
+
+@dataclass(frozen=True)
+class EvidenceEstimate:
+    """What an evidence run will cost, measured before it starts.
+
+    ``per_check`` holds the forward-pass equivalents of each stage (a backward pass counts as
+    one more; the same numbers the progress bar counts), ``forward_passes`` their sum for one
+    sample, ``seconds_per_pass`` one timed forward pass of the sample (after a warm-up pass),
+    and ``samples`` how many samples a whole-volume run repeats it for.
+    """
+
+    per_check: dict[str, int]
+    seconds_per_pass: float
+    samples: int = 1
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(self.per_check.values())
+
+    @property
+    def seconds(self) -> float:
+        return self.forward_passes * self.seconds_per_pass * self.samples
+
+    def describe(self) -> str:
+        """One line for the terminal, before the run starts."""
+        per_sample = f"{self.forward_passes} forward passes x {1000 * self.seconds_per_pass:.1f} ms"
+        many = f"{self.samples} samples x " if self.samples != 1 else ""
+        return (f"estimate: about {_duration(self.seconds)} ({many}{per_sample}; "
+                + ", ".join(f"{name} {cost}" for name, cost in self.per_check.items()) + ")")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _timed_forward(subject: _Subject, batch_size: int) -> float:
+    """Seconds per sample of a forward pass of ``batch_size`` copies of the sample, as the
+    checks batch them (the faster of two timings, after a warm-up pass)."""
+    model = subject.model
+    with preserved_model_state(model), torch.no_grad():
+        dtype, device = model_dtype_device(model)
+        inputs = subject.inputs.to(device=device, dtype=dtype)
+        batch = inputs.expand(batch_size, *inputs.shape[1:]).contiguous()
+        model(batch)
+        timings = []
+        for _ in range(2):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            model(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings.append(time.perf_counter() - started)
+        return min(timings) / batch_size
+
+
+def estimate_evidence(
+    model: LoadedModel | nn.Module,
+    x: object,
+    *,
+    layer: str | None = None,
+    checks: Iterable[str] | str = DEFAULT_CHECKS,
+    region_mask: object = None,
+    method: str = "gradcam",
+    settings: EvidenceSettings | None = None,
+    samples: int = 1,
+) -> EvidenceEstimate:
+    """How long :func:`run_evidence` with these arguments will take, from a timed forward pass.
+
+    Takes the same arguments (and validates them the same way), times one forward pass of a
+    batch of ``settings.batch_size`` copies of ``x`` (the checks run in such batches; a lone
+    sample is several times slower per sample on a CPU) and multiplies by the forward-pass
+    equivalents of the chosen checks. ``samples`` multiplies it for a run over many slices or
+    windows.
+    """
+    settings = settings or EvidenceSettings()
+    chosen = _checked_checks(checks, region_mask)
+    subject = _prepare(model, x, layer, method)
+    _region_mask(region_mask, tuple(subject.inputs.shape[2:]))
+    per_check = dict([("map", 2), *_costs(chosen, subject, settings)])
+    return EvidenceEstimate(per_check, _timed_forward(subject, settings.batch_size),
+                            max(1, int(samples)))
 
 
 def run_evidence(
