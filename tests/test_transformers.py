@@ -270,3 +270,20 @@ def test_grid_matches_input_tells_patch_grids_from_attention_matrices():
     assert grid_matches_input((17, 9), (33, 17))  # ceil: padded windows
     assert not grid_matches_input((17, 17), (32, 32))  # attention over 16 patches + class token
     assert not grid_matches_input((4, 4, 4), (32, 32))
+
+
+def test_vit_all_classes_and_fusion_with_a_conv_layer_use_the_same_view():
+    model = vit(2, 32, 8)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(18))
+    everything = GradCAM(model, "blocks.0")(x, target="all")  # gradients (K, N, T, C)
+    assert everything.shape == (2, 3, 32, 32)
+    for cls in range(3):
+        np.testing.assert_allclose(everything[:, cls], GradCAM(model, "blocks.0")(x, target=cls),
+                                   rtol=1e-5, atol=1e-9)
+    layers = ["patch_embedding.patch_embeddings", "blocks.0"]  # (N, 48, 4, 4) and tokens
+    fused = GradCAM(model, layers).explain(x, target=1)
+    assert fused.feature_shapes == [(48, 4, 4), (48, 4, 4)]
+    parts = [GradCAM(model, layer)(x, target=1) for layer in layers]
+    peaks = [p.reshape(2, -1).max(1).reshape(2, 1, 1) for p in parts]
+    expected = np.mean([p / np.maximum(m, 1e-12) for p, m in zip(parts, peaks, strict=True)], 0)
+    np.testing.assert_allclose(fused.maps, expected, rtol=1e-4, atol=1e-6)
