@@ -68,6 +68,15 @@ class _RowScores:
 
 
 class _PerturbationCAM(BaseCAM):
+    """Options shared by the gradient-free, perturbation-based CAMs (besides BaseCAM's).
+
+    ``batch_size``: perturbed inputs per forward pass (memory: that many copies of one input).
+    ``score``: ``"logit"`` (the target logit; dense outputs summed over pixels) or
+    ``"probability"`` (its softmax; averaged over pixels). ``monitor``: an object with
+    ``start(total)``, ``check()`` and ``advance(count)`` called around the batches, to report
+    progress and to stop (by raising from ``check``) between batches.
+    """
+
     needs_gradients = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec, *, batch_size: int = 32,
@@ -111,7 +120,7 @@ class ScoreCAM(_PerturbationCAM):
       ``s_b = f(x_b)`` cancels in the softmax, so it is never computed. The weights are positive
       and sum to 1: after a ReLU layer the map is a convex combination of non-negative
       activations and never vanishes unless the layer is silent.
-    * ``weights="increase"`` (the paper's "increase of confidence", Eq. 5, as a weight):
+    * ``weights="increase"`` (the paper's "increase of confidence" as the weight):
       ``w_k = s_k - f(0)``, baseline the all-zero input. When most masked inputs score below
       the blank image the weighted sum is negative everywhere and the ReLU leaves nothing:
       with ``score="probability"`` (this package's former default) about one map in six was
