@@ -31,6 +31,7 @@ from napari_gradcam._widget import METADATA_KEY, GradCAMWidget
 from napari_gradcam.core.architectures import build_architecture
 from napari_gradcam.core.methods import GradCAM
 from napari_gradcam.core.models import list_demo_models, load_model
+from napari_gradcam.core.targets import SegmentationRegion
 from napari_helpers import CLASSES, finish, write_card
 
 pytestmark = pytest.mark.gui
@@ -105,7 +106,7 @@ def test_widget_from_the_manifest(make_napari_viewer, qtbot, cards) -> None:
         warnings.simplefilter("error", FutureWarning)  # napari's private-access warning
         widget.run()
         finish(qtbot, widget)
-        layer = viewer.layers["img · gradcam · predicted"]
+        layer = viewer.layers["img · gradcam · predicted · c2:features.3 · current view"]
         assert "predicted" in layer.get_status((3.0, 3.0), world=True)["coordinates"]
 
 
@@ -144,7 +145,7 @@ def test_slices_run_places_the_result_on_the_source(make_widget, qtbot, cards) -
     assert widget.run_button.text() == "Cancel"
     finish(qtbot, widget)
     assert widget.run_button.text() == "Run"
-    layer = viewer.layers["stack · gradcam · predicted"]
+    layer = viewer.layers["stack · gradcam · predicted · c2:features.3 · slices along axis 0"]
     assert layer.data.shape == (6, 32, 40) and layer.data.max() > 0
     np.testing.assert_allclose(layer.scale, source.scale)
     np.testing.assert_allclose(layer.translate, source.translate)
@@ -175,13 +176,14 @@ def test_rerun_with_the_same_settings_updates_the_layer_in_place(make_widget, qt
     viewer.dims.set_point(0, 0)
     widget.run()
     finish(qtbot, widget)
-    layer = viewer.layers["img · gradcam · predicted"]
+    name = "img · gradcam · predicted · c2:features.3 · current view"
+    layer = viewer.layers[name]
     assert layer.data.shape == (1, 16, 16) and layer.translate[0] == 0
     count = len(viewer.layers)
     viewer.dims.set_point(0, 2)
     widget.run()
     finish(qtbot, widget)
-    assert len(viewer.layers) == count and viewer.layers["img · gradcam · predicted"] is layer
+    assert len(viewer.layers) == count and viewer.layers[name] is layer
     assert layer.translate[0] == 2  # now the map of slice 2, placed there
     assert layer.metadata[METADATA_KEY]["options"]["origin"] == [2, 0, 0]
     assert source.translate[0] == 0
@@ -191,7 +193,7 @@ def test_rerun_with_the_same_settings_updates_the_layer_in_place(make_widget, qt
     labels[0, 8:, 8:] = 6  # not on slice 2: not in the table
     viewer.add_labels(labels, name="objects")
     widget.tabs.setCurrentIndex(1)
-    widget.cam_combo.setCurrentText("img · gradcam · predicted")
+    widget.cam_combo.setCurrentText(name)
     widget.labels_combo.setCurrentText("objects")
     table = widget.compute_label_table()
     assert table["label"].tolist() == [5]
@@ -236,7 +238,7 @@ def test_switching_layers_mid_run_cannot_misplace_the_result(make_widget, qtbot,
     first.scale = (7.0, 7.0, 7.0)
     finish(qtbot, widget)
     assert widget.image_combo.currentText() == "second"
-    layer = viewer.layers["first · gradcam · predicted"]
+    layer = viewer.layers["first · gradcam · predicted · c2:features.3 · slices along axis 0"]
     assert layer.data.shape == (12, 32, 32)
     np.testing.assert_allclose(layer.scale, (3.0, 1.0, 1.0))  # the transform at the start
 
@@ -250,7 +252,7 @@ def test_alt_click_explains_the_slice_under_the_cursor(make_widget, qtbot, cards
     alt = SimpleNamespace(modifiers=("Alt",), position=(10.0, 4.0, 4.0))
     widget._on_mouse_press(viewer, alt)
     finish(qtbot, widget)
-    layer = viewer.layers["stack · gradcam · clicked"]
+    layer = viewer.layers["stack · gradcam · clicked · c2:features.3 · current view"]
     assert layer.data.shape == (1, 16, 16) and layer.translate[0] == 10.0  # slice 5
     text = widget.hover_text(layer, (10.0, 4.0, 4.0))
     assert text.startswith("CAM ") and "predicted" in text
@@ -264,7 +266,7 @@ def test_click_on_a_segmentation_explains_the_object_there(make_widget, qtbot, c
     assert widget.target_combo.itemText(0) == "clean"  # no "predicted class" for segmenters
     widget.explain_at((5.0, 7.0))
     finish(qtbot, widget)
-    layer = viewer.layers["slice · gradcam · clicked"]
+    layer = viewer.layers["slice · gradcam · clicked · unet:down1 · current view"]
     record = layer.metadata[METADATA_KEY]
     assert record["predictions"]["target_indices"][0] in (0, 1, 2)
     assert "this pixel" in widget.hover_text(layer, (5.0, 7.0))
@@ -277,14 +279,14 @@ def test_click_on_a_segmentation_explains_the_object_there(make_widget, qtbot, c
     widget.region_combo.setCurrentText("painted")
     widget.run()
     finish(qtbot, widget)
-    in_region = viewer.layers["slice · gradcam · crack in region"]
-    assert in_region.metadata[METADATA_KEY]["target"] == "crack in region"
+    in_region = viewer.layers["slice · gradcam · crack in 'painted' · unet:down1 · current view"]
+    assert in_region.metadata[METADATA_KEY]["target"] == "crack in 'painted'"
     # all classes: one layer per class
     widget.target_combo.setCurrentText("all classes")
     widget.run()
     finish(qtbot, widget)
     for name in CLASSES:
-        assert f"slice · gradcam · {name}" in viewer.layers
+        assert f"slice · gradcam · {name} · unet:down1 · current view" in viewer.layers
 
 
 def test_label_table_is_shown_stored_and_exported(make_widget, qtbot, cards,
@@ -298,10 +300,11 @@ def test_label_table_is_shown_stored_and_exported(make_widget, qtbot, cards,
     widget.image_combo.setCurrentText("micrograph")
     widget.run()
     finish(qtbot, widget)
-    widget.cam_combo.setCurrentText("micrograph · gradcam · predicted")
+    widget.cam_combo.setCurrentText(
+        "micrograph · gradcam · predicted · c2:features.3 · current view")
     widget.labels_combo.setCurrentText("defects")
     table = widget.compute_label_table()
-    cam = viewer.layers["micrograph · gradcam · predicted"].data
+    cam = viewer.layers["micrograph · gradcam · predicted · c2:features.3 · current view"].data
     assert table["label"].tolist() == [1, 2]
     np.testing.assert_allclose(table["mean_cam"][1], cam[20:30, 18:28].mean(), rtol=1e-5)
     assert widget.labels_table.rowCount() == 2
@@ -319,8 +322,9 @@ def test_spectra_dask_rgb_and_4d_layers(make_widget, qtbot, cards) -> None:
     viewer.add_image(volume((5, 64)), name="spectra")
     widget.run()
     finish(qtbot, widget)
-    assert viewer.layers["spectra · gradcam · predicted"].data.shape == (5, 64)
-    assert np.asarray(viewer.layers["spectra · gradcam · predicted"].metadata[METADATA_KEY]
+    spectra = viewer.layers["spectra · gradcam · predicted · c1:features.2 · current view"]
+    assert spectra.data.shape == (5, 64)
+    assert np.asarray(spectra.metadata[METADATA_KEY]
                       ["predictions"]["probabilities"]).shape == (5, 3)
 
     widget.load_model_source(cards["c2"])
@@ -328,7 +332,7 @@ def test_spectra_dask_rgb_and_4d_layers(make_widget, qtbot, cards) -> None:
     set_mode(widget, "slices", axis=0)
     widget.run()
     finish(qtbot, widget)
-    lazy_result = viewer.layers["lazy · gradcam · predicted"]
+    lazy_result = viewer.layers["lazy · gradcam · predicted · c2:features.3 · slices along axis 0"]
     assert isinstance(lazy_result.data, np.ndarray) and lazy_result.data.shape == (4, 16, 16)
 
     rgb = np.random.default_rng(0).integers(0, 255, (16, 16, 3)).astype(np.uint8)
@@ -336,14 +340,15 @@ def test_spectra_dask_rgb_and_4d_layers(make_widget, qtbot, cards) -> None:
     set_mode(widget, "current")
     widget.run()
     finish(qtbot, widget)
-    assert viewer.layers["colour · gradcam · predicted"].data.shape == (16, 16)
+    colour = viewer.layers["colour · gradcam · predicted · c2:features.3 · current view"]
+    assert colour.data.shape == (16, 16)
 
     viewer.add_image(volume((2, 3, 16, 16)), name="time")
     viewer.dims.set_point(0, 1)
     viewer.dims.set_point(1, 2)
     widget.run()
     finish(qtbot, widget)
-    result = viewer.layers["time · gradcam · predicted"]
+    result = viewer.layers["time · gradcam · predicted · c2:features.3 · current view"]
     assert result.data.shape == (1, 1, 16, 16) and tuple(result.translate[:2]) == (1, 2)
 
 
@@ -354,7 +359,7 @@ def test_3d_model_in_windows(make_widget, qtbot, cards) -> None:
     assert [s.value() for s in widget.window_spins] == [8, 8, 8]
     widget.run()
     finish(qtbot, widget)
-    layer = viewer.layers["ct · gradcam · predicted"]
+    layer = viewer.layers["ct · gradcam · predicted · c3:features.2 · 3D windows"]
     assert layer.data.shape == (12, 16, 16)
     np.testing.assert_allclose(layer.scale, (1.0, 0.65, 0.65))
     assert layer.metadata[METADATA_KEY]["options"]["window"] == [8, 8, 8]
@@ -379,7 +384,8 @@ def test_demo_model_on_a_ct_volume(make_widget, qtbot) -> None:
     set_mode(widget, "slices", axis=0)
     widget.run()
     finish(qtbot, widget, timeout=60000)
-    layer = viewer.layers[f"{kwargs['name']} · gradcam · crack"]
+    layer = viewer.layers[
+        f"{kwargs['name']} · gradcam · crack · ct-slice-unet:dec1 · slices along axis 0"]
     assert layer.data.shape == (16, 64, 64)
     np.testing.assert_allclose(layer.scale, kwargs["scale"])
 
@@ -476,7 +482,7 @@ def test_zcyx_stack_feeds_its_channel_axis_to_a_two_channel_model(make_widget, q
     set_mode(widget, "slices", axis=0)
     widget.run()
     finish(qtbot, widget)
-    layer = viewer.layers["zcyx · gradcam · predicted"]
+    layer = viewer.layers["zcyx · gradcam · predicted · two:features.3 · slices along axis 0"]
     assert layer.data.shape == (3, 1, 16, 12)
     np.testing.assert_allclose(layer.scale, (2.0, 1.0, 0.5, 0.5))
     assert layer.metadata[METADATA_KEY]["options"]["channel_axis"] == 1
@@ -496,7 +502,7 @@ def test_tzyx_series_is_explained_at_the_current_time(make_widget, qtbot, cards)
     viewer.dims.set_point(1, 2.0 * 1)  # z = 1
     widget.run()
     finish(qtbot, widget)
-    layer = viewer.layers["tzyx · gradcam · predicted"]
+    layer = viewer.layers["tzyx · gradcam · predicted · c2:features.3 · current view"]
     assert layer.data.shape == (1, 1, 16, 16)
     np.testing.assert_allclose(layer.scale, (5.0, 2.0, 0.5, 0.5))
     np.testing.assert_allclose(layer.translate, (110.0, 2.0, 0.0, 0.0))
@@ -539,7 +545,8 @@ def test_a_one_pixel_target_layer_is_run_with_a_warning_naming_the_better_layer(
     shown = [m for m in errors() if "'pool' outputs a feature map of one pixel" in m]
     assert len(shown) == 1
     assert "for an input of 24×20" in shown[0] and "instead: 'features.3'" in shown[0]
-    assert "pooled · gradcam · predicted" in viewer.layers  # the run itself went through
+    # the run itself went through
+    assert "pooled · gradcam · predicted · c2:pool · slices along axis 0" in viewer.layers
 
 
 def test_only_a_points_layer_says_which_layers_can_be_explained(make_napari_viewer, cards,
@@ -577,7 +584,8 @@ def test_removing_the_source_mid_run_keeps_the_map_and_says_so(make_widget, qtbo
     assert progress[0][0] < 12, "the run ended before the layer was removed"
     assert "The layer 'doomed' was removed" in errors()[-1]
     assert "map was added anyway" in errors()[-1]
-    layer = viewer.layers["doomed · gradcam · predicted"]  # kept, where the source was
+    # kept, where the source was
+    layer = viewer.layers["doomed · gradcam · predicted · c2:features.3 · slices along axis 0"]
     assert layer.data.shape == (12, 32, 32)
     np.testing.assert_allclose(layer.scale, (3.0, 1.0, 1.0))
 
@@ -589,3 +597,93 @@ def test_a_finished_run_on_a_present_source_adds_no_removal_notice(make_widget, 
     widget.run()
     finish(qtbot, widget)
     assert not [m for m in errors() if "was removed" in m]
+
+
+# ------------------------------------------------------------------------------------------
+# Runs told apart, progress, and which labels are the region (issue 11)
+
+
+def test_runs_with_other_models_or_axes_add_layers_and_identical_runs_update_one(
+        make_widget, qtbot, cards, tmp_path) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((4, 16, 12)), name="stack")
+    set_mode(widget, "slices", axis=0)
+    widget.run()
+    finish(qtbot, widget)
+    first = viewer.layers["stack · gradcam · predicted · c2:features.3 · slices along axis 0"]
+    widget.load_model_source(write_card(tmp_path, "other", widths=(4, 4, 8)))
+    set_mode(widget, "slices", axis=0)
+    widget.run()
+    finish(qtbot, widget)
+    second = viewer.layers["stack · gradcam · predicted · other:features.3 · slices along axis 0"]
+    assert second is not first and len(viewer.layers) == 3  # the first map was not replaced
+    assert first.metadata[METADATA_KEY]["model"] == "c2"
+    assert not np.allclose(first.data, second.data)  # two models, two different maps
+    widget.run()  # identical settings: the same layer is updated, nothing added
+    finish(qtbot, widget)
+    assert len(viewer.layers) == 3
+    assert viewer.layers[
+        "stack · gradcam · predicted · other:features.3 · slices along axis 0"] is second
+    set_mode(widget, "slices", axis=1)  # another slice axis: another layer
+    widget.run()
+    finish(qtbot, widget)
+    assert "stack · gradcam · predicted · other:features.3 · slices along axis 1" in viewer.layers
+    assert len(viewer.layers) == 4
+
+
+def test_the_progress_bar_stays_full_after_a_finished_run_and_empties_after_a_cancel(
+        make_widget, qtbot, cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((30, 48, 48)), name="stack")
+    set_mode(widget, "current")
+    widget.run()
+    finish(qtbot, widget)
+    bar = widget.progress_bar
+    assert bar.maximum() > bar.minimum() and bar.value() == bar.maximum()  # 100 %
+    set_mode(widget, "slices", axis=0)
+    widget.batch_spin.setValue(1)
+    worker = widget.run()
+    progress: list[tuple[int, int]] = []
+    worker.yielded.connect(progress.append)
+    qtbot.waitUntil(lambda: bool(progress), timeout=20000)
+    widget.run()  # Cancel
+    finish(qtbot, widget)
+    assert progress[-1][0] < 30 and bar.value() == bar.minimum()  # cancelled: empty
+
+
+def test_the_region_is_the_chosen_label_value_of_a_labels_layer(make_widget, qtbot,
+                                                                cards) -> None:
+    viewer, widget = make_widget(cards["unet"])
+    image = volume((16, 16), seed=4)
+    viewer.add_image(image, name="slice")
+    labels = np.zeros((16, 16), dtype=np.uint8)
+    labels[2:7, 2:7] = 1  # a pore
+    labels[9:14, 8:15] = 2  # the crack
+    viewer.add_labels(labels, name="defects", metadata={"labels": {1: "pore", 2: "crack"}})
+    widget.image_combo.setCurrentText("slice")
+    widget.target_combo.setCurrentText("crack")
+    widget.region_combo.setCurrentText("defects")
+    picker = widget.region_value_combo
+    assert picker.isEnabled()
+    assert [picker.itemText(i) for i in range(picker.count())] == [
+        "all non-zero labels", "1 · pore", "2 · crack"]
+    picker.setCurrentIndex(picker.findData(2))
+    widget.run()
+    finish(qtbot, widget)
+    only_crack = viewer.layers["slice · gradcam · crack in 'defects' label 2 · unet:down1 · "
+                               "current view"]
+    loaded = widget.loaded
+    expected = GradCAM(loaded.model, "down1")(
+        loaded.preprocess(image[None]), target=SegmentationRegion(2, (labels == 2)[None]))
+    np.testing.assert_allclose(only_crack.data, expected[0], rtol=1e-4, atol=1e-7)
+    everything = GradCAM(loaded.model, "down1")(
+        loaded.preprocess(image[None]), target=SegmentationRegion(2, (labels != 0)[None]))
+    assert not np.allclose(expected, everything)  # the choice of label changes the map
+    # a label painted later is offered when the list opens; the choice is kept
+    viewer.layers["defects"].data[0:2, 0:2] = 3
+    picker.showPopup()
+    picker.hidePopup()
+    assert picker.itemText(picker.count() - 1) == "3" and picker.currentData() == 2
+    # a Shapes region or a classifier has no label values to choose
+    widget.region_combo.setCurrentText("none")
+    assert not picker.isEnabled()

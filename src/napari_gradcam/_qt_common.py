@@ -14,7 +14,7 @@ construction.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,18 +130,69 @@ def placement(layer: Image, origin: Sequence[int]) -> dict[str, Any]:
     }
 
 
-def region_mask(layer: Any, shape: tuple[int, ...], image_name: str) -> np.ndarray:
-    """The non-zero pixels of a Labels or Shapes ``layer`` as a bool mask of ``shape``.
+def region_mask(layer: Any, shape: tuple[int, ...], image_name: str,
+                values: Sequence[int] | None = None) -> np.ndarray:
+    """The pixels of a Labels or Shapes ``layer`` as a bool mask of ``shape``.
 
-    A copy: painting during the run changes nothing. A Labels layer must have the image's
-    shape (``ValueError`` otherwise); Shapes are rasterised onto it.
+    A Labels layer gives its pixels whose label is one of ``values`` (``None``: every
+    non-zero label), so a crack (label 2) can be the region without the pores (label 1)
+    painted in the same layer. A copy: painting during the run changes nothing. A Labels
+    layer must have the image's shape, and a chosen value must be present (``ValueError``
+    otherwise); Shapes are rasterised onto it.
     """
     if isinstance(layer, Shapes):
         return np.asarray(layer.to_labels(labels_shape=shape)) != 0
     if tuple(layer.data.shape) != tuple(shape):
         raise ValueError(f"the region layer {layer.name!r} has shape {tuple(layer.data.shape)} "
                          f"but the image {image_name!r} has {tuple(shape)}; they must match")
-    return np.asarray(layer.data) != 0
+    data = np.asarray(layer.data)
+    if values is None:
+        return data != 0
+    mask = np.isin(data, np.asarray(list(values), dtype=data.dtype))
+    if not mask.any():
+        raise ValueError(f"the Labels layer {layer.name!r} has no pixel with label "
+                         f"{', '.join(str(v) for v in values)}; paint it first or choose "
+                         "another label")
+    return mask
+
+
+ALL_LABELS = "all non-zero labels"
+"""The first entry of a label-value picker: every painted label is the region."""
+
+
+def label_values(layer: Any) -> list[int]:
+    """The non-zero label values present in an in-memory Labels layer, in order.
+
+    Lazy (dask, zarr) or multiscale label data is not read whole just to fill a list: it
+    offers no values, and the region is every non-zero label.
+    """
+    data = getattr(layer, "data", None)
+    if not isinstance(data, np.ndarray):
+        return []
+    return [int(v) for v in np.unique(data) if v != 0]
+
+
+def label_value_text(layer: Any, value: int) -> str:
+    """'2 · crack' when the layer's metadata names its labels (the samples do), else '2'."""
+    names = (getattr(layer, "metadata", None) or {}).get("labels") or {}
+    name = names.get(value, names.get(str(value))) if isinstance(names, dict) else None
+    return f"{value} · {name}" if name else str(value)
+
+
+class RefreshingComboBox(QComboBox):
+    """A combo that refills itself just before it opens.
+
+    For choices that follow data the user keeps changing (the labels painted so far), which
+    napari announces by no single event a widget could listen to cheaply.
+    """
+
+    def __init__(self, refill: Callable[[], None]) -> None:
+        super().__init__()
+        self._refill = refill
+
+    def showPopup(self) -> None:  # Qt's name for "about to open"
+        self._refill()
+        super().showPopup()
 
 
 def fill_layer_combo(combo: QComboBox, loaded: LoadedModel) -> None:
@@ -331,6 +382,7 @@ class RunControlsMixin:
     worker: Any
     _pending: Any
     _run_warnings: set[str]
+    _run_completed: bool = False
     run_button: QPushButton
     progress_bar: QProgressBar
 
@@ -348,18 +400,24 @@ class RunControlsMixin:
         self.progress_bar.setRange(0, 0)  # busy until the first batch reports
         self.run_button.setText("Cancel")
         self._run_warnings = set()
+        self._run_completed = False
         self.worker = create_worker(
             guarded, job,
             _start_thread=True,
             _connect={
                 "yielded": self._on_progress,
-                "returned": self._on_returned,
+                "returned": self._returned,
                 "errored": self._on_errored,
                 "warned": self._on_warned,
                 "finished": self._on_finished,
             },
         )
         return self.worker
+
+    def _returned(self, result: Any) -> None:
+        """The job ran to its end: remember it (the progress bar stays full), then show it."""
+        self._run_completed = True
+        self._on_returned(result)
 
     def _on_warned(self, warning: tuple[Any, ...]) -> None:
         """Show a warning the job raised (a 1×1 target layer, a saturated score) once per run.
@@ -382,7 +440,11 @@ class RunControlsMixin:
             self.run_button.setEnabled(False)
 
     def _end_run(self, cancelled_message: str) -> None:
-        """Say so if the run was cancelled, forget it, and make the button a *Run* again."""
+        """Say so if the run was cancelled, forget it, and make the button a *Run* again.
+
+        The progress bar stays at 100 % after a run that finished (falling back to 0 % would
+        read as "nothing happened"); it is empty after a cancelled or failed run.
+        """
         if self.worker is not None and self.worker.abort_requested:
             show_info(cancelled_message)
         self.worker = None
@@ -390,4 +452,4 @@ class RunControlsMixin:
         self.run_button.setText("Run")
         self.run_button.setEnabled(True)
         self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
+        self.progress_bar.setValue(1 if self._run_completed else 0)

@@ -45,13 +45,17 @@ from qtpy.QtWidgets import (
 )
 
 from napari_gradcam._qt_common import (
+    ALL_LABELS,
     METADATA_KEY,
     ChoiceFormMixin,
+    RefreshingComboBox,
     RunControlsMixin,
     displayed_plane,
     fill_layer_combo,
     image_source,
     is_result_layer,
+    label_value_text,
+    label_values,
     placement,
     refill_combo,
     region_mask,
@@ -142,7 +146,13 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
 
         self._build_choice_rows(
             form, METHODS, region_tooltip="Segmentation models: explain the class inside the "
-            "non-zero pixels of a Labels layer or inside Shapes.")
+            "chosen labels of a Labels layer or inside Shapes.")
+        self.region_value_combo = RefreshingComboBox(self._fill_region_values)
+        self.region_value_combo.setToolTip(
+            "Which labels of the region layer are the region (e.g. only the crack, label 2), "
+            "or all non-zero labels.")
+        form.addRow("Region labels", self.region_value_combo)
+        self.region_combo.currentIndexChanged.connect(self._fill_region_values)
 
         self.mode_combo = QComboBox()
         for key, text in MODE_LABELS.items():
@@ -261,12 +271,34 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         refill_combo(self.image_combo, self._source_image_names())
         refill_combo(self.region_combo, [layer.name for layer in self.viewer.layers
                                          if isinstance(layer, (Labels, Shapes))], ["none"])
+        self._fill_region_values()
         refill_combo(self.labels_combo, [layer.name for layer in self.viewer.layers
                                          if isinstance(layer, Labels)])
         refill_combo(self.cam_combo, [layer.name for layer in self.viewer.layers
                                       if is_result_layer(layer)])
         self._follow_active_layer()
         self._refresh_channel_axes()
+
+    def _fill_region_values(self, *_args: object) -> None:
+        """Offer "all non-zero labels" and each label value present in the region layer.
+
+        Refilled when the region layer changes and just before the list opens (labels
+        painted meanwhile appear); the chosen value is kept while it is still present. Only
+        a Labels region of a segmentation model has values to choose from.
+        """
+        combo = self.region_value_combo
+        region = self._layer(self.region_combo.currentText())
+        values = label_values(region) if isinstance(region, Labels) else []
+        chosen = combo.currentData()
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(ALL_LABELS, None)
+        for value in values:
+            combo.addItem(label_value_text(region, value), value)
+        if chosen in values:
+            combo.setCurrentIndex(combo.findData(chosen))
+        combo.blockSignals(False)
+        combo.setEnabled(isinstance(region, Labels) and self.region_combo.isEnabled())
 
     def _refresh_channel_axes(self, *_args: object) -> None:
         """Offer the axes that can hold the model's channels ("none" + every axis).
@@ -331,6 +363,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             self.target_combo.addItem(name, ("class", index))
         self.target_combo.addItem(ALL_CLASSES, ("all", None))
         self.region_combo.setEnabled(card.task == "segmentation")
+        self._fill_region_values()
         if card.spatial_dims == 3:
             self.mode_combo.setCurrentIndex(self.mode_combo.findData("windows"))
             for spin, size in zip(self.window_spins, card.input_size or (32, 32, 32),
@@ -375,10 +408,19 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         else:
             if self.loaded.card.task == "segmentation" and kind == "class":
                 region = self._layer(self.region_combo.currentText())
+                region_name = None
                 if region is not None and self.region_combo.isEnabled():
-                    mask = region_mask(region, source.shape, layer.name)
+                    value = (self.region_value_combo.currentData()
+                             if isinstance(region, Labels) else None)
+                    mask = region_mask(region, source.shape, layer.name,
+                                       None if value is None else (value,))
+                    region_name = repr(region.name) + (
+                        "" if value is None else f" label {value}")
                 kind = "region"
-            target = TargetChoice(kind, class_index=class_index, mask=mask)
+                target = TargetChoice(kind, class_index=class_index, mask=mask,
+                                      region_name=region_name)
+            else:
+                target = TargetChoice(kind, class_index=class_index)
         mode = "current" if click_point is not None else self.mode_combo.currentData()
         request = ExplainRequest(
             method=self.method_combo.currentText(),
@@ -480,8 +522,23 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
     # ---------------------------------------------------------------------------------------
     # Results → layers
 
-    def result_name(self, source: str, method: str, label: str) -> str:
-        return f"{source} · {method} · {label}"
+    @staticmethod
+    def result_name(result: ExplainResult, label: str) -> str:
+        """The map's layer name: source · method · target · model:layer · mode.
+
+        Everything that changes the map is in the name, so a run with another model, layer,
+        region or slice axis adds a layer beside the earlier one instead of silently
+        replacing it; a run with identical settings (at another slice, say) updates it.
+        """
+        record = result.provenance
+        model = record.get("model") or "model"
+        layers = "+".join(str(name) for name in record.get("layers") or [])
+        if result.mode == "slices":
+            mode = f"slices along axis {result.sample_axis}"
+        else:
+            mode = {"windows": "3D windows"}.get(result.mode, "current view")
+        return (f"{result.source_name} · {result.method} · {label} · {model}:{layers} · "
+                f"{mode}")
 
     def _show_result(self, capture: _Capture, result: ExplainResult) -> None:
         predictions = {
@@ -494,7 +551,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         }
         names = []
         for label, data in result.maps.items():
-            name = self.result_name(capture.name, result.method, label)
+            name = self.result_name(result, label)
             metadata = {METADATA_KEY: {**result.provenance, "target": label,
                                        "predictions": predictions}}
             kwargs = {
@@ -602,7 +659,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         result = self.last_result
         if result is None:
             return
-        name = self.result_name(result.source_name, result.method, next(iter(result.maps)))
+        name = self.result_name(result, next(iter(result.maps)))
         layer = self._layer(name)
         probabilities = None
         where = "image"

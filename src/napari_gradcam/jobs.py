@@ -117,12 +117,15 @@ class TargetChoice:
     non-zero pixels are the region; ``None``: the whole image), ``"click"`` (``point``, a data
     index: the class predicted at that pixel, inside its connected region, for segmentation
     models; the predicted class of the plane or window under it for classifiers).
+    ``region_name``: how the region reads in the label (``"'defects' label 2"``), so maps of
+    different regions get different layer names; ``None``: "region".
     """
 
     kind: str = "predicted"
     class_index: int | None = None
     mask: Any = None
     point: tuple[int, ...] | None = None
+    region_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
@@ -143,7 +146,7 @@ class TargetChoice:
             return "clicked"
         name = _class_name(class_names, self.class_index)
         if self.kind == "region" and self.mask is not None:
-            return f"{name} in region"
+            return f"{name} in {self.region_name or 'region'}"
         return name
 
 
@@ -528,8 +531,11 @@ def read_slab(source: ImageSource, plan: Plan, start: int, stop: int, data: Any 
 
 
 def to_model_input(slab: np.ndarray, source: ImageSource, in_channels: int) -> np.ndarray:
-    """RGB → grey (1-channel models) or channels-first RGB (3-channel models); float32."""
-    slab = slab.astype(np.float32, copy=False)
+    """RGB → grey (1-channel models) or channels-first RGB (3-channel models); float32.
+
+    Values beyond float32 become inf silently: the finiteness check names the overflow."""
+    with np.errstate(over="ignore"):
+        slab = slab.astype(np.float32, copy=False)
     if not source.rgb:
         return slab
     rgb = slab[..., :3]
@@ -785,7 +791,8 @@ class _BlockView:
         parts += [slice(None)] * (3 - len(parts))
         full: list[object] = [self.plan.fixed[a] for a in range(self.source.ndim - 3)]
         raw = np.asarray(self.source.data[tuple(full + parts)])
-        block = raw.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # an overflow is named just below
+            block = raw.astype(np.float32, copy=False)
         if raw.dtype.kind == "f" and raw.dtype.itemsize > 4 and not np.isfinite(block).all():
             overflow = overflow_problem(raw, np.float32, f"the volume {self.source.name!r}")
             if overflow:  # say so here: after the cast it would read as NaN/inf in the data

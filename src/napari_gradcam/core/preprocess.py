@@ -372,7 +372,8 @@ class Preprocessor:
                     f"expected a real-valued numeric array, got dtype {raw.dtype}; convert "
                     "complex or object data to real numbers first"
                 )
-            array = np.array(raw, dtype=np.float32, order="C", copy=True)
+            with np.errstate(over="ignore"):  # an overflow is named below, with its value
+                array = np.array(raw, dtype=np.float32, order="C", copy=True)
         nan = int(np.isnan(array).sum())
         inf = int(np.isinf(array).sum())
         if nan or inf:
