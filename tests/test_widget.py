@@ -88,7 +88,7 @@ def set_mode(widget: GradCAMWidget, mode: str, axis: int = 0) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def test_widget_from_the_manifest(make_napari_viewer, qtbot, cards) -> None:
+def test_widget_from_the_manifest(make_napari_viewer, qtbot, cards, errors) -> None:
     npe2 = pytest.importorskip("npe2")
     manager = npe2.PluginManager.instance()
     manifest = npe2.PluginManifest.from_file(MANIFEST)
@@ -108,6 +108,8 @@ def test_widget_from_the_manifest(make_napari_viewer, qtbot, cards) -> None:
         finish(qtbot, widget)
         layer = viewer.layers["img · gradcam · predicted · c2:features.3 · current view"]
         assert "predicted" in layer.get_status((3.0, 3.0), world=True)["coordinates"]
+    # the source is recognised through napari's proxies: no removal notice
+    assert not [message for message in errors() if "was removed" in message]
 
 
 def test_refilled_combos_keep_the_choice_silently(make_widget, cards) -> None:
