@@ -11,6 +11,7 @@ import zarr
 
 from napari_gradcam import Cancelled, GradCAM, GuidedGradCAM, explain_volume
 from napari_gradcam.core.architectures import ResNetLike
+from napari_gradcam.core.uncertainty import UncertaintyExplainer
 from napari_gradcam.core.volume import blending_weights, window_grid, window_starts
 
 VOLUME_SHAPE = (6, 12, 10)
@@ -451,3 +452,44 @@ def test_slices_of_a_shift_equivariant_model_have_no_excess_at_the_border():
     uniform = np.asarray(explain_volume(cam, np.full((2, 16, 16), 0.3, np.float32),
                                         target=0).maps)
     assert uniform.max() > 0 and uniform.max() <= 1.1 * uniform.min()
+
+
+def test_window_disagreement_is_the_weighted_variance_of_independent_window_maps(cam3d):
+    """As the weighted-average test above, with the weighted second moment: the uncertainty
+    output is sqrt(sum w cam^2 / sum w - mean^2) over the windows covering each voxel."""
+    shape, window, overlap, margin = (13, 11, 17), (6, 5, 8), 0.5, 2
+    volume = np.random.default_rng(5).random(shape).astype(np.float32)
+    spread = np.zeros(shape, np.float32)
+    result = explain_volume(cam3d, volume, mode="windows", window=window, overlap=overlap,
+                            target=1, batch_size=3, edge_margin=margin, uncertainty_out=spread)
+    padded = np.pad(volume, margin, mode="reflect")
+    sums, squares, weight_sums = (np.zeros(padded.shape, np.float64) for _ in range(3))
+    weights = blending_weights(window, "gaussian").astype(np.float64)
+    for z0 in _reflect_grid(padded.shape[0], window[0], overlap):
+        for y0 in _reflect_grid(padded.shape[1], window[1], overlap):
+            for x0 in _reflect_grid(padded.shape[2], window[2], overlap):
+                block = (slice(z0, z0 + window[0]), slice(y0, y0 + window[1]),
+                         slice(x0, x0 + window[2]))
+                cam = cam3d(padded[block][None, None], 1)[0].astype(np.float64)
+                sums[block] += weights * cam
+                squares[block] += weights * cam**2
+                weight_sums[block] += weights
+    crop = (slice(margin, -margin),) * 3
+    mean = (sums / weight_sums)[crop]
+    expected = np.sqrt(np.maximum((squares / weight_sums)[crop] - mean**2, 0))
+    assert result.uncertainty is spread
+    assert expected.max() > 0.05 * mean.max()  # the windows really disagree somewhere
+    np.testing.assert_allclose(result.maps, mean, rtol=1e-4, atol=1e-6 * mean.max())
+    np.testing.assert_allclose(spread, expected, rtol=1e-3, atol=1e-4 * mean.max())
+
+
+def test_uncertainty_slice_by_slice_is_the_wrappers_std_map(cam2d, volume):
+    wrapper = UncertaintyExplainer(cam2d, sources=("flips", "shifts"))
+    spread = np.zeros(volume.shape, np.float32)
+    result = explain_volume(wrapper, volume, mode="slices", axis=1, batch_size=4,
+                            uncertainty_out=spread)
+    direct = wrapper.explain(np.moveaxis(volume, 1, 0)[:, None]).extras["uncertainty"]
+    np.testing.assert_allclose(spread, np.moveaxis(direct, 0, 1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(result.maps, explain_volume(cam2d, volume, axis=1).maps)
+    with pytest.raises(ValueError, match="UncertaintyExplainer"):
+        explain_volume(cam2d, volume, uncertainty_out=np.zeros(volume.shape, np.float32))

@@ -41,6 +41,7 @@ import torch
 from napari_gradcam.core.device import run_with_oom_backoff
 from napari_gradcam.core.methods import heatmaps
 from napari_gradcam.core.targets import TargetSpec
+from napari_gradcam.core.uncertainty import WeightedMoments
 
 Preprocess = Callable[[np.ndarray], torch.Tensor]
 ProgressCallback = Callable[[int, int], None]
@@ -63,6 +64,7 @@ class VolumeResult:
     window: tuple[int, ...] | None = None
     target_indices: np.ndarray | None = None
     messages: list[str] = field(default_factory=list)
+    uncertainty: object | None = None  # the std map volume when uncertainty_out was given
 
 
 def default_preprocess(batch: np.ndarray) -> torch.Tensor:
@@ -119,22 +121,32 @@ def volume_job(
     blend: str = "gaussian",
     edge_margin: int | Sequence[int] | None = None,
     notify: Callable[[str], None] | None = None,
+    uncertainty_out: object | None = None,
 ) -> Generator[tuple[int, int], None, VolumeResult]:
     """Yield ``(done, total)`` after every batch; return the :class:`VolumeResult`.
 
     Windows mode: ``edge_margin`` voxels of mirrored volume around the volume (per axis, or
     one number for all; ``None``: a quarter of the window, see :func:`edge_pads`) keep the
     windows' own zero-padding borders off the volume's faces; ``0`` tiles the volume as it is.
+
+    ``uncertainty_out`` (an array of the volume's shape, like ``out``) receives a standard
+    deviation map (:mod:`napari_gradcam.core.uncertainty`). Slices mode needs an
+    :class:`~napari_gradcam.core.uncertainty.UncertaintyExplainer` (its per-slice std map is
+    written); windows mode writes the disagreement between overlapping windows, plus each
+    window's own variance when the explainer is an ``UncertaintyExplainer``.
     """
     shape = _check_volume(volume)
     preprocess = preprocess or default_preprocess
     out = _make_out(out, shape)
+    if uncertainty_out is not None:
+        uncertainty_out = _make_out(uncertainty_out, shape)
     if mode == "slices":
         return (yield from _slices_job(explainer, volume, out, axis, batch_size, target,
-                                       preprocess, notify))
+                                       preprocess, notify, uncertainty_out))
     if mode == "windows":
         return (yield from _windows_job(explainer, volume, out, window, overlap, batch_size,
-                                        target, preprocess, blend, edge_margin, notify))
+                                        target, preprocess, blend, edge_margin, notify,
+                                        uncertainty_out))
     raise ValueError(f"mode must be 'slices' or 'windows', got {mode!r}")
 
 
@@ -179,7 +191,8 @@ def run_job(
         return finished.value
 
 
-def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, notify):
+def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, notify,
+                uncertainty_out=None):
     ndim = 3
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis must be 0, 1 or 2 for a volume, got {axis}")
@@ -200,6 +213,11 @@ def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, no
             raise ValueError(f"slice-wise explanation needs one 2D map per slice; the method "
                              f"returned maps of shape {maps.shape}. Use a single target.")
         out[tuple(index)] = np.moveaxis(maps, 0, axis)
+        if uncertainty_out is not None:
+            if "uncertainty" not in result.extras:
+                raise ValueError("an uncertainty map slice by slice needs an explainer that "
+                                 "makes one: wrap it in core.uncertainty.UncertaintyExplainer")
+            uncertainty_out[tuple(index)] = np.moveaxis(result.extras["uncertainty"], 0, axis)
         for offset, probs in enumerate(class_probabilities(result.outputs)):
             predictions[chunk.start + offset] = probs.tolist()
             if result.target_indices is not None:
@@ -215,6 +233,7 @@ def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, no
         mode="slices",
         axis=axis,
         target_indices=np.array([indices[i] for i in order]) if indices else None,
+        uncertainty=uncertainty_out,
     )
 
 
@@ -323,7 +342,7 @@ def read_mirrored(volume: object, corner: Sequence[int], size: Sequence[int]) ->
 
 
 def _windows_job(explainer, volume, out, window, overlap, batch_size, target, preprocess,
-                 blend, edge_margin, notify):
+                 blend, edge_margin, notify, uncertainty_out=None):
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     shape = tuple(volume.shape)
@@ -340,8 +359,12 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
     (z_pad, _), (y_pad, _), (x_pad, _) = pads
     device = getattr(explainer, "device", torch.device("cpu"))
     method = getattr(explainer, "name", "")
-    accumulated = np.zeros((depth, padded[1], padded[2]), dtype=np.float32)
-    weight_sum = np.zeros_like(accumulated)
+    # W = sum w, S = sum w*cam (the blended map S/W), and with an uncertainty output also
+    # sum w*cam^2 (the windows' disagreement) in float64 for an accurate variance
+    with_variance = uncertainty_out is not None
+    moments = WeightedMoments((depth, padded[1], padded[2]),
+                              np.float64 if with_variance else np.float32,
+                              variance=with_variance)
     buffer_start = 0
     predictions: list[list[float]] = []
     positions: list[tuple[int, ...]] = []
@@ -356,11 +379,10 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
         if first < last:  # planes of the real volume: blend and crop the mirrored margins
             rows = slice(first - buffer_start, last - buffer_start)
             crop = (rows, slice(y_pad, y_pad + shape[1]), slice(x_pad, x_pad + shape[2]))
-            out[first - z_pad:last - z_pad] = (
-                accumulated[crop] / np.maximum(weight_sum[crop], 1e-12))
-        for buffer in (accumulated, weight_sum):  # shift in place: no new volume-wide buffers
-            buffer[:-planes] = buffer[planes:].copy()
-            buffer[-planes:] = 0.0
+            out[first - z_pad:last - z_pad] = moments.mean(crop)
+            if with_variance:
+                uncertainty_out[first - z_pad:last - z_pad] = moments.std(crop)
+        moments.drop_leading(planes)  # shift in place: no new volume-wide buffers
         buffer_start = until
 
     for z0 in starts[0]:
@@ -375,11 +397,12 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
             if maps.ndim != 4:
                 raise ValueError(f"window explanation needs one 3D map per window; got maps of "
                                  f"shape {maps.shape}. Use a 3D model and a single target.")
-            for (y0, x0), cam in zip(chunk, maps, strict=True):
+            variances = result.extras.get("variance") if with_variance else None
+            for number, ((y0, x0), cam) in enumerate(zip(chunk, maps, strict=True)):
                 # flush(z0) moved the buffer to start at z0: a window fills its whole depth
                 region = (slice(0, depth), slice(y0, y0 + height), slice(x0, x0 + width))
-                accumulated[region] += cam * weights
-                weight_sum[region] += weights
+                moments.add(cam, weights, index=region,
+                            within_variance=None if variances is None else variances[number])
             predictions.extend(class_probabilities(result.outputs).tolist())
             # corners in the volume's coordinates: negative where a window overhangs the volume
             positions.extend((z0 - z_pad, y0 - y_pad, x0 - x_pad) for y0, x0 in chunk)
@@ -390,7 +413,7 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
     flush(padded[0])
     return VolumeResult(maps=out, predictions=np.array(predictions, dtype=np.float32),
                         positions=positions,
-                        mode="windows", window=window)
+                        mode="windows", window=window, uncertainty=uncertainty_out)
 
 
 def padded_window(slab: np.ndarray, y0: int, x0: int, window: tuple[int, ...]) -> np.ndarray:
