@@ -110,3 +110,17 @@ def test_explain_volume_slices_with_a_regression_target(hand):
     assert expected.max() > 0
     np.testing.assert_allclose(np.asarray(result.maps), expected, rtol=1e-5, atol=1e-7)
     assert result.target_indices is None
+
+
+def test_volume_predictions_of_a_regression_target_are_the_raw_properties():
+    """A softmax over two predicted properties would report probabilities; the volume loop
+    must report the predicted values themselves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2)).eval()
+    volume = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+    result = explain_volume(GradCAM(model, "0"), volume, mode="slices", axis=0,
+                            target=RegressionTarget(output_index=1))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(volume)[:, None]).numpy()
+    np.testing.assert_allclose(np.asarray(result.predictions), expected, rtol=1e-5, atol=1e-6)

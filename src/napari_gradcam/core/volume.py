@@ -40,7 +40,7 @@ import torch
 
 from napari_gradcam.core.device import run_with_oom_backoff
 from napari_gradcam.core.methods import heatmaps
-from napari_gradcam.core.targets import TargetSpec
+from napari_gradcam.core.targets import RegressionTarget, TargetSpec
 from napari_gradcam.core.uncertainty import WeightedMoments
 
 Preprocess = Callable[[np.ndarray], torch.Tensor]
@@ -95,10 +95,14 @@ def _make_out(out: object | None, shape: tuple[int, ...]) -> object:
     return out
 
 
-def class_probabilities(outputs: np.ndarray) -> np.ndarray:
+def class_probabilities(outputs: np.ndarray, target: object = None) -> np.ndarray:
     """(N, K) probabilities: softmax of logits; segmentation outputs averaged over pixels;
-    outputs without a class axis (regression) returned as they are, one row per sample."""
+    outputs without a class axis, or any output explained with a :class:`RegressionTarget`
+    (predicted properties, not class scores: a softmax would turn a single porosity into
+    1.0), returned as they are, one row per sample."""
     logits = torch.from_numpy(np.asarray(outputs, dtype=np.float32))
+    if isinstance(target, RegressionTarget):
+        return logits.reshape(len(logits), -1).numpy()
     if logits.ndim > 2:  # segmentation: average the per-pixel probabilities
         return torch.softmax(logits, 1).flatten(2).mean(-1).numpy()
     if logits.ndim == 2:
@@ -218,7 +222,7 @@ def _slices_job(explainer, volume, out, axis, batch_size, target, preprocess, no
                 raise ValueError("an uncertainty map slice by slice needs an explainer that "
                                  "makes one: wrap it in core.uncertainty.UncertaintyExplainer")
             uncertainty_out[tuple(index)] = np.moveaxis(result.extras["uncertainty"], 0, axis)
-        for offset, probs in enumerate(class_probabilities(result.outputs)):
+        for offset, probs in enumerate(class_probabilities(result.outputs, target)):
             predictions[chunk.start + offset] = probs.tolist()
             if result.target_indices is not None:
                 indices[chunk.start + offset] = int(result.target_indices[offset])
@@ -403,7 +407,7 @@ def _windows_job(explainer, volume, out, window, overlap, batch_size, target, pr
                 region = (slice(0, depth), slice(y0, y0 + height), slice(x0, x0 + width))
                 moments.add(cam, weights, index=region,
                             within_variance=None if variances is None else variances[number])
-            predictions.extend(class_probabilities(result.outputs).tolist())
+            predictions.extend(class_probabilities(result.outputs, target).tolist())
             # corners in the volume's coordinates: negative where a window overhangs the volume
             positions.extend((z0 - z_pad, y0 - y_pad, x0 - x_pad) for y0, x0 in chunk)
 
