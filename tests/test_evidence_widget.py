@@ -21,7 +21,12 @@ pytest.importorskip("pytestqt")
 
 from napari.utils.notifications import NotificationSeverity, notification_manager
 
-from napari_gradcam._evidence_widget import EVIDENCE_KEY, METADATA_KEY, EvidenceWidget
+from napari_gradcam._evidence_widget import (
+    CAM_METHODS,
+    EVIDENCE_KEY,
+    METADATA_KEY,
+    EvidenceWidget,
+)
 from napari_gradcam._qt_common import BROWSE
 from napari_gradcam.core.architectures import build_architecture
 from napari_gradcam.core.models import list_demo_models
@@ -290,3 +295,21 @@ def test_demo_micrograph_model_on_a_crack(make_widget, qtbot) -> None:
     report = widget.report
     assert report.target_index == 2
     assert report.deletion.better_than_random[0]
+
+
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_every_method_the_evidence_widget_offers_runs_its_checks(method: str) -> None:
+    """The method list comes from the registry's declarations (every method with a target
+    layer), so a newly registered method must also run through the evidence job."""
+    from torch import nn
+
+    from napari_gradcam.evidence_report import run_evidence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    report = run_evidence(model, torch.rand(1, 1, 16, 16), layer="2", method=method,
+                          checks=("deletion",))
+    assert report.method == method
+    assert np.isfinite(report.cam).all() and report.cam.shape[-2:] == (16, 16)
+    assert [row for row in report.rows() if "eletion" in row.check]

@@ -54,7 +54,7 @@ from napari_gradcam._qt_common import (
     refill_combo,
     region_mask,
 )
-from napari_gradcam.core.methods import METHODS
+from napari_gradcam.core.methods import METHODS, method_info
 from napari_gradcam.evidence_report import (
     CHECK_TITLES,
     DEFAULT_CHECKS,
@@ -89,7 +89,8 @@ EVIDENCE_KEY = "napari_gradcam_evidence"
 PREDICTED = "predicted class"
 SELECTABLE_CHECKS = ("deletion", "insertion", "randomisation", "occlusion", "saliency",
                      "smoothgrad", "integrated_gradients", "score_cam")
-CAM_METHODS = tuple(name for name in METHODS if name != "guided-backprop")
+CAM_METHODS = tuple(name for name in METHODS if method_info(name).needs_layer)
+"""Methods that explain a target layer: the ones whose map the evidence checks can test."""
 REGION_KINDS = {
     "evidence": "where the evidence is (crack, precipitate)",
     "forbidden": "must not matter (scale bar, label, holder)",
