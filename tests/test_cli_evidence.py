@@ -79,8 +79,8 @@ def test_region_of_another_shape_is_refused(files, tmp_path, capsys):
 # --- what the user selected, the estimate, and the whole volume (issue 13) ----------------
 
 
-def write_card_3d(folder: Path, size: int = 8) -> Path:
-    """A small 3D classifier card with an input size smaller than the test volume."""
+def write_card_3d(folder: Path, size: int | None = 8, name: str = "tiny3d") -> Path:
+    """A small 3D classifier card with an input size smaller than the test volume (or none)."""
     torch.manual_seed(3)
     model = ResNetLike(spatial_dims=3, in_channels=1, num_classes=3, widths=(4, 8, 8))
     with torch.no_grad():
@@ -92,10 +92,13 @@ def write_card_3d(folder: Path, size: int = 8) -> Path:
                                 "widths": [4, 8, 8]},
         "weights": "tiny3d.safetensors", "spatial_dims": 3, "in_channels": 1,
         "task": "classification", "class_names": ["none", "pore", "crack"],
-        "target_layer": "features.2", "input_size": [size] * 3,
+        "target_layer": "features.2",
         "preprocessing": [{"op": "window", "min": 0.0, "max": 1000.0}],
     }
-    path = folder / "tiny3d.yaml"
+    if size is not None:
+        card["input_size"] = [size] * 3
+    card["name"] = name
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(card), encoding="utf-8")
     return path
 
@@ -219,3 +222,16 @@ def test_whole_volume_is_an_explicit_option_with_progress(files, tmp_path, capsy
     verdicts = [row["verdict"] for row in rows if row["check"] == "Deletion"]
     assert deletion["judged"] == 6 and deletion["passed"] == verdicts.count("pass")
     assert not list(tmp_path.glob(".*partial"))  # the staging folder is gone
+
+
+def test_a_3d_card_without_input_size_needs_the_window_said(files3d, tmp_path, capsys):
+    """No silent whole-volume run: the window must be given, the whole input included."""
+    card = write_card_3d(tmp_path, size=None, name="nosize3d")
+    args = ["evidence", str(files3d["scan"]), "--model", str(card), "--checks", "deletion",
+            "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert "--window 12 20 24" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "whole"
+    assert main([*args, "--out", str(out), "--window", "12", "20", "24"]) == 0
+    assert "(whole input)" in json.loads((out / "provenance.json").read_text())["source"]

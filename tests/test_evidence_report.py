@@ -202,7 +202,8 @@ def test_report_provenance_names_model_method_layer_target(subject: Subject,
     assert per_map["options"]["origin"] == [0, 0]
 
 
-def test_the_evidence_summary_travels_with_the_map(full_report: EvidenceReport) -> None:
+def test_the_evidence_summary_travels_with_the_map(full_report: EvidenceReport,
+                                                  tmp_path: Path) -> None:
     summary = evidence_summary(full_report)
     rows = full_report.rows()
     assert summary["passed"] == full_report.passed
@@ -217,6 +218,9 @@ def test_the_evidence_summary_travels_with_the_map(full_report: EvidenceReport) 
     assert json.loads(json.dumps(summary, allow_nan=False)) == summary
     for name in full_report.maps:
         assert full_report.map_provenance(name)["options"]["evidence"] == summary
+    full_report.export(tmp_path / "report", figures=False, maps=False)
+    written = json.loads((tmp_path / "report" / "provenance.json").read_text(encoding="utf-8"))
+    assert written["options"]["evidence"] == summary
 
 
 def test_region_row_is_judged_against_random_regions(subject: Subject,

@@ -149,7 +149,12 @@ def cut_sample(shape: Sequence[int], spatial_dims: int, *, input_size: Sequence[
     if slice_index is not None:
         raise ValueError("--slice chooses a plane for a 2D model, but the model is 3D: choose "
                          "its window with --corner (and --window)")
-    size = tuple(int(w) for w in (window or input_size or shape))
+    if window is None and not input_size:
+        whole = " ".join(str(s) for s in shape)
+        raise ValueError("the model card gives no input size, so the window to test is not "
+                         f"known: choose it with --window Z Y X (the whole input: --window "
+                         f"{whole}; every tile of a window: --whole-volume --window Z Y X)")
+    size = tuple(int(w) for w in (window or input_size))
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"--window must be three positive sizes, got {size}")
     if any(w > s for w, s in zip(size, shape, strict=True)):
@@ -251,6 +256,9 @@ def _whole_volume(args: argparse.Namespace, loaded: Any, data: Any, region: Any,
                          f"{tuple(data.shape)}")
     if card.spatial_dims == 2 and args.window is not None:
         raise ValueError("--window is for 3D models; a 2D model is tested slice by slice")
+    if card.spatial_dims == 3 and args.window is None and not card.input_size:
+        raise ValueError("the model card gives no input size: choose the tiles' size with "
+                         "--window Z Y X")
     samples = volume_samples(data.shape, card.spatial_dims,
                              window=args.window or card.input_size, axis=args.axis)
     first = np.asarray(data[samples[len(samples) // 2].key])

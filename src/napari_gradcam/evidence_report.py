@@ -637,7 +637,10 @@ class EvidenceReport:
                         r.top_k, f"{_chance_iou(r.top_k):.6g}")
                        for name, r in self.agreements.items()))
         files["report_json"].write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
-        files["provenance_json"].write_text(json.dumps(self.provenance, indent=2, default=str),
+        # the run's record with its verdicts, as every map's provenance carries them
+        record = {**self.provenance, "options": {**self.provenance.get("options", {}),
+                                                 "evidence": evidence_summary(self)}}
+        files["provenance_json"].write_text(json.dumps(record, indent=2, default=str),
                                             encoding="utf-8")
         if "maps_npz" in files:
             arrays = {f"map_{name}": values for name, values in self.maps.items()}
