@@ -86,8 +86,18 @@ class CAMResult:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
+    def is_regression(self) -> bool:
+        """Whether a :class:`~napari_gradcam.core.targets.RegressionTarget` was explained (its
+        description, which every method stores in ``target``, begins with "regression")."""
+        return self.target.startswith("regression ")
+
+    @property
     def probabilities(self) -> np.ndarray:
-        """Softmax over the class axis of the model outputs (for classifiers and U-Nets)."""
+        """Softmax over the class axis of the model outputs (for classifiers and U-Nets); for
+        a regression target the outputs as they are (predicted values, not class scores: a
+        softmax would turn a single predicted porosity into 1.0)."""
+        if self.is_regression:
+            return np.asarray(self.outputs)
         logits = torch.from_numpy(self.outputs)
         return torch.softmax(logits, dim=1).numpy() if logits.ndim >= 2 else self.outputs
 
