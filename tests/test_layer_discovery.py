@@ -119,3 +119,75 @@ def test_last_spatial_layer_is_found_at_the_users_input_size() -> None:
     assert found is not None and found.name == "act" and found.output_shape == (2, 8, 8)
     pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
     assert last_spatial_layer(pooled, (1, 8, 8)) is None  # nothing with spatial extent
+
+
+class UnpaddedCNN(nn.Module):
+    """Valid (unpadded) convolutions: 32 -> 30 -> 28, grids no stride of the input makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.conv2 = nn.Conv2d(4, 6, 3)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_a_cnn_keeps_its_unpadded_feature_maps() -> None:
+    layers = {info.name: info.output_shape for info in discover_feature_layers(
+        UnpaddedCNN(), 2, 1, 32)}
+    assert layers == {"conv1": (4, 30, 30), "conv2": (6, 28, 28)}
+    assert default_target_layer(UnpaddedCNN(), 2, 1, 32) == "conv2"
+
+
+def monai_vit(spatial_dims: int, classification: bool) -> nn.Module:
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(3)
+    size, patch = (32, 8) if spatial_dims == 2 else (16, 4)
+    return nets.ViT(in_channels=1, img_size=size, patch_size=patch, hidden_size=48, mlp_dim=96,
+                    num_layers=2, num_heads=4, classification=classification, num_classes=3,
+                    spatial_dims=spatial_dims).eval()
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_vit_lists_its_token_layers_on_the_patch_grid_and_no_attention_matrix(
+        spatial_dims: int) -> None:
+    model = monai_vit(spatial_dims, classification=True)
+    size = 32 if spatial_dims == 2 else 16
+    grid = (4,) * spatial_dims  # size / patch
+    layers = {info.name: info for info in discover_feature_layers(model, spatial_dims, 1, size)}
+    for name in ("patch_embedding", "blocks.0", "blocks.1", "blocks.1.norm1", "norm"):
+        assert layers[name].output_shape == (48, *grid), name
+    assert layers["blocks.0"].type_name == "TransformerBlock"
+    assert layers["blocks.0.mlp.linear1"].output_shape == (96, *grid)
+    # the attention weights (N, heads, T, T), T = 1 + 16 tokens, are no map of the image
+    assert not any("drop_weights" in name for name in layers)
+    assert all(info.output_shape[1:] == grid for info in layers.values())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_class_token_vit_defaults_to_a_layer_whose_map_is_not_zero(spatial_dims: int) -> None:
+    from napari_gradcam.core.methods import GradCAM
+
+    model = monai_vit(spatial_dims, classification=True)
+    size = 32 if spatial_dims == 2 else 16
+    chosen = default_target_layer(model, spatial_dims, 1, size)
+    # after the last attention the patch tokens no longer reach the class token: the last
+    # block (and the final norm) would give an all-zero map
+    assert chosen == "blocks.1.norm1"
+    probe = probe_model(model, spatial_dims, 1, size)
+    assert {"blocks.1", "norm", "blocks.1.mlp"} <= probe._class_token_only
+    assert "blocks.1.norm1" not in probe._class_token_only
+    x = torch.rand(2, 1, *(size,) * spatial_dims, generator=torch.Generator().manual_seed(1))
+    maps = GradCAM(model, chosen, output=0).explain(x, 0).maps
+    assert maps.max() > 0
+    assert all(p.grad is None for p in model.parameters())  # the probe's backward left none
+    with pytest.warns(UserWarning, match="only the class token"):
+        assert GradCAM(model, "blocks.1", output=0).explain(x, 0).maps.max() == 0
+
+
+def test_a_vit_without_class_token_defaults_to_its_last_block() -> None:
+    model = monai_vit(2, classification=False)
+    assert default_target_layer(model, 2, 1, 32) == "blocks.1"

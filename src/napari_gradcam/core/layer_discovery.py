@@ -4,6 +4,17 @@ Grad-CAM needs a layer whose output is a feature map ``(N, C, *spatial)``. Guess
 types fails on users' own networks (custom blocks, functional calls, exported graphs), so we
 run the model once on a small dummy input and record what every module actually returned.
 The shapes also tell the user how coarse each layer's heatmap will be.
+
+Transformers: a block's tokens ``(N, T, C)`` and a Swin stage's channels-last ``(N, *grid, C)``
+are feature maps too, read through :func:`napari_gradcam.core.tokens.feature_map_view` and
+reported as ``(C, *grid)``. An output is kept only when its grid is the input divided by one
+stride: a ViT's attention weights ``(N, heads, T, T)`` look like a 2D map but their T × T
+"grid" is no division of the input. (In a plain CNN every 4D output is kept as before: an
+unpadded convolution's 62 × 62 map of a 64² input is a feature map although no stride makes
+it.) For a model that classifies through a class token, the patch tokens of the layers after
+the last attention no longer reach the output, so their maps are zero; a short backward pass
+on the dummy finds them, and the default layer is the last one whose patch tokens still
+matter.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import torch
 from torch import nn
 
 from napari_gradcam.core.engine import model_dtype_device
+from napari_gradcam.core.tokens import FeatureMapView, feature_map_view, grid_matches_input
 
 if TYPE_CHECKING:
     from napari_gradcam.core.model_card import ModelCard
@@ -70,6 +82,8 @@ class ForwardProbe:
     _is_output: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
     _plain_container: frozenset[str] = field(default_factory=frozenset, repr=False,
                                              compare=False)
+    _class_token_only: frozenset[str] = field(default_factory=frozenset, repr=False,
+                                              compare=False)
 
     @property
     def output_is_map(self) -> bool:
@@ -129,6 +143,8 @@ def probe_model(
     dummy = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
     ndim = 2 + spatial_dims
+    token_ndim = 3 if spatial_dims >= 2 else ndim  # (N, T, C); a 1D model's 3D output is a map
+    modules: dict[str, nn.Module] = {}
     order: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
     types: dict[str, str] = {}
@@ -141,10 +157,12 @@ def probe_model(
     def make_hook(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             calls[name] = calls.get(name, 0) + 1
-            if calls[name] > 1 or not isinstance(output, torch.Tensor) or output.ndim != ndim:
+            if (calls[name] > 1 or not isinstance(output, torch.Tensor)
+                    or output.ndim not in (ndim, token_ndim)):
                 return
             order.append(name)
-            shapes[name] = tuple(output.shape[1:])
+            modules[name] = module
+            shapes[name] = tuple(output.shape)
             tensor_ids[name] = id(output)
             keep_alive.append(output)
             if name in original_types:
@@ -182,9 +200,13 @@ def probe_model(
             module.training = was_training
 
     output_tensor = _first_tensor(output)
+    views = _feature_map_views(model, shape, order, shapes, modules)
     layers = tuple(
-        LayerInfo(name, types[name], shapes[name], calls[name]) for name in order
+        LayerInfo(name, types[name], _viewed_shape(views[name], shapes[name]), calls[name])
+        for name in order if name in views
     )
+    with_class_token = {name: view.prefix_tokens for name, view in views.items()
+                        if view.kind == "tokens" and view.prefix_tokens}
     return ForwardProbe(
         input_shape=shape,
         output_shape=None if output_tensor is None else tuple(output_tensor.shape),
@@ -195,6 +217,84 @@ def probe_model(
             if output_tensor is not None and tid == id(output_tensor)
         ),
         _plain_container=frozenset(plain),
+        _class_token_only=_class_token_only_layers(model, dummy, with_class_token),
+    )
+
+
+def _feature_map_views(model: nn.Module, input_shape: tuple[int, ...], order: list[str],
+                       shapes: dict[str, tuple[int, ...]], modules: dict[str, nn.Module]
+                       ) -> dict[str, FeatureMapView]:
+    """How each recorded output reads as ``(N, C, *grid)``; outputs that are no feature map
+    (attention weights, ambiguous token counts) are left out.
+
+    Token and channels-last readings must give a grid that divides the input. Channels-first
+    outputs are kept as they are in a model without token layers; in a transformer (some
+    output read as tokens) a channels-first grid must divide the input too, which is what
+    tells attention matrices ``(N, heads, T, T)`` from feature maps.
+    """
+    spatial = input_shape[2:]
+    views: dict[str, FeatureMapView] = {}
+    for name in order:
+        try:
+            view = feature_map_view(name, shapes[name], input_shape, model, None, modules[name])
+        except ValueError:  # tokens that fit no single patch grid: not offered
+            continue
+        if view is not None:
+            views[name] = view
+    transformer = any(view.kind != "channels_first" for view in views.values())
+    return {name: view for name, view in views.items()
+            if grid_matches_input(view.grid, spatial)
+            or (view.kind == "channels_first" and not transformer)}
+
+
+def _viewed_shape(view: FeatureMapView, raw: tuple[int, ...]) -> tuple[int, ...]:
+    """``(C, *grid)`` of a raw output shape ``(N, ...)`` read through ``view``."""
+    return tuple(view(torch.empty(raw, device="meta")).shape[1:])
+
+
+def _class_token_only_layers(model: nn.Module, dummy: torch.Tensor,
+                             prefixes: dict[str, int]) -> frozenset[str]:
+    """The token layers whose patch tokens get no gradient from the output (only their class
+    token(s) reach it): Grad-CAM maps of them are zero, so they are never the default.
+
+    One forward and backward pass on the dummy, gradients taken with respect to the layers'
+    outputs only (no parameter's ``.grad`` is touched); train/eval flags restored, hooks
+    removed. Best effort: a model that cannot be differentiated leaves every layer in.
+    """
+    if not prefixes:
+        return frozenset()
+    named = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            if name not in captured and isinstance(output, torch.Tensor):
+                captured[name] = output
+        return hook
+
+    training = {module: module.training for module in model.modules()}
+    handles = [named[name].register_forward_hook(make_hook(name)) for name in prefixes]
+    try:
+        model.eval()
+        with torch.enable_grad():
+            output = _first_tensor(model(dummy.detach().clone().requires_grad_(True)))
+            names = [name for name in prefixes if name in captured
+                     and captured[name].requires_grad]
+            if output is None or not output.requires_grad or not names:
+                return frozenset()
+            gradients = torch.autograd.grad(output.float().sum(),
+                                            [captured[name] for name in names],
+                                            allow_unused=True)
+    except Exception:  # the default layer is a convenience; never fail loading over it
+        return frozenset()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, was_training in training.items():
+            module.training = was_training
+    return frozenset(
+        name for name, gradient in zip(names, gradients, strict=True)
+        if gradient is None or not bool(gradient[:, prefixes[name]:].any())
     )
 
 
@@ -215,9 +315,17 @@ def choose_target_layer(probe: ForwardProbe) -> str:
     candidates = [
         layer for layer in probe.layers
         if layer.calls == 1 and layer.name not in probe._is_output
+        and layer.name not in probe._class_token_only
     ]
     spatial = [layer for layer in candidates if layer.has_spatial_extent]
     pool = spatial or candidates
+    silent = [layer for layer in probe.layers if layer.name in probe._class_token_only]
+    if silent:
+        # A class-token model: of the layers that still reach the output, those as wide as
+        # the token stream (its last layer's width), so the default is the last block's
+        # first norm ('blocks.<last>.norm1'), not the query-key-value projection after it.
+        width = silent[-1].output_shape[0]
+        pool = [layer for layer in pool if layer.output_shape[0] == width] or pool
     if not pool:
         raise ValueError(
             "no layer of this model returns a feature map (N, C, *spatial) that could be "
