@@ -191,6 +191,54 @@ def test_explain_file_equals_the_engine_and_records_provenance(models, tmp_path)
     assert sum(summary.predicted_counts().values()) == 21
 
 
+# ----------------------------------------------------------------------------- uncertainty
+
+UNCERTAINTY_CASES = [
+    # slices: each chunk explains its slices under flips and shifts, as one process does
+    ("2d", dict(batch_size=4, chunk=4, uncertainty=("flips", "shifts"))),
+    # windows: the chunks' moments see the same windows, weights and order as the engine's
+    ("3d", dict(mode="volume", window=(8, 12, 12), batch_size=3, chunk=5,
+                uncertainty=("windows",))),
+    # windows with a per-window source too: the windows' own variance is pooled
+    ("3d", dict(mode="volume", window=(8, 12, 12), batch_size=3, chunk=7,
+                uncertainty=("flips",))),
+]
+
+
+def uncertainty_by_chunks(card: Path, volume_path: Path, options: ExplainOptions,
+                          folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every chunk task with an uncertainty array, run here in reverse order."""
+    volume, _ = read_volume(volume_path)
+    loaded = get_model(str(card), options.device, False)
+    plan = make_plan(loaded, volume.shape, options)
+    maps = create_ome_zarr(folder / "chunks.zarr", volume.shape, chunks=plan.chunks)
+    spread = create_ome_zarr(folder / "chunks_spread.zarr", volume.shape, chunks=plan.chunks)
+    tasks = [ChunkTask(str(volume_path), str(card), str(folder / "chunks.zarr" / "0"), options,
+                       plan, a, b, None, str(folder / "chunks_spread.zarr" / "0"))
+             for a, b in plan_chunks(volume.shape[plan.axis], plan.chunk)]
+    for task in reversed(tasks):
+        explain_chunk(task)
+    return maps[:], spread[:]
+
+
+@pytest.mark.parametrize("model, settings", UNCERTAINTY_CASES)
+def test_uncertainty_chunks_equal_the_single_process_file(models, tmp_path, model, settings):
+    volume = make_volume(tmp_path)
+    options = ExplainOptions(device="cpu", domain_check=False, **settings)
+    summary = explain_file(volume, models[model], tmp_path / "maps.zarr", options=options)
+    assert summary.uncertainty_output == tmp_path / "maps_uncertainty.zarr"
+    single, _ = read_volume(tmp_path / "maps.zarr")
+    single_spread, info = read_volume(tmp_path / "maps_uncertainty.zarr")
+    single_spread = np.asarray(single_spread)
+    assert single_spread.max() > 0 and np.count_nonzero(single_spread) > single_spread.size / 4
+    expected_sources = list(dict.fromkeys([*settings["uncertainty"],
+                                           *(["windows"] if model == "3d" else [])]))
+    assert info.metadata["uncertainty"]["sources"] == expected_sources
+    maps, spread = uncertainty_by_chunks(models[model], volume, options, tmp_path)
+    np.testing.assert_array_equal(maps, np.asarray(single))
+    np.testing.assert_array_equal(spread, single_spread)
+
+
 # ----------------------------------------------------------------------------- on a cluster
 
 
@@ -227,6 +275,24 @@ def test_two_worker_processes_equal_the_single_process_run(models, tmp_path, clu
     assert summary.positions == list(expected.positions)
     assert summary.provenance["workers_used"] == 2  # both processes did work
     assert info.scale == pytest.approx((1.0, 0.65, 0.65))
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.slow
+def test_workers_write_the_same_uncertainty_and_domain_report(models, tmp_path,
+                                                              cluster_client):
+    volume = make_volume(tmp_path)
+    options = ExplainOptions(mode="volume", window=(8, 12, 12), batch_size=4, chunk=5,
+                             device="cpu", torch_threads=1, uncertainty=("windows",))
+    explain_file(volume, models["3d"], tmp_path / "single.zarr", options=options)
+    summary = run_distributed(volume, models["3d"], tmp_path / "spread.zarr", options=options,
+                              client=cluster_client)
+    assert summary.uncertainty_output == tmp_path / "spread_uncertainty.zarr"
+    for name in ("", "_uncertainty"):
+        single, single_info = read_volume(tmp_path / f"single{name}.zarr")
+        spread, spread_info = read_volume(tmp_path / f"spread{name}.zarr")
+        np.testing.assert_array_equal(spread[:], single[:])
+        assert spread_info.metadata["domain_check"] == single_info.metadata["domain_check"]
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 

@@ -5,6 +5,8 @@
     napari-gradcam models ct-patch-classifier               # its feature layers
     napari-gradcam explain scan.tif --model ct-patch-classifier --out maps.zarr
     napari-gradcam explain scan.tif --model my_card.yaml --mode slices --workers 4 --out m.zarr
+    napari-gradcam explain scan.tif --model my_card.yaml --uncertainty flips,shifts --out m.zarr
+                                                            # + m_uncertainty.zarr (std map)
     napari maps.zarr                                        # opens with the right scale
 
 Exit codes: 0 done, 1 failure (e.g. a full disk), 2 bad usage or input (one line on stderr,
@@ -100,11 +102,28 @@ def add_explain(subparsers: Any) -> None:
                         help="a demo model name (see 'napari-gradcam models') or a model card "
                         ".yaml")
     parser.add_argument("--layer", help="layer to explain (default: the card's target layer)")
-    parser.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++, "
-                        "hirescam, xgradcam, layercam, cam")
-    parser.add_argument("--target", default="predicted", metavar="predicted|INDEX|CLASS",
-                        help="class to explain (default: the predicted class of each slice or "
-                        "window)")
+    parser.add_argument("--method", default="gradcam", metavar="METHOD",
+                        help=f"one of: {', '.join(method_names())} (default gradcam)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--target", default="predicted", metavar="predicted|INDEX|CLASS",
+                      help="class to explain (default: the predicted class of each slice or "
+                      "window)")
+    what.add_argument("--regression", nargs="?", type=int, const=SINGLE_VALUE, metavar="INDEX",
+                      help="explain a regression head's prediction instead of a class: the "
+                      "predicted property number INDEX of an (N, P) output, or the only one "
+                      "(no INDEX) of an (N,) or (N, 1) output")
+    parser.add_argument("--sign", type=int, choices=(1, -1), metavar="{+1,-1}",
+                        help="with --regression: +1 (default) what increases the prediction, "
+                        "-1 what decreases it")
+    parser.add_argument("--output", type=output_spec, metavar="INDEX|KEY",
+                        help="which output to explain when the model returns a tuple or dict "
+                        "(an index, or a key such as logits)")
+    parser.add_argument("--patch-grid", type=int, nargs="+", metavar="N",
+                        help="transformer layers: the grid of patch tokens, one number per "
+                        "spatial axis of the model's input (default: derived from the model)")
+    parser.add_argument("--class-token", action=argparse.BooleanOptionalAction, default=None,
+                        help="transformer layers: whether a class token precedes the patch "
+                        "tokens (default: derived from the model)")
     parser.add_argument("--mode", choices=("slices", "volume"),
                         help="slices: a 2D model slice by slice; volume: a 3D model over "
                         "overlapping windows (default: from the model)")
@@ -126,6 +145,19 @@ def add_explain(subparsers: Any) -> None:
     parser.add_argument("--trust", action="store_true",
                         help="allow model files that can run code (pickled models, factory "
                         "functions); only for files you trust")
+    parser.add_argument("--uncertainty", type=source_list, default=(),
+                        metavar="flips,shifts,dropout[,windows]",
+                        help="also write OUT_uncertainty (e.g. maps_uncertainty.zarr): the "
+                        "per-voxel standard deviation of the map when the input is mirrored "
+                        "(flips), moved by 1-2 pixels (shifts), explained with Monte-Carlo "
+                        "dropout (dropout) and, in volume mode, between overlapping windows "
+                        "(windows, always included in volume mode)")
+    parser.add_argument("--n-dropout", type=int, default=8, metavar="N",
+                        help="Monte-Carlo dropout samples for --uncertainty dropout (default 8)")
+    parser.add_argument("--no-domain-check", action="store_true",
+                        help="skip comparing the input with the model card's training "
+                        "statistics (by default a warning says when the input looks unlike "
+                        "the training data; the report is kept in the output's provenance)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, metavar="N",
                        help="run on a local dask cluster of N worker processes")
@@ -135,21 +167,68 @@ def add_explain(subparsers: Any) -> None:
     parser.set_defaults(handler=run_explain)
 
 
+#: ``--regression`` without an index: the model predicts one value per sample.
+SINGLE_VALUE = "single"
+
+
+def method_names() -> list[str]:
+    """Every method the core knows, from its registry (what ``--method`` accepts)."""
+    from napari_gradcam.core.methods import METHODS
+
+    return list(METHODS)
+
+
+def output_spec(text: str) -> int | str:
+    """``--output``: an integer is an index into a tuple, anything else a key of a dict."""
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("give an index (0, 1, ...) or a key (e.g. logits)")
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def source_list(text: str) -> tuple[str, ...]:
+    """``--uncertainty flips,shifts``: the names, lower case, in order, without repeats."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one source: flips, shifts, dropout "
+                                         "or windows")
+    return tuple(dict.fromkeys(names))
+
+
+def explain_target(args: argparse.Namespace) -> Any:
+    """``--target`` as given, or a regression target from ``--regression``/``--sign``."""
+    if args.regression is None:
+        if args.sign is not None:
+            raise UsageError("--sign only applies to --regression (which side of a regression "
+                             "head's prediction to explain)")
+        return args.target
+    from napari_gradcam.core.targets import RegressionTarget
+
+    index = None if args.regression == SINGLE_VALUE else args.regression
+    return RegressionTarget(output_index=index, sign=args.sign or 1)
+
+
 def run_explain(args: argparse.Namespace) -> int:
+    from napari_gradcam.core.methods import canonical_name
     from napari_gradcam.distributed import ExplainOptions, explain_file, run_distributed
 
-    target: str | int | None = args.target
     options = ExplainOptions(
-        method=args.method, layer=args.layer, target=target, mode=args.mode, axis=args.axis,
-        batch_size=args.batch_size, window=tuple(args.window) if args.window else None,
-        overlap=args.overlap, device=args.device, dtype=args.dtype, trust=args.trust,
-        chunk=args.chunk,
+        method=canonical_name(args.method), layer=args.layer, target=explain_target(args),
+        mode=args.mode, axis=args.axis, batch_size=args.batch_size,
+        window=tuple(args.window) if args.window else None, overlap=args.overlap,
+        device=args.device, dtype=args.dtype, trust=args.trust, chunk=args.chunk,
+        output=args.output, patch_grid=tuple(args.patch_grid) if args.patch_grid else None,
+        class_token=args.class_token, uncertainty=args.uncertainty, n_dropout=args.n_dropout,
+        domain_check=not args.no_domain_check,
     )
     distributed = args.workers is not None or args.scheduler is not None
     label = "explain (chunks)" if distributed else "explain"
     progress = None if args.quiet else ProgressBar(label)
 
-    def notify(message: str) -> None:  # retries, leftovers of killed runs: on stderr
+    def notify(message: str) -> None:  # retries, leftovers, the domain check: on stderr
         print(f"napari-gradcam: {message}", file=sys.stderr, flush=True)
 
     if distributed:

@@ -36,6 +36,7 @@ unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -48,7 +49,10 @@ from typing import Any
 
 import numpy as np
 
+from napari_gradcam.core.methods import canonical_name
 from napari_gradcam.core.provenance import make_provenance
+from napari_gradcam.core.targets import Target
+from napari_gradcam.core.uncertainty import SOURCES as UNCERTAINTY_SOURCES
 from napari_gradcam.io import ATTRS_KEY, default_chunks, open_output, read_volume
 
 ProgressCallback = Callable[[int, int], None]
@@ -68,11 +72,24 @@ class ExplainOptions:
     class name; ``window`` ``None`` uses the card's ``input_size`` (3D models) or 64³;
     ``chunk`` is the depth of one task and of the output's zarr chunks (``None``: a sensible
     default); ``torch_threads`` limits torch's threads per process (``None``: torch's default).
+
+    Model options, passed to the method unchanged (see
+    :class:`~napari_gradcam.core.methods.BaseCAM`): ``output`` picks the tensor of a model that
+    returns a tuple or dict (an index or a key); ``patch_grid`` and ``class_token`` say how a
+    transformer layer's tokens lie on the input (``None``: derived from the model). A
+    regression head is explained by giving a
+    :class:`~napari_gradcam.core.targets.RegressionTarget` as ``target``.
+
+    ``uncertainty`` names the sources of a second output, the per-voxel standard deviation of
+    the map (:mod:`napari_gradcam.core.uncertainty`): ``flips``, ``shifts``, ``dropout``
+    (``n_dropout`` samples) and, in windows mode, ``windows``. ``domain_check`` compares the
+    input with the card's training statistics (:func:`napari_gradcam.core.domain.check_domain`)
+    before the run and records the report in the provenance.
     """
 
     method: str = "gradcam"
     layer: str | None = None
-    target: str | int | None = None
+    target: str | int | Target | None = None
     mode: str | None = None
     axis: int = 0
     batch_size: int = 8
@@ -83,6 +100,17 @@ class ExplainOptions:
     trust: bool = False
     chunk: int | None = None
     torch_threads: int | None = None
+    output: int | str | None = None
+    patch_grid: tuple[int, ...] | None = None
+    class_token: bool | None = None
+    uncertainty: tuple[str, ...] = ()
+    n_dropout: int = 8
+    domain_check: bool = True
+
+
+#: What ``ExplainOptions.uncertainty`` accepts: the per-input sources, and windows mode's
+#: disagreement between overlapping windows.
+UNCERTAINTY_CHOICES = (*UNCERTAINTY_SOURCES, "windows")
 
 
 @dataclass
@@ -102,6 +130,7 @@ class RunSummary:
     positions: list[tuple[int, ...]]
     value_range: tuple[float, float]
     provenance: dict[str, Any] = field(default_factory=dict)
+    uncertainty_output: Path | None = None
 
     @property
     def voxels_per_second(self) -> float:
@@ -123,7 +152,7 @@ class RunSummary:
                else f"windows of {'x'.join(map(str, self.window or ()))}")
         counts = ", ".join(f"{name} {n}" for name, n in self.predicted_counts().items() if n)
         prov = self.provenance
-        return "\n".join([
+        lines = [
             f"wrote {self.output}",
             f"  shape {self.shape}, voxel size {tuple(round(s, 6) for s in self.scale)}{unit}",
             f"  {prov.get('method', '?')} on {', '.join(prov.get('layers', []))} of "
@@ -132,14 +161,31 @@ class RunSummary:
             f"({self.voxels_per_second:,.0f} voxels/s)",
             f"  map values {self.value_range[0]:.4g} .. {self.value_range[1]:.4g}",
             f"  predicted ({items}): {counts or 'n/a'}",
-        ])
+        ]
+        if self.uncertainty_output is not None:
+            sources = ", ".join(prov.get("uncertainty", {}).get("sources", []))
+            lines.append(f"wrote {self.uncertainty_output} (uncertainty: {sources})")
+        domain = prov.get("domain_check")
+        if domain:
+            flagged = [f["check"] for f in domain.get("findings", []) if f.get("flagged")]
+            verdict = ("not checked (" + domain.get("reason", "") + ")"
+                       if not domain.get("checked") else
+                       f"input unlike the training data ({', '.join(flagged)}); the numbers "
+                       "are in the provenance's domain_check" if flagged else
+                       "the input resembles the training data")
+            lines.append(f"  domain check: {verdict}")
+        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- shared planning
 
 
-def resolve_class_target(target: str | int | None, class_names: Sequence[str]) -> int | None:
-    """``None``/``"predicted"`` → None (argmax per slice); an index or a class name → index."""
+def resolve_class_target(target: str | int | Target | None, class_names: Sequence[str]
+                         ) -> int | Target | None:
+    """``None``/``"predicted"`` → None (argmax per slice); an index or a class name → index;
+    a :class:`~napari_gradcam.core.targets.Target` (a regression head's) is kept as it is."""
+    if isinstance(target, Target):
+        return target
     if target is None or (isinstance(target, str) and target.strip().lower() == "predicted"):
         return None
     count = len(class_names)
@@ -163,7 +209,9 @@ def resolve_class_target(target: str | int | None, class_names: Sequence[str]) -
     return int(target)
 
 
-def describe_target(index: int | None, class_names: Sequence[str]) -> str:
+def describe_target(index: int | Target | None, class_names: Sequence[str]) -> str:
+    if isinstance(index, Target):
+        return index.describe()
     return "predicted class" if index is None else f"class {index} ({class_names[index]})"
 
 
@@ -176,7 +224,7 @@ class Plan:
     window: tuple[int, ...] | None
     chunk: int
     chunks: tuple[int, ...]
-    target: int | None
+    target: int | Target | None
     layer: str
 
 
@@ -188,6 +236,8 @@ def make_plan(loaded: Any, shape: Sequence[int], options: ExplainOptions) -> Pla
     if mode not in MODE_ALIASES:
         raise ValueError(f"mode must be 'slices' or 'volume', got {mode!r}")
     mode = MODE_ALIASES[mode]
+    canonical_name(options.method)  # an unknown method is refused before any work
+    _check_uncertainty(options, mode)
     if mode == "slices" and card.spatial_dims != 2:
         raise ValueError(f"model {card.name!r} takes {card.spatial_dims}D input; slice-wise "
                          "explanation needs a 2D model (use --mode volume for a 3D model)")
@@ -232,10 +282,80 @@ def make_plan(loaded: Any, shape: Sequence[int], options: ExplainOptions) -> Pla
     return Plan(mode, axis, window, chunk, chunks, target, layer)
 
 
-def make_explainer_for(loaded: Any, plan: Plan, method: str) -> Any:
-    from napari_gradcam.core.methods import make_explainer
+def _check_uncertainty(options: ExplainOptions, mode: str) -> None:
+    unknown = [s for s in options.uncertainty if s not in UNCERTAINTY_CHOICES]
+    if unknown:
+        raise ValueError(f"unknown uncertainty source {unknown[0]!r}; choose from "
+                         f"{', '.join(UNCERTAINTY_CHOICES)}")
+    if "windows" in options.uncertainty and mode != "windows":
+        raise ValueError("uncertainty source 'windows' (disagreement between overlapping "
+                         "windows) needs --mode volume (a 3D model over windows); slices are "
+                         "explained once each")
+    if "dropout" in options.uncertainty and (
+            isinstance(options.n_dropout, bool) or not isinstance(options.n_dropout, int)
+            or options.n_dropout < 2):
+        raise ValueError(f"n_dropout must be an integer >= 2, got {options.n_dropout!r}")
 
-    return make_explainer(method, loaded.model, plan.layer)
+
+def explainer_options(options: ExplainOptions | None) -> dict[str, Any]:
+    """The method's keyword options taken from ``options``: only those set, so a method that
+    does not take one (Guided Backpropagation has no token layout) is only refused when the
+    user asked for it."""
+    if options is None:
+        return {}
+    given = {"output": options.output, "patch_grid": options.patch_grid,
+             "class_token": options.class_token}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def make_explainer_for(loaded: Any, plan: Plan, method: str,
+                       options: ExplainOptions | None = None) -> Any:
+    """The explainer every path uses (one process, dask chunks; the widget builds the same
+    one through :func:`napari_gradcam.core.methods.explainer`): the method with the model
+    options, wrapped in an :class:`~napari_gradcam.core.uncertainty.UncertaintyExplainer`
+    when per-input uncertainty sources are asked for (its maps are the plain maps, so the
+    main output is the same with or without uncertainty)."""
+    from napari_gradcam.core.methods import explainer
+    from napari_gradcam.core.uncertainty import UncertaintyExplainer
+
+    built = explainer(method, loaded.model, plan.layer, **explainer_options(options))
+    sources = tuple(s for s in (options.uncertainty if options else ())
+                    if s in UNCERTAINTY_SOURCES)
+    if sources:
+        assert options is not None
+        built = UncertaintyExplainer(built, sources=sources, n_dropout=options.n_dropout)
+    return built
+
+
+def uncertainty_sources(options: ExplainOptions, plan: Plan) -> list[str]:
+    """The sources pooled in the uncertainty output: the ones asked for, plus ``windows`` in
+    windows mode, where the engine always pools the overlapping windows' disagreement."""
+    sources = list(dict.fromkeys(options.uncertainty))
+    if plan.mode == "windows" and "windows" not in sources:
+        sources.append("windows")
+    return sources
+
+
+def uncertainty_attrs(record: dict[str, Any], options: ExplainOptions, plan: Plan
+                      ) -> dict[str, Any]:
+    """The uncertainty output's provenance: the map's, plus what its values mean."""
+    from napari_gradcam.core.uncertainty import MEANINGS
+
+    sources = uncertainty_sources(options, plan)
+    return {**record, "kind": "uncertainty", "uncertainty": {
+        "sources": sources, "n_dropout": options.n_dropout if "dropout" in sources else None,
+        "statistic": "standard deviation of the map, in the map's units",
+        "meaning": {s: MEANINGS[s] for s in sources}}}
+
+
+def domain_report(volume: Any, loaded: Any, plan: Plan, scale: Sequence[float]) -> Any:
+    """The input against the card's training statistics, as the model sees it: slices along
+    the plan's axis for a 2D model, windows of the plan's size for a 3D one."""
+    from napari_gradcam.core.domain import check_domain
+
+    return check_domain(volume, loaded, voxel_size=tuple(scale),
+                        input_size=plan.window if plan.mode == "windows" else None,
+                        axis=plan.axis if plan.mode == "slices" else None)
 
 
 def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_path: Path,
@@ -246,6 +366,7 @@ def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_pat
         "batch_size": options.batch_size, "dtype": options.dtype, "device": options.device,
         "chunk": plan.chunk, "voxel_size": list(scale), "unit": unit,
     }
+    run_options.update(explainer_options(options))
     if plan.mode == "slices":
         run_options["axis"] = plan.axis
     else:
@@ -253,7 +374,7 @@ def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_pat
                            blend="gaussian")
     run_options.update(extra or {})
     record = make_provenance(
-        method=options.method,
+        method=canonical_name(options.method),
         layers=[plan.layer],
         target=describe_target(plan.target, card.class_names),
         model_name=card.name,
@@ -286,6 +407,12 @@ def _prediction_attrs(predictions: np.ndarray, positions: list[tuple[int, ...]],
             "probabilities": np.round(predictions, 6).tolist(),
         }
     return attrs
+
+
+def _without_predictions(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary for the uncertainty output: the per-item probabilities stay with the
+    map (no need to store them twice)."""
+    return {key: value for key, value in attrs.items() if key != "predictions"}
 
 
 def _finish_output(output: Any, summary_attrs: dict[str, Any]) -> None:
@@ -361,30 +488,49 @@ def explain_file(
     name, a card path, a live module). The output appears only when the run has finished;
     :class:`napari_gradcam.Cancelled` is raised when ``should_stop()`` turns true. The output
     is never the input (refused even with ``overwrite``); ``notify(message)`` hears about the
-    engine's retries and about leftovers of killed runs that were cleaned up.
+    engine's retries and about leftovers of killed runs that were cleaned up, and the domain
+    check's message when the input looks unlike the training data or cannot be checked.
+
+    With ``options.uncertainty`` a second output, :func:`~napari_gradcam.io.uncertainty_path`
+    of ``out_path`` (``maps.zarr`` → ``maps_uncertainty.zarr``), receives the standard
+    deviation map under the same rules (never over the input, ``overwrite``, appears only
+    when the run has finished).
     """
     from napari_gradcam.core.volume import explain_volume
-    from napari_gradcam.io import check_output_path
+    from napari_gradcam.io import check_output_path, uncertainty_path
 
     options = options or ExplainOptions()
     input_path = _as_input_path(input_path)
     check_output_path(out_path, overwrite, inputs=[input_path])
+    extra_path = uncertainty_path(out_path) if options.uncertainty else None
+    if extra_path is not None:
+        check_output_path(extra_path, overwrite, inputs=[input_path])
     volume, voxel = read_volume(input_path)
     loaded = get_model(_model_source(model_source), options.device, options.trust,
                        options.torch_threads)
     plan = make_plan(loaded, volume.shape, options)
-    explainer = make_explainer_for(loaded, plan, options.method)
+    explainer = make_explainer_for(loaded, plan, options.method, options)
     record = build_provenance(loaded, plan, options, input_path, voxel.scale, voxel.unit,
                               {"scheduler": "single process"})
+    _record_domain_check(record, volume, loaded, plan, voxel.scale, options, notify)
     started = time.perf_counter()
-    with open_output(out_path, volume.shape, scale=voxel.scale, unit=voxel.unit,
-                     dtype=options.dtype, chunks=plan.chunks, attrs=record,
-                     overwrite=overwrite, inputs=[input_path], notify=notify) as output:
+    output_options: dict[str, Any] = {
+        "scale": voxel.scale, "unit": voxel.unit, "dtype": options.dtype,
+        "chunks": plan.chunks, "overwrite": overwrite, "inputs": [input_path],
+        "notify": notify}
+    with contextlib.ExitStack() as outputs:
+        output = outputs.enter_context(open_output(out_path, volume.shape, attrs=record,
+                                                   **output_options))
+        extra = None if extra_path is None else outputs.enter_context(open_output(
+            extra_path, volume.shape, attrs=uncertainty_attrs(record, options, plan),
+            **output_options))
         tracked = RangeTrackingArray(output.array)
+        extra_tracked = None if extra is None else RangeTrackingArray(extra.array)
         engine_options: dict[str, Any] = {"mode": plan.mode, "batch_size": options.batch_size,
                                           "target": plan.target,
                                           "preprocess": loaded.preprocess,
-                                          "out": tracked, "notify": notify}
+                                          "out": tracked, "notify": notify,
+                                          "uncertainty_out": extra_tracked}
         if plan.mode == "slices":
             engine_options["axis"] = plan.axis
         else:
@@ -396,12 +542,31 @@ def explain_file(
         seconds = time.perf_counter() - started
         attrs = _prediction_attrs(result.predictions, result.positions,
                                   loaded.card.class_names, value_range, seconds)
+        if extra is not None:
+            assert extra_tracked is not None
+            _finish_output(extra, {**_without_predictions(attrs),
+                                   "value_range": list(extra_tracked.value_range)})
         _finish_output(output, attrs)
     record.update(attrs)
     return RunSummary(Path(out_path).expanduser(), tuple(volume.shape), voxel.scale, voxel.unit,
                       seconds, plan.mode, plan.axis if plan.mode == "slices" else None,
                       plan.window, tuple(loaded.card.class_names), result.predictions,
-                      list(result.positions), value_range, record)
+                      list(result.positions), value_range, record,
+                      None if extra_path is None else Path(extra_path).expanduser())
+
+
+def _record_domain_check(record: dict[str, Any], volume: Any, loaded: Any, plan: Plan,
+                         scale: Sequence[float], options: ExplainOptions,
+                         notify: Callable[[str], None] | None) -> None:
+    """Check the input against the card's training statistics (unless switched off), keep the
+    report in the provenance, and say it when the input is out of domain or cannot be
+    checked: a tidy map of an input the model was never meant for is the worst kind."""
+    if not options.domain_check:
+        return
+    report = domain_report(volume, loaded, plan, scale)
+    record["domain_check"] = report.to_dict()
+    if notify is not None and (report.out_of_domain or not report.checked):
+        notify(f"domain check: {report.message()}")
 
 
 # --------------------------------------------------------------------------- per-process cache
@@ -472,6 +637,7 @@ class ChunkTask:
     start: int
     stop: int
     weights_sha256: str | None = None
+    uncertainty_array: str | None = None
 
 
 @dataclass
@@ -483,6 +649,7 @@ class ChunkResult:
     low: float
     high: float
     worker_pid: int
+    uncertainty_range: tuple[float, float] | None = None
 
 
 _VOLUMES: dict[tuple[str, int, int], Any] = {}
@@ -509,25 +676,31 @@ def explain_chunk(task: ChunkTask) -> ChunkResult:
     options, plan = task.options, task.plan
     loaded = get_model(task.model_source, options.device, options.trust, options.torch_threads,
                        task.weights_sha256)
-    explainer = make_explainer_for(loaded, plan, options.method)
+    explainer = make_explainer_for(loaded, plan, options.method, options)
     # A dask input (a 5D OME-Zarr) is read in this task's thread, never by scheduling more
     # tasks on the cluster from inside a task.
     with _model_lock(loaded), dask.config.set(scheduler="synchronous"):
         if plan.mode == "slices":
-            maps, predictions, positions = _slices_chunk(explainer, loaded, volume, task)
+            maps, spread, predictions, positions = _slices_chunk(explainer, loaded, volume,
+                                                                 task)
         else:
-            maps, predictions, positions = _windows_chunk(explainer, loaded, volume, task)
+            maps, spread, predictions, positions = _windows_chunk(explainer, loaded, volume,
+                                                                  task)
     region = [slice(None)] * 3
     region[plan.axis] = slice(task.start, task.stop)
     # mode="r+" fails if the run was cancelled and its partial output already removed.
     out = zarr.open_array(task.out_array, mode="r+")
     out[tuple(region)] = maps
+    spread_range = None
+    if task.uncertainty_array is not None and spread is not None:
+        zarr.open_array(task.uncertainty_array, mode="r+")[tuple(region)] = spread
+        spread_range = (float(spread.min()), float(spread.max()))
     return ChunkResult(task.start, task.stop, predictions, positions, float(maps.min()),
-                       float(maps.max()), os.getpid())
+                       float(maps.max()), os.getpid(), spread_range)
 
 
 def _slices_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
-                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, ...]]]:
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[tuple[int, ...]]]:
     from napari_gradcam.core.volume import explain_volume
 
     plan = task.plan
@@ -535,26 +708,35 @@ def _slices_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
     index[plan.axis] = slice(task.start, task.stop)
     slab = np.asarray(volume[tuple(index)])
     maps = np.zeros(slab.shape, dtype=np.float32)
+    # Slices are explained independently (also their flips, shifts and dropout samples, whose
+    # random stream restarts with every batch), so a chunk of whole batches gives the same
+    # uncertainty as one process.
+    spread = (np.zeros(slab.shape, dtype=np.float32) if task.uncertainty_array is not None
+              else None)
     result = explain_volume(explainer, slab, mode="slices", axis=plan.axis,
                             batch_size=task.options.batch_size, target=plan.target,
-                            preprocess=loaded.preprocess, out=maps)
+                            preprocess=loaded.preprocess, out=maps, uncertainty_out=spread)
     positions = [(task.start + p[0],) for p in result.positions]
-    return maps, result.predictions, positions
+    return maps, spread, result.predictions, positions
 
 
 def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
-                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, ...]]]:
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[tuple[int, ...]]]:
     """The engine's windowed blending, restricted to planes ``[start, stop)``.
 
     Same mirrored margins (:func:`~napari_gradcam.core.volume.edge_pads`), same global window
     grid over the padded volume, same order of windows, same batches, same weights, same
     division: each voxel's sum has the same terms in the same order as in one process.
-    Coordinates below are those of the padded volume unless they say otherwise.
+    Coordinates below are those of the padded volume unless they say otherwise. With an
+    uncertainty output the accumulators are the engine's
+    :class:`~napari_gradcam.core.uncertainty.WeightedMoments` in float64 with the second
+    moment (and the windows' own variance from an uncertainty explainer), as in one process.
     """
     import torch
 
     from napari_gradcam.core.device import run_with_oom_backoff
     from napari_gradcam.core.methods import heatmaps
+    from napari_gradcam.core.uncertainty import WeightedMoments
     from napari_gradcam.core.volume import (
         blending_weights,
         class_probabilities,
@@ -574,8 +756,10 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
     depth, height, width = window
     (z_pad, _), (y_pad, _), (x_pad, _) = pads
     first, last = task.start + z_pad, task.stop + z_pad  # this chunk's planes, padded
-    accumulated = np.zeros((last - first, padded[1], padded[2]), dtype=np.float32)
-    weight_sum = np.zeros_like(accumulated)
+    with_variance = task.uncertainty_array is not None
+    moments = WeightedMoments((last - first, padded[1], padded[2]),
+                              np.float64 if with_variance else np.float32,
+                              variance=with_variance)
     predictions: list[np.ndarray] = []
     positions: list[tuple[int, ...]] = []
     device = getattr(explainer, "device", None) or torch.device("cpu")
@@ -599,12 +783,13 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
             if maps.ndim != 4:
                 raise ValueError(f"window explanation needs one 3D map per window; got maps of "
                                  f"shape {maps.shape}. Use a 3D model and a single target.")
-            for (y0, x0), cam in zip(batch_corners, maps, strict=True):
-                weighted = cam * weights
+            variances = result.extras.get("variance") if with_variance else None
+            for number, ((y0, x0), cam) in enumerate(zip(batch_corners, maps, strict=True)):
                 region = (slice(low - first, high - first), slice(y0, y0 + height),
                           slice(x0, x0 + width))
-                accumulated[region] += weighted[low - z0:high - z0]
-                weight_sum[region] += weights[low - z0:high - z0]
+                planes = slice(low - z0, high - z0)
+                within = None if variances is None else variances[number][planes]
+                moments.add(cam[planes], weights[planes], index=region, within_variance=within)
             if owned:
                 predictions.extend(class_probabilities(result.outputs))
                 positions.extend((z0 - z_pad, y0 - y_pad, x0 - x_pad)
@@ -613,9 +798,11 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
         for _ in run_with_oom_backoff(corners, options.batch_size, work, device):
             pass
     crop = (slice(None), slice(y_pad, y_pad + shape[1]), slice(x_pad, x_pad + shape[2]))
-    maps = accumulated[crop] / np.maximum(weight_sum[crop], 1e-12)
+    # float64 with an uncertainty output, written as the engine writes it (one rounding)
+    maps = moments.mean(crop)
+    spread = moments.std(crop) if with_variance else None
     stacked = np.stack(predictions) if predictions else np.zeros((0, 0), dtype=np.float32)
-    return maps, stacked, positions
+    return maps, spread, stacked, positions
 
 
 def plan_chunks(length: int, chunk: int) -> list[tuple[int, int]]:
@@ -646,13 +833,17 @@ def run_distributed(
     ``"tcp://head-node:8786"``) or ``workers`` (start a local cluster of that many worker
     processes with one thread each, closed again at the end). ``progress(done, total)`` counts
     finished chunks; ``notify(message)`` hears what was found and removed of earlier runs that
-    were killed. The result equals :func:`explain_file`'s (see the module docstring).
+    were killed. The result equals :func:`explain_file`'s (see the module docstring), the
+    uncertainty output and the domain check included.
     """
     options = options or ExplainOptions()
     input_path = _as_input_path(input_path)
-    from napari_gradcam.io import check_output_path, output_kind
+    from napari_gradcam.io import check_output_path, output_kind, uncertainty_path
 
     check_output_path(out_path, overwrite, inputs=[input_path])
+    extra_path = uncertainty_path(out_path) if options.uncertainty else None
+    if extra_path is not None:
+        check_output_path(extra_path, overwrite, inputs=[input_path])
     if output_kind(out_path) != "zarr":
         raise ValueError("distributed runs write OME-Zarr (workers write their chunks in "
                          f"parallel); name the output *.zarr, not {Path(out_path).name!r}")
@@ -662,25 +853,36 @@ def run_distributed(
         raise ValueError(f"workers must be at least 1, got {workers}")
     volume, voxel = read_volume(input_path, lazy=True)
     shape = tuple(volume.shape)
-    del volume
     source = _model_source(model_source)
     # The driver loads the model once too: to check the options before any worker starts, and
     # for the provenance (weights hash, default layer, class names).
     loaded = get_model(source, options.device, options.trust, options.torch_threads)
     plan = make_plan(loaded, shape, options)
+    explainer_check = make_explainer_for(loaded, plan, options.method, options)
+    del explainer_check  # built once here so a bad model option fails before any worker
     if workers is not None and options.torch_threads is None:
         options = replace(options, torch_threads=max(1, (os.cpu_count() or 1) // workers))
     where = (f"scheduler {scheduler_address}" if scheduler_address else
              f"local cluster of {workers} processes" if workers else "dask client")
     record = build_provenance(loaded, plan, options, input_path, voxel.scale, voxel.unit,
                               {"scheduler": where})
+    _record_domain_check(record, volume, loaded, plan, voxel.scale, options, notify)
+    del volume
     started = time.perf_counter()
-    with open_output(out_path, shape, scale=voxel.scale, unit=voxel.unit, dtype=options.dtype,
-                     chunks=plan.chunks, attrs=record, overwrite=overwrite, inputs=[input_path],
-                     notify=notify) as output:
+    output_options: dict[str, Any] = {
+        "scale": voxel.scale, "unit": voxel.unit, "dtype": options.dtype,
+        "chunks": plan.chunks, "overwrite": overwrite, "inputs": [input_path],
+        "notify": notify}
+    with contextlib.ExitStack() as outputs:
+        output = outputs.enter_context(open_output(out_path, shape, attrs=record,
+                                                   **output_options))
+        extra = None if extra_path is None else outputs.enter_context(open_output(
+            extra_path, shape, attrs=uncertainty_attrs(record, options, plan),
+            **output_options))
         array_path = str(output.partial / "0")
+        extra_array = None if extra is None else str(extra.partial / "0")
         tasks = [ChunkTask(str(input_path), source, array_path, options, plan, start, stop,
-                           loaded.weights_sha256)
+                           loaded.weights_sha256, extra_array)
                  for start, stop in plan_chunks(shape[plan.axis], plan.chunk)]
         # The cluster is closed (its workers stopped) before open_output removes a partial
         # output after an error, so no straggling task can write into a removed folder.
@@ -701,11 +903,19 @@ def run_distributed(
         attrs = _prediction_attrs(stacked, positions, loaded.card.class_names, value_range,
                                   seconds)
         attrs["workers_used"] = len({r.worker_pid for r in results})
+        if extra is not None:
+            spreads = [r.uncertainty_range for r in results if r.uncertainty_range]
+            spread_range = (min(low for low, _ in spreads), max(high for _, high in spreads))
+            if np.dtype(options.dtype) == np.float16:
+                spread_range = tuple(float(np.float16(v)) for v in spread_range)
+            _finish_output(extra, {**_without_predictions(attrs),
+                                   "value_range": list(spread_range)})
         _finish_output(output, attrs)
     record.update(attrs)
     return RunSummary(Path(out_path).expanduser(), shape, voxel.scale, voxel.unit, seconds,
                       plan.mode, plan.axis if plan.mode == "slices" else None, plan.window,
-                      tuple(loaded.card.class_names), stacked, positions, value_range, record)
+                      tuple(loaded.card.class_names), stacked, positions, value_range, record,
+                      None if extra_path is None else Path(extra_path).expanduser())
 
 
 class _connect:

@@ -471,6 +471,22 @@ def output_kind(path: str | os.PathLike) -> str:
                      ".zarr (OME-Zarr, recommended), .tif or .npy")
 
 
+def uncertainty_path(out_path: str | os.PathLike) -> Path:
+    """Where a run's uncertainty map goes, beside its map and in the same format:
+    ``scan_cam.zarr`` → ``scan_cam_uncertainty.zarr``, ``x.ome.zarr`` →
+    ``x_uncertainty.ome.zarr`` (the suffix is kept whole, so the reader still knows it)."""
+    path = Path(out_path)
+    output_kind(path)
+    name = path.name
+    lower = name.lower()
+    compound = (".ome.zarr", ".ome.tiff", ".ome.tif")
+    for suffix in (*compound, *sorted((*ZARR_SUFFIXES, *TIFF_SUFFIXES, *NUMPY_SUFFIXES),
+                                      key=len, reverse=True)):
+        if lower.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + "_uncertainty" + name[-len(suffix):])
+    raise AssertionError("unreachable: output_kind accepted the name")
+
+
 class OutputError(OSError):
     """An output could not be written (disk full, folder not writable); the message names the
     user's output path, never the temporary ``*.partial-*`` file the data went to first."""
