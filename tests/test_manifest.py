@@ -48,3 +48,28 @@ def test_contributions_cover_widgets_reader_and_every_sample():
                                                                "Grad-CAM evidence"}
     assert {s.key for s in contributions.sample_data} == {"micrograph", "ct_volume", "spectra"}
     assert contributions.readers and contributions.readers[0].accepts_directories
+
+
+def test_readers_cover_tiff_and_zarr_and_the_writer_saves_images_both_ways():
+    """What issue 11 asks for: our readers are offered for TIFF stacks and OME-Zarr, and the
+    writer for image layers in OME-Zarr and both TIFF flavours."""
+    contributions = _shipped_manifest().contributions
+    patterns = {p for reader in contributions.readers for p in reader.filename_patterns}
+    assert {"*.tif", "*.tiff", "*.ome.tif", "*.zarr", "*.ome.zarr"} <= patterns
+    (writer,) = contributions.writers
+    assert writer.layer_types == ["image"]
+    assert {".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif"} <= set(writer.filename_extensions)
+
+
+def test_napari_offers_our_readers_and_writer():
+    """Through a plugin manager that discovers installed plugins as napari's does, not just
+    the file: napari chooses readers by file name, so ours must be among them."""
+    from npe2 import PluginManager
+
+    manager = PluginManager()
+    manager.discover()
+    for name in ("scan.tif", "scan.TIFF", "scan.ome.tif", "maps.zarr"):
+        readers = {r.plugin_name for r in manager.iter_compatible_readers([name])}
+        assert {"napari-gradcam", "napari"} <= readers, name
+    writers = {w.plugin_name for w in manager.iter_compatible_writers(["image"])}
+    assert "napari-gradcam" in writers

@@ -1,0 +1,301 @@
+"""Files both ways through a real napari viewer: TIFF stacks keep their voxel size and origin,
+OME-Zarr maps open as maps, plain OME-Zarr images as grey images with scale and translation,
+and a saved layer reads back as it was.
+
+Every file is written by tifffile or zarr themselves (the way ImageJ, Bio-Formats or another
+tool would have written it), not by the code under test, except for the round trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_gradcam.display import MAP_BLENDING, MAP_COLORMAP
+from napari_gradcam.io import ATTRS_KEY, read_volume, write_volume
+from napari_gradcam.placement import ngff_translation, set_ngff_translation
+
+PLUGIN = "napari-gradcam"
+RECORD = {"method": "gradcam", "layers": ["features.3"], "target": "crack",
+          "model": "ct-patch-classifier", "value_range": [0.0, 2.5]}
+
+
+def scan(shape=(6, 10, 12), seed=0) -> np.ndarray:
+    return (np.random.default_rng(seed).random(shape) * 4000).astype(np.uint16)
+
+
+def imagej_tiff(path: Path, data: np.ndarray, *, spacing: float, pixel: float, unit: str,
+                **extra: object) -> Path:
+    """An ImageJ hyperstack as ImageJ writes it: pixels per unit in X/YResolution, the z step
+    in ``spacing``, the unit in ``unit`` (and anything else ImageJ's Calibration keeps)."""
+    tifffile.imwrite(path, data, imagej=True, resolution=(1.0 / pixel, 1.0 / pixel),
+                     metadata={"axes": "ZYX", "spacing": spacing, "unit": unit, **extra})
+    return path
+
+
+def ome_zarr(path: Path, data: np.ndarray, *, levels: list[list[dict]],
+             top: list[dict] | None = None, unit: str = "micrometer",
+             attrs: dict | None = None) -> Path:
+    """An OME-Zarr image with one dataset per entry of ``levels`` (each its transformations;
+    level k holds ``data`` subsampled by 2**k), written with zarr itself."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    datasets = []
+    for index, transformations in enumerate(levels):
+        step = 2 ** index
+        level = data[:, ::step, ::step]
+        group.create_array(str(index), shape=level.shape, dtype=level.dtype)[:] = level
+        datasets.append({"path": str(index), "coordinateTransformations": transformations})
+    image = {"version": "0.4", "name": path.stem, "datasets": datasets,
+             "axes": [{"name": n, "type": "space", "unit": unit} for n in "zyx"]}
+    if top:
+        image["coordinateTransformations"] = top
+    group.attrs["multiscales"] = [image]
+    for key, value in (attrs or {}).items():
+        group.attrs[key] = value
+    return path
+
+
+# ----------------------------------------------------------------------------- TIFF in
+
+
+def test_an_imagej_stack_opens_at_its_voxel_size_and_origin(tmp_path, make_napari_viewer):
+    volume = scan()
+    path = imagej_tiff(tmp_path / "scan.tif", volume, spacing=2.0, pixel=0.65, unit="micron",
+                       xorigin=-10.0, yorigin=0.0, zorigin=-3.0)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(path, plugin=PLUGIN)
+    np.testing.assert_array_equal(np.asarray(layer.data), volume)
+    assert tuple(layer.scale) == pytest.approx((2.0, 0.65, 0.65))
+    # ImageJ: calibrated x = (pixel - xorigin) * pixelWidth, so pixel 0 sits at 10 * 0.65 µm.
+    assert tuple(layer.translate) == pytest.approx((6.0, 0.0, 6.5))
+    assert [str(u) for u in layer.units] == ["micrometer"] * 3
+    assert tuple(layer.axis_labels) == ("z", "y", "x")
+    assert layer.colormap.name == "gray"
+
+
+def test_an_imagej_stack_in_nanometres_comes_in_micrometres(tmp_path, make_napari_viewer):
+    path = imagej_tiff(tmp_path / "nano.tif", scan(), spacing=500.0, pixel=250.0, unit="nm")
+    (layer,) = make_napari_viewer().open(path, plugin=PLUGIN)
+    assert tuple(layer.scale) == pytest.approx((0.5, 0.25, 0.25))
+    assert str(layer.units[0]) == "micrometer"
+
+
+def test_an_ome_tiff_keeps_physical_sizes_units_and_plane_position(tmp_path,
+                                                                   make_napari_viewer):
+    volume = scan()
+    path = tmp_path / "scan.ome.tif"
+    planes = volume.shape[0]
+    tifffile.imwrite(path, volume, ome=True, photometric="minisblack", metadata={
+        "axes": "ZYX", "PhysicalSizeX": 650.0, "PhysicalSizeXUnit": "nm",
+        "PhysicalSizeY": 650.0, "PhysicalSizeYUnit": "nm",
+        "PhysicalSizeZ": 2.0, "PhysicalSizeZUnit": "µm",
+        "Plane": {"PositionX": [0.5] * planes, "PositionXUnit": ["mm"] * planes,
+                  "PositionY": [20.0] * planes, "PositionYUnit": ["µm"] * planes,
+                  "PositionZ": [4.0 + 2.0 * z for z in range(planes)],
+                  "PositionZUnit": ["µm"] * planes}})
+    (layer,) = make_napari_viewer().open(path, plugin=PLUGIN)
+    np.testing.assert_array_equal(np.asarray(layer.data), volume)
+    assert tuple(layer.scale) == pytest.approx((2.0, 0.65, 0.65))
+    assert tuple(layer.translate) == pytest.approx((4.0, 20.0, 500.0))
+    assert tuple(layer.axis_labels) == ("z", "y", "x")
+
+
+def test_a_labels_companion_opens_as_labels_on_the_same_grid(tmp_path, make_napari_viewer):
+    labels = np.zeros((6, 10, 12), np.uint8)
+    labels[2:4, 3:6, 4:8] = 2
+    path = imagej_tiff(tmp_path / "scan_labels.tif", labels, spacing=2.0, pixel=0.65,
+                       unit="micron")
+    (layer,) = make_napari_viewer().open(path, plugin=PLUGIN)
+    assert layer._type_string == "labels"
+    np.testing.assert_array_equal(np.asarray(layer.data), labels)
+    assert tuple(layer.scale) == pytest.approx((2.0, 0.65, 0.65))
+
+
+def test_a_float_file_named_labels_is_still_an_image(tmp_path, make_napari_viewer):
+    path = imagej_tiff(tmp_path / "prob_labels.tif", scan().astype(np.float32), spacing=1.0,
+                       pixel=1.0, unit="micron")
+    (layer,) = make_napari_viewer().open(path, plugin=PLUGIN)
+    assert layer._type_string == "image"
+
+
+def test_a_tiff_without_voxel_size_is_taken_at_scale_one(tmp_path, make_napari_viewer):
+    """Our TIFF reader does not decline files without metadata (see _reader's docstring)."""
+    path = tmp_path / "bare.tif"
+    tifffile.imwrite(path, scan(), photometric="minisblack")
+    (layer,) = make_napari_viewer().open(path, plugin=PLUGIN)
+    assert tuple(layer.scale) == (1.0, 1.0, 1.0)
+    assert tuple(layer.translate) == (0.0, 0.0, 0.0)
+
+
+def test_plain_open_of_a_tiff_offers_our_reader_and_a_preference_picks_it(tmp_path,
+                                                                          make_napari_viewer):
+    """`napari scan.tif` and drag and drop open with ``plugin=None`` (``viewer.open``'s own
+    default is napari's builtins): two readers match, so napari asks (the GUI shows its reader
+    dialog, with 'remember my choice'); with the preference napari-gradcam, the voxel size
+    is kept."""
+    from napari.errors import MultipleReaderError
+    from napari.settings import get_settings
+
+    path = imagej_tiff(tmp_path / "scan.tif", scan(), spacing=2.0, pixel=0.65, unit="micron")
+    viewer = make_napari_viewer()
+    with pytest.raises(MultipleReaderError) as offered:
+        viewer.open(path, plugin=None)
+    assert PLUGIN in offered.value.available_plugins
+    assert "napari" in offered.value.available_plugins
+    preferences = get_settings().plugins
+    before = dict(preferences.extension2reader)
+    try:
+        preferences.extension2reader = {**before, "*.tif": PLUGIN}
+        (layer,) = viewer.open(path, plugin=None)
+    finally:
+        preferences.extension2reader = before
+    assert tuple(layer.scale) == pytest.approx((2.0, 0.65, 0.65))
+
+
+# ----------------------------------------------------------------------------- OME-Zarr in
+
+
+def test_our_map_opens_as_a_map_over_its_scan(tmp_path, make_napari_viewer):
+    maps = np.linspace(0.0, 2.5, 6 * 10 * 12, dtype=np.float32).reshape(6, 10, 12)
+    path = write_volume(tmp_path / "maps.zarr", maps, scale=(2.0, 0.65, 0.65), attrs=RECORD)
+    scan_path = imagej_tiff(tmp_path / "scan.tif", scan(), spacing=2.0, pixel=0.65,
+                            unit="micron")
+    viewer = make_napari_viewer()
+    (ct,) = viewer.open(scan_path, plugin=PLUGIN)
+    (layer,) = viewer.open(path, plugin=PLUGIN)
+    np.testing.assert_array_equal(np.asarray(layer.data), maps)
+    assert layer.colormap.name == MAP_COLORMAP and layer.blending == MAP_BLENDING
+    assert tuple(layer.contrast_limits) == pytest.approx((0.0, 2.5))
+    assert layer.metadata[ATTRS_KEY]["target"] == "crack"
+    assert tuple(layer.scale) == pytest.approx(tuple(ct.scale))
+    assert layer.extent.world == pytest.approx(ct.extent.world)
+    assert [str(u) for u in layer.units] == ["micrometer"] * 3
+
+
+def test_the_readme_command_puts_the_map_on_the_scan(tmp_path, make_napari_viewer):
+    """`napari --plugin napari-gradcam scan.tif maps.zarr`: both files through our readers
+    (what napari's command line does with them), the map on the scan's grid."""
+    scan_path = imagej_tiff(tmp_path / "scan.tif", scan(), spacing=2.0, pixel=0.65,
+                            unit="micron")
+    maps = write_volume(tmp_path / "maps.zarr", np.ones((6, 10, 12), np.float32),
+                        scale=(2.0, 0.65, 0.65), attrs=RECORD)
+    viewer = make_napari_viewer()
+    ct, cam = viewer.open([str(scan_path), str(maps)], plugin=PLUGIN, stack=False)
+    assert ct.colormap.name == "gray" and cam.colormap.name == MAP_COLORMAP
+    assert cam.extent.world == pytest.approx(ct.extent.world)
+    assert viewer.layers[0].name == "scan"
+
+
+def test_the_map_colormap_adds_nothing_where_the_map_is_zero(tmp_path, make_napari_viewer):
+    """Additive blending adds the colour of a zero CAM to the scan: it must be black."""
+    path = write_volume(tmp_path / "maps.zarr", np.zeros((2, 3, 4), np.float32), attrs=RECORD)
+    (layer,) = make_napari_viewer().open(path, plugin=PLUGIN)
+    assert layer.colormap.map(np.array([0.0]))[0, :3] == pytest.approx((0.0, 0.0, 0.0))
+    top = layer.colormap.map(np.array([1.0]))[0, :3]
+    assert top.max() == pytest.approx(1.0)
+
+
+def test_a_plain_ome_zarr_opens_grey_with_scale_translation_and_its_pyramid(
+        tmp_path, make_napari_viewer):
+    volume = scan((4, 16, 16))
+    path = ome_zarr(tmp_path / "other.ome.zarr", volume, unit="millimeter", levels=[
+        [{"type": "scale", "scale": [0.002, 0.001, 0.001]},
+         {"type": "translation", "translation": [0.01, 0.02, 0.03]}],
+        [{"type": "scale", "scale": [0.002, 0.002, 0.002]},
+         {"type": "translation", "translation": [0.01, 0.0205, 0.0305]}],
+    ], top=[{"type": "scale", "scale": [2.0, 1.0, 1.0]},
+            {"type": "translation", "translation": [1.0, 0.0, 0.0]}])
+    (layer,) = make_napari_viewer().open(path, plugin=PLUGIN)
+    assert layer.colormap.name == "gray" and layer.blending != "additive"
+    assert layer.multiscale and len(layer.data) == 2
+    np.testing.assert_array_equal(np.asarray(layer.data[0]), volume)
+    # level 0 (µm): scale 2 * [2, 1, 1]; origin 2 * 10 + 1000 (z), 20, 30
+    assert tuple(layer.scale) == pytest.approx((4.0, 1.0, 1.0))
+    assert tuple(layer.translate) == pytest.approx((1020.0, 20.0, 30.0))
+    assert ATTRS_KEY not in layer.metadata
+
+
+# ----------------------------------------------------------------------------- out and back
+
+
+@pytest.mark.parametrize("name", ["maps.zarr", "maps.ome.zarr", "maps.tif", "maps.ome.tif"])
+def test_a_saved_map_layer_reads_back_as_it_was(tmp_path, make_napari_viewer, name):
+    viewer = make_napari_viewer()
+    maps = np.random.default_rng(1).random((5, 9, 11)).astype(np.float32)
+    layer = viewer.add_image(maps, name="cam", scale=(2.0, 0.65, 0.65),
+                             translate=(10.0, -3.25, 6.5), units=("micrometer",) * 3,
+                             axis_labels=("z", "y", "x"), colormap=MAP_COLORMAP,
+                             blending=MAP_BLENDING, metadata={ATTRS_KEY: dict(RECORD)})
+    path = tmp_path / name
+    written = layer.save(str(path), plugin=PLUGIN)
+    assert [Path(p) for p in written] == [path] and path.exists()
+    (back,) = viewer.open(path, plugin=PLUGIN)
+    np.testing.assert_array_equal(np.asarray(back.data), maps)
+    assert tuple(back.scale) == pytest.approx(tuple(layer.scale))
+    assert tuple(back.translate) == pytest.approx(tuple(layer.translate))
+    assert [str(u) for u in back.units] == ["micrometer"] * 3
+    assert back.metadata[ATTRS_KEY] == RECORD
+    assert back.colormap.name == MAP_COLORMAP and back.blending == MAP_BLENDING
+    assert back.extent.world == pytest.approx(layer.extent.world)
+
+
+def test_a_saved_plain_image_in_millimetres_reads_back_in_micrometres(tmp_path,
+                                                                      make_napari_viewer):
+    viewer = make_napari_viewer()
+    volume = scan()
+    layer = viewer.add_image(volume, scale=(0.002, 0.001, 0.001), translate=(0.0, 0.5, 0.0),
+                             units=("millimeter",) * 3, contrast_limits=(100, 3000))
+    path = tmp_path / "scan.ome.zarr"
+    layer.save(str(path), plugin=PLUGIN)
+    (back,) = viewer.open(path, plugin=PLUGIN)
+    np.testing.assert_array_equal(np.asarray(back.data), volume)
+    assert back.data.dtype == np.uint16
+    assert tuple(back.scale) == pytest.approx((2.0, 1.0, 1.0))
+    assert tuple(back.translate) == pytest.approx((0.0, 500.0, 0.0))
+    assert tuple(back.contrast_limits) == pytest.approx((100, 3000))
+    assert back.colormap.name == "gray" and ATTRS_KEY not in back.metadata
+    np.testing.assert_allclose(back.extent.world, layer.extent.world * 1000)
+
+
+def test_saving_never_leaves_half_a_file_and_names_bad_formats(tmp_path, make_napari_viewer):
+    from napari_gradcam._writer import write_image
+
+    with pytest.raises(ValueError, match=r"maps\.png"):
+        write_image(str(tmp_path / "maps.png"), np.zeros((2, 3, 4), np.float32), {})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- translation
+
+
+def test_a_map_of_a_cropped_ome_zarr_lands_where_the_crop_came_from(tmp_path,
+                                                                    make_napari_viewer):
+    """A crop keeps its place in the full scan as an NGFF translation; the map written for it
+    gets the same translation (set_ngff_translation, what the explain command does with the
+    input's ngff_translation), and the reader puts the map exactly on the crop."""
+    crop = ome_zarr(tmp_path / "crop.ome.zarr", scan((4, 8, 8)), levels=[[
+        {"type": "scale", "scale": [2.0, 0.65, 0.65]},
+        {"type": "translation", "translation": [40.0, 13.0, 26.0]}]])
+    volume, voxel = read_volume(crop)
+    origin = ngff_translation(crop, 3)
+    assert origin == pytest.approx((40.0, 13.0, 26.0))
+    maps_path = write_volume(tmp_path / "maps.zarr", np.ones(volume.shape, np.float32),
+                             scale=voxel.scale, attrs=RECORD)
+    set_ngff_translation(maps_path, origin)
+    assert ngff_translation(maps_path, 3) == pytest.approx(origin)
+    viewer = make_napari_viewer()
+    (ct,) = viewer.open(crop, plugin=PLUGIN)
+    (cam,) = viewer.open(maps_path, plugin=PLUGIN)
+    assert tuple(ct.translate) == pytest.approx((40.0, 13.0, 26.0))
+    assert tuple(cam.translate) == pytest.approx(tuple(ct.translate))
+    assert cam.extent.world == pytest.approx(ct.extent.world)
+    # and saved again from napari, the map keeps it
+    again = tmp_path / "again.zarr"
+    cam.save(str(again), plugin=PLUGIN)
+    assert ngff_translation(again, 3) == pytest.approx(origin)
+    attrs = json.loads((again / ".zattrs").read_text())
+    assert attrs[ATTRS_KEY]["method"] == "gradcam"
