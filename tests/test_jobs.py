@@ -9,6 +9,8 @@ RGB handling and placement are what is under test.
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import dask.array as da
@@ -20,9 +22,12 @@ from scipy import ndimage
 from torch import nn
 
 from napari_gradcam.core.architectures import build_architecture
-from napari_gradcam.core.methods import GradCAM
+from napari_gradcam.core.domain import input_statistics
+from napari_gradcam.core.methods import METHODS, GradCAM, heatmaps, make_explainer, method_info
+from napari_gradcam.core.model_card import TASKS
 from napari_gradcam.core.models import load_model
-from napari_gradcam.core.targets import SegmentationRegion
+from napari_gradcam.core.targets import PredictedClass, RegressionTarget, SegmentationRegion
+from napari_gradcam.core.uncertainty import explain_with_uncertainty
 from napari_gradcam.core.volume import Cancelled, explain_volume
 from napari_gradcam.jobs import (
     ExplainRequest,
@@ -496,3 +501,175 @@ def test_a_one_pixel_target_layer_warns_with_the_layer_to_use(models) -> None:
                          ExplainRequest(mode="slices", axis=0, layer="pool"))
     flat = result.maps["predicted"].reshape(2, -1)
     assert np.ptp(flat, axis=1).max() == 0.0  # what the warning is about: constant maps
+
+
+# --------------------------------------------------------------------------------------------
+# Every registered method, method rules from the methods' declarations, regression targets,
+# uncertainty maps and the out-of-domain report
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_registered_method_runs_on_a_2d_image_as_the_explainer_does(models,
+                                                                           method) -> None:
+    loaded, image = models["c2"], volume((24, 20), seed=3)
+    result = explain(loaded, ImageSource("img", image), ExplainRequest(method=method))
+    cam_map = result.maps["predicted"]
+    assert cam_map.shape == (24, 20) and np.isfinite(cam_map).all()
+    direct_result = make_explainer(method, loaded.model, loaded.card.target_layer).explain(
+        loaded.preprocess(image[None]), PredictedClass())
+    expected = heatmaps(direct_result.maps, method)[0]
+    np.testing.assert_allclose(cam_map, expected, rtol=1e-5, atol=1e-7 * max(expected.max(), 1))
+    np.testing.assert_allclose(result.predictions, direct_result.probabilities, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_which_targets_a_method_takes_follows_its_own_declarations(models, method) -> None:
+    info = method_info(method)
+    image = volume((24, 20))
+    segment = ExplainRequest(method=method, target=TargetChoice("region", class_index=1))
+    every_class = ExplainRequest(method=method, target=TargetChoice("all"))
+    for loaded, request, refused in ((models["unet"], segment, info.classifier_only),
+                                     (models["c2"], every_class, info.one_target_at_a_time)):
+        if refused:
+            with pytest.raises(ValueError, match=re.escape(info.title or info.name)):
+                plan_explanation(loaded, ImageSource("img", image), request)
+        else:
+            plan_explanation(loaded, ImageSource("img", image), request)
+
+
+def test_a_regression_target_explains_what_changes_one_predicted_value(models) -> None:
+    loaded, data = models["c2"], volume((3, 24, 20), seed=5)
+    choice = TargetChoice("regression", output_index=2, sign=-1, property_name="porosity")
+    result = explain(loaded, ImageSource("v", data),
+                     ExplainRequest(mode="slices", axis=0, target=choice))
+    assert list(result.maps) == ["decreases porosity"] and result.regression
+    cam = GradCAM(loaded.model, loaded.card.target_layer)
+    expected = cam.explain(loaded.preprocess(data), RegressionTarget(2, sign=-1))
+    np.testing.assert_allclose(result.maps["decreases porosity"], expected.maps, rtol=1e-5,
+                               atol=1e-9)
+    assert expected.maps.max() > 0
+    # predictions are the predicted values themselves, not a softmax over them
+    with torch.no_grad():
+        outputs = loaded.model(loaded.preprocess(data)).numpy()
+    np.testing.assert_allclose(result.predictions, outputs, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(result.predictions.sum(1), 1.0)
+    increases = explain(loaded, ImageSource("v", data), ExplainRequest(
+        mode="slices", axis=0, target=replace(choice, sign=1)))
+    assert list(increases.maps) == ["increases porosity"]
+    assert not np.allclose(increases.maps["increases porosity"], result.maps["decreases porosity"])
+
+
+def test_a_regression_target_is_refused_for_segmentation_and_a_bad_sign_at_once(models) -> None:
+    with pytest.raises(ValueError, match="regression target needs predicted values"):
+        plan_explanation(models["unet"], ImageSource("img", volume((24, 20))),
+                         ExplainRequest(target=TargetChoice("regression", output_index=0)))
+    with pytest.raises(ValueError, match="sign must be"):
+        TargetChoice("regression", output_index=0, sign=2)
+
+
+@pytest.mark.skipif("regression" not in TASKS, reason="model cards do not take task: "
+                    "regression yet")
+def test_a_regression_card_has_no_predicted_class(models) -> None:
+    card = replace(models["c2"].card, task="regression")
+    loaded = replace(models["c2"], card=card)
+    for kind in ("predicted", "all"):
+        with pytest.raises(ValueError, match="predicts values"):
+            plan_explanation(loaded, ImageSource("img", volume((24, 20))),
+                             ExplainRequest(target=TargetChoice(kind)))
+
+
+def test_uncertainty_of_every_slice_is_the_spread_under_flips_of_that_slice(models) -> None:
+    loaded, data = models["c2"], volume((3, 24, 20), seed=6)
+    result = explain(loaded, ImageSource("v", data),
+                     ExplainRequest(mode="slices", axis=0, uncertainty=("flips",)))
+    cam = GradCAM(loaded.model, loaded.card.target_layer)
+    plain = cam.explain(loaded.preprocess(data), PredictedClass()).maps
+    _mean, std, _info = explain_with_uncertainty(cam, loaded.preprocess(data), PredictedClass(),
+                                                 sources=("flips",))
+    # the map stays the plain one; the spread is beside it, same shape and origin
+    np.testing.assert_allclose(result.maps["predicted"], plain, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(result.uncertainty["predicted"], std, rtol=1e-4, atol=1e-9)
+    assert std.max() > 0
+    info = result.uncertainty_info
+    assert info["sources"] == ["flips"] and "mirrored" in info["meaning"]["flips"]
+    assert result.provenance["options"]["uncertainty"] == info
+
+
+def test_dropout_uncertainty_says_when_the_model_has_no_dropout(models) -> None:
+    result = explain(models["c2"], ImageSource("img", volume((24, 20))),
+                     ExplainRequest(uncertainty=("dropout",), n_dropout=2))
+    assert result.uncertainty_info["applicable"]["dropout"] == {
+        "applicable": False, "reason": "the model has no dropout layers"}
+
+
+def test_window_disagreement_is_the_volume_engines(models) -> None:
+    loaded, data = models["c3"], volume((12, 16, 16), seed=7)
+    result = explain(loaded, ImageSource("ct", data), ExplainRequest(
+        mode="windows", window=(8, 8, 8), overlap=0.5, batch_size=4, uncertainty=("windows",)))
+    cam = GradCAM(loaded.model, loaded.card.target_layer)
+    spread = np.zeros(data.shape, np.float32)
+    explain_volume(cam, data, mode="windows", window=(8, 8, 8), overlap=0.5, batch_size=4,
+                   preprocess=loaded.preprocess, uncertainty_out=spread)
+    np.testing.assert_allclose(result.uncertainty["predicted"], spread, rtol=1e-5, atol=1e-9)
+    assert spread.max() > 0
+    assert "overlapping windows" in result.uncertainty_info["meaning"]["windows"]
+
+
+@pytest.mark.parametrize(("request_", "words"), [
+    (ExplainRequest(mode="slices", uncertainty=("windows",)), "needs 'windows' mode"),
+    (ExplainRequest(uncertainty=("rotations",)), "unknown uncertainty source"),
+])
+def test_uncertainty_that_cannot_be_made_is_refused_at_once(models, request_, words) -> None:
+    with pytest.raises(ValueError, match=words):
+        plan_explanation(models["c2"], ImageSource("v", volume()), request_)
+
+
+def training_patches(count: int = 120, size: int = 64, seed: int = 0) -> np.ndarray:
+    """Smooth grey texture with mild noise: the 'training data' of the domain tests."""
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.random((count, size, size)), (0, 3, 3))
+    smooth = (smooth - smooth.mean()) / smooth.std()
+    return (0.5 + 0.1 * smooth + 0.02 * rng.standard_normal(smooth.shape)).astype(np.float32)
+
+
+def with_training_statistics(loaded):
+    stats = input_statistics(training_patches(), spatial_dims=2, preprocess=loaded.preprocess,
+                             sample=120, seed=0)
+    return replace(loaded, card=replace(loaded.card, training_statistics=stats))
+
+
+def test_domain_report_flags_a_large_image_and_passes_a_training_like_one(models) -> None:
+    loaded = with_training_statistics(models["c2"])
+    large = training_patches(1, 256, seed=9)[0]
+    result = explain(loaded, ImageSource("big", large), ExplainRequest())
+    assert result.domain["checked"] and result.domain["out_of_domain"]
+    flagged = [f["check"] for f in result.domain["findings"] if f["flagged"]]
+    assert flagged == ["input_size"]
+    assert "256×256" in result.domain["message"]
+    assert result.provenance["options"]["domain_check"] == result.domain
+    alike = explain(loaded, ImageSource("patches", training_patches(4, 64, seed=11)),
+                    ExplainRequest(mode="slices", axis=0))
+    assert alike.domain["checked"] and not alike.domain["out_of_domain"]
+    skipped = explain(loaded, ImageSource("big", large), ExplainRequest(domain_check=False))
+    assert skipped.domain is None
+
+
+def test_domain_report_uses_the_sources_voxel_size_and_the_window(models) -> None:
+    loaded = models["c2"]
+    stats = input_statistics(training_patches(), spatial_dims=2, preprocess=loaded.preprocess,
+                             voxel_size=(0.5, 0.5), sample=120)
+    loaded = replace(loaded, card=replace(loaded.card, training_statistics=stats))
+    patch = training_patches(1, 64, seed=12)
+    coarse = explain(loaded, ImageSource("p", patch, voxel_size=(1.0, 2.0, 2.0)),
+                     ExplainRequest(mode="slices", axis=0))
+    voxel = next(f for f in coarse.domain["findings"] if f["check"] == "voxel_size")
+    assert voxel["flagged"] and voxel["numbers"]["user"] == [2.0, 2.0]
+    unknown = explain(loaded, ImageSource("p", patch), ExplainRequest(mode="slices", axis=0))
+    voxel = next(f for f in unknown.domain["findings"] if f["check"] == "voxel_size")
+    assert not voxel["applicable"] and not unknown.domain["out_of_domain"]
+
+
+def test_a_card_without_statistics_reports_that_it_cannot_check(models) -> None:
+    result = explain(models["c2"], ImageSource("img", volume((24, 20))), ExplainRequest())
+    assert result.domain["checked"] is False and not result.domain["out_of_domain"]
+    assert "no training statistics" in result.domain["message"].lower()

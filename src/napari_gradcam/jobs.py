@@ -34,6 +34,14 @@ every rule above applies to the remaining axes as if the channel axis were not t
 a channel axis (the default) every extra axis is fixed at the current position, so a
 (T, Z, Y, X) series is explained at the current T.
 
+Uncertainty and the out-of-domain check: ``ExplainRequest.uncertainty`` wraps the explainer in
+an :class:`~napari_gradcam.core.uncertainty.UncertaintyExplainer` (flips, shifts, MC dropout of
+every batch; in windows mode also the disagreement between overlapping windows), and the
+result carries a standard-deviation map per label beside each map. Before the first batch the
+job compares a seeded sample of what it will explain with the card's training statistics
+(:func:`~napari_gradcam.core.domain.check_domain`); the report travels in the result and the
+provenance, and the shells decide how to show it.
+
 The result is a map with the source's number of axes: full length along the explained axes
 and length 1 along the fixed ones and the channel axis (at the current position, so the map
 shows where the user is looking), with ``origin`` the data index of its first pixel, so a
@@ -51,15 +59,27 @@ import torch
 from scipy import ndimage
 
 from napari_gradcam.core.device import run_with_oom_backoff
+from napari_gradcam.core.domain import DomainReport, check_domain
 from napari_gradcam.core.engine import preserved_model_state
-from napari_gradcam.core.methods import INPUT_GRADIENT_METHODS, heatmaps, make_explainer
+from napari_gradcam.core.methods import heatmaps, make_explainer, method_info
 from napari_gradcam.core.preprocess import overflow_problem
 from napari_gradcam.core.provenance import make_provenance
-from napari_gradcam.core.targets import AllClasses, ClassTarget, PredictedClass, SegmentationRegion
+from napari_gradcam.core.targets import (
+    AllClasses,
+    ClassTarget,
+    PredictedClass,
+    RegressionTarget,
+    SegmentationRegion,
+)
+from napari_gradcam.core.uncertainty import MEANINGS, SOURCES, UncertaintyExplainer
 from napari_gradcam.core.volume import Cancelled, class_probabilities, run_job, volume_job
 
 MODES = ("current", "slices", "windows")
-TARGET_KINDS = ("predicted", "class", "all", "region", "click")
+TARGET_KINDS = ("predicted", "class", "all", "region", "click", "regression")
+UNCERTAINTY_SOURCES = (*SOURCES, "windows")
+"""What an uncertainty map can measure: flips, shifts and MC dropout of each batch
+(:mod:`napari_gradcam.core.uncertainty`), and in windows mode the disagreement between
+overlapping windows."""
 _RGB_TO_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma
 
 Job = Generator[tuple[int, int], None, "ExplainResult"]
@@ -86,6 +106,7 @@ class ImageSource:
     data: Any
     rgb: bool = False
     current_index: tuple[int, ...] | None = None
+    voxel_size: tuple[float, ...] | None = None  # micrometres per non-channel axis; None: unknown
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -116,7 +137,10 @@ class TargetChoice:
     ``class_index`` summed inside ``mask``, an array of the source's non-channel shape whose
     non-zero pixels are the region; ``None``: the whole image), ``"click"`` (``point``, a data
     index: the class predicted at that pixel, inside its connected region, for segmentation
-    models; the predicted class of the plane or window under it for classifiers).
+    models; the predicted class of the plane or window under it for classifiers),
+    ``"regression"`` (regression heads: what increases (``sign=+1``) or decreases
+    (``sign=-1``) predicted value ``output_index``, named ``property_name``; see
+    :class:`~napari_gradcam.core.targets.RegressionTarget`).
     ``region_name``: how the region reads in the label (``"'defects' label 2"``), so maps of
     different regions get different layer names; ``None``: "region".
     """
@@ -126,6 +150,9 @@ class TargetChoice:
     mask: Any = None
     point: tuple[int, ...] | None = None
     region_name: str | None = None
+    output_index: int | None = None
+    sign: int = 1
+    property_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
@@ -135,6 +162,12 @@ class TargetChoice:
             raise ValueError(f"a {self.kind!r} target needs a class_index")
         if self.kind == "click" and self.point is None:
             raise ValueError("a 'click' target needs the clicked point (a data index)")
+        if self.kind == "regression":
+            RegressionTarget(self.output_index, self.sign)  # the same checks, the same words
+
+    def engine_target(self) -> RegressionTarget:
+        """The engine's target of a ``"regression"`` choice."""
+        return RegressionTarget(self.output_index, self.sign)
 
     def label(self, class_names: Sequence[str]) -> str:
         """How the target reads in a layer name."""
@@ -144,6 +177,11 @@ class TargetChoice:
             return "all classes"
         if self.kind == "click":
             return "clicked"
+        if self.kind == "regression":
+            direction = "increases" if self.sign > 0 else "decreases"
+            what = self.property_name or (
+                "prediction" if self.output_index is None else f"output {self.output_index}")
+            return f"{direction} {what}"
         name = _class_name(class_names, self.class_index)
         if self.kind == "region" and self.mask is not None:
             return f"{name} in {self.region_name or 'region'}"
@@ -165,6 +203,9 @@ class ExplainRequest:
     batch_size: int = 8
     device: str | None = None
     channel_axis: int | None = None  # data axis holding the model's input channels; None: none
+    uncertainty: tuple[str, ...] = ()  # of UNCERTAINTY_SOURCES; () : no uncertainty map
+    n_dropout: int = 8  # MC-dropout samples per batch ("dropout" source)
+    domain_check: bool = True  # compare the input with the card's training statistics
 
 
 @dataclass
@@ -176,7 +217,11 @@ class ExplainResult:
     class probabilities, one row per explained sample (plane, row or window), whose data
     positions are ``positions`` (``sample_axis`` tells which axis they step along).
     ``class_map`` (segmentation models) is the predicted class of every pixel, same shape as
-    the maps.
+    the maps. With a regression target, ``predictions`` are the predicted values themselves.
+    ``uncertainty`` maps the same labels to standard-deviation maps of the same shape and
+    origin (only when the request asked for uncertainty; ``uncertainty_info`` says which
+    sources and what they mean); ``domain`` is the out-of-domain report
+    (:meth:`~napari_gradcam.core.domain.DomainReport.to_dict`), None when not checked.
     """
 
     source_name: str
@@ -194,6 +239,10 @@ class ExplainResult:
     mode: str = "current"
     window: tuple[int, ...] | None = None
     messages: list[str] = field(default_factory=list)
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
+    uncertainty_info: dict[str, Any] | None = None
+    domain: dict[str, Any] | None = None
+    regression: bool = False
 
     def prediction_at(self, index: Sequence[int]) -> np.ndarray | None:
         """The probabilities of the sample that covers the data ``index`` (None: not covered)."""
@@ -385,12 +434,33 @@ def _plan_with_channels(card: Any, source: ImageSource, request: ExplainRequest)
     )
 
 
+def is_regression_card(card: Any) -> bool:
+    """Whether the card says its outputs are predicted values (porosity, grain size), not
+    class scores: ``task: regression``. Such outputs have no "predicted class"."""
+    return getattr(card, "task", None) == "regression"
+
+
 def _check_target(card: Any, request: ExplainRequest) -> None:
+    """Refuse a target the model or the method cannot explain, naming why.
+
+    The method's rules come from its own declarations (:func:`method_info`): a method that
+    needs class scores refuses segmentation models, one that explains one target at a time
+    refuses "all classes".
+    """
     target, k = request.target, len(card.class_names)
     segmentation = card.task == "segmentation"
+    info = method_info(request.method)
     if target.class_index is not None and not 0 <= target.class_index < max(k, 1):
         raise ValueError(f"class {target.class_index} is out of range: the model {card.name!r} "
                          f"has {k} classes ({', '.join(card.class_names)})")
+    if is_regression_card(card) and target.kind != "regression":
+        raise ValueError(
+            f"the model {card.name!r} predicts values (a regression), not classes: there is no "
+            f"{'predicted class' if target.kind in ('predicted', 'click') else 'class'} to "
+            "explain. Choose what increases or decreases one predicted value")
+    if target.kind == "regression" and segmentation:
+        raise ValueError(f"the model {card.name!r} segments (a map of class scores per pixel); "
+                         "a regression target needs predicted values (N,) or (N, P)")
     if segmentation and target.kind == "predicted":
         raise ValueError(
             f"the model {card.name!r} segments: there is no single predicted class per image. "
@@ -399,13 +469,25 @@ def _check_target(card: Any, request: ExplainRequest) -> None:
     if not segmentation and target.kind == "region":
         raise ValueError(f"a region target needs a segmentation model; {card.name!r} is a "
                          "classifier: choose 'predicted' or a class")
-    if request.method in ("cam",) and segmentation:
-        raise ValueError("CAM needs a classifier (global pooling + linear head); for a "
-                         "segmentation model choose gradcam or another gradient method")
-    if request.method in INPUT_GRADIENT_METHODS and target.kind == "all":
-        raise ValueError(f"{request.method} explains one class at a time; choose one class")
+    if info.classifier_only and segmentation:
+        why = (" (global pooling + linear head)" if info.needs_linear_head else "")
+        raise ValueError(f"{info.title or info.name} needs a classifier{why}, but the model "
+                         f"{card.name!r} segments; choose gradcam or another method that "
+                         "explains regions")
+    if info.one_target_at_a_time and target.kind == "all":
+        raise ValueError(f"{info.title or info.name} explains one class at a time; choose one "
+                         "class")
     if target.kind == "region" and target.mask is not None and request.mode == "windows":
         raise ValueError("a region target works in 'current' and 'slices' modes, not windows")
+    unknown = [s for s in request.uncertainty if s not in UNCERTAINTY_SOURCES]
+    if unknown:
+        raise ValueError(f"unknown uncertainty source(s) {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(UNCERTAINTY_SOURCES)}")
+    if "windows" in request.uncertainty and request.mode != "windows":
+        raise ValueError("the 'windows' uncertainty is the disagreement between overlapping "
+                         "3D windows: it needs 'windows' mode")
+    if "dropout" in request.uncertainty and request.n_dropout < 2:
+        raise ValueError(f"MC dropout needs at least 2 samples, got n_dropout={request.n_dropout}")
 
 
 def _plan_2d(source: ImageSource, request: ExplainRequest, index: tuple[int, ...]) -> Plan:
@@ -587,6 +669,11 @@ def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Pl
     card = _card(loaded)
     layer = request.layer or card.target_layer
     explainer = make_explainer(request.method, loaded.model, layer, device=request.device)
+    cam_sources = tuple(s for s in request.uncertainty if s in SOURCES)
+    if cam_sources:
+        explainer = UncertaintyExplainer(explainer, sources=cam_sources,
+                                         n_dropout=request.n_dropout)
+    domain = domain_report(loaded, source, request, plan) if request.domain_check else None
     class_names = tuple(card.class_names)
     if request.target.kind == "all":
         labels = list(class_names)
@@ -596,15 +683,31 @@ def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Pl
     out_shape = plan.out_shape(shape)
     origin = plan.origin(shape)
     maps = {label: np.zeros(out_shape, dtype=np.float32) for label in labels}
+    spreads = ({label: np.zeros(out_shape, dtype=np.float32) for label in labels}
+               if request.uncertainty else {})
     messages: list[str] = []
     if plan.mode == "windows":
-        result = yield from _windows(loaded, explainer, source, request, plan, maps, labels)
+        result = yield from _windows(loaded, explainer, source, request, plan, maps, labels,
+                                     spreads)
         predictions, positions, indices, class_map, window = result
     else:
-        result = yield from _samples(loaded, explainer, source, request, plan, maps, labels)
+        result = yield from _samples(loaded, explainer, source, request, plan, maps, labels,
+                                     spreads)
         predictions, positions, indices, class_map = result
         window = None
-    limits = {label: _contrast_limits(array) for label, array in maps.items()}
+    uncertainty_info = None
+    if request.uncertainty:
+        uncertainty_info = {
+            "sources": list(request.uncertainty),
+            "n_dropout": request.n_dropout if "dropout" in request.uncertainty else None,
+            "meaning": {s: MEANINGS[s] for s in request.uncertainty},
+        }
+        last = getattr(explainer, "last_info", None)
+        if last is not None:  # e.g. dropout not applicable: the model has no dropout layers
+            uncertainty_info["applicable"] = {
+                name: {"applicable": info.applicable, "reason": info.reason}
+                for name, info in last.sources.items()}
+    limits = {label: contrast_limits(array) for label, array in maps.items()}
     target_text = labels[0] if len(labels) == 1 else "all classes"
     provenance = make_provenance(
         method=request.method,
@@ -629,6 +732,8 @@ def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Pl
             "batch_size": request.batch_size,
             "device": request.device,
             "rgb": source.rgb,
+            "uncertainty": uncertainty_info,
+            "domain_check": domain,
         },
     )
     explained = ExplainResult(
@@ -647,11 +752,60 @@ def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Pl
         mode=plan.mode,
         window=window,
         messages=messages,
+        uncertainty=spreads,
+        uncertainty_info=uncertainty_info,
+        domain=domain,
+        regression=request.target.kind == "regression",
     )
     return explained
 
 
-def _contrast_limits(array: np.ndarray) -> tuple[float, float]:
+class _SampleView:
+    """The samples a run explains as a lazy grey array ``(count, *spatial)``: item ``k`` is
+    what the model sees at sample ``k`` (before preprocessing), read only when indexed."""
+
+    def __init__(self, source: ImageSource, plan: Plan) -> None:
+        self.source, self.plan = source, plan
+        count = 1 if plan.sample_axis is None else source.shape[plan.sample_axis]
+        out = plan.out_shape(source.shape)
+        self.shape = (count, *(out[a] for a in plan.spatial_axes))
+        self.dtype = np.dtype(getattr(source.data, "dtype", np.float32))
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        k, *block = key
+        return read_slab(self.source, self.plan, int(k), int(k) + 1)[0][tuple(block)]
+
+
+def domain_report(loaded: Any, source: ImageSource, request: ExplainRequest,
+                  plan: Plan) -> dict[str, Any] | None:
+    """The out-of-domain report of what this run explains, as plain data.
+
+    Reads a seeded sample of the planes or windows (bounded memory, see
+    :mod:`napari_gradcam.core.domain`); nothing is read when the card has no training
+    statistics. RGB and multi-channel input are not checked (None): the statistics are of
+    grey data. The voxel size is the source's, when it is known. A check that fails (odd
+    data) says so in the report instead of stopping the run.
+    """
+    if source.rgb or plan.channel_axis is not None:
+        return None
+    voxel = None
+    if source.voxel_size is not None:
+        voxel = [float(source.voxel_size[a]) for a in plan.spatial_axes]
+    try:
+        if plan.mode == "windows":
+            window = _window(_card(loaded), request, tuple(source.shape[a]
+                                                          for a in plan.spatial_axes))
+            report = check_domain(_BlockView(source, plan), loaded, voxel_size=voxel,
+                                  input_size=window)
+        else:
+            report = check_domain(_SampleView(source, plan), loaded, voxel_size=voxel)
+    except (ValueError, TypeError) as error:
+        report = DomainReport(checked=False, reason=f"the domain check failed: {error}")
+    return report.to_dict()
+
+
+def contrast_limits(array: np.ndarray) -> tuple[float, float]:
     """0 to the 99.9th percentile (a few hot pixels should not wash the rest out)."""
     finite = array[np.isfinite(array)]
     if finite.size == 0:
@@ -685,7 +839,7 @@ def _write(plan: Plan, array: np.ndarray, start: int, stop: int, maps: np.ndarra
     array[key] = np.moveaxis(maps, 0, position)
 
 
-def _samples(loaded, explainer, source, request, plan, maps, labels) -> Generator:
+def _samples(loaded, explainer, source, request, plan, maps, labels, spreads) -> Generator:
     """Current plane/window, every slice, or every row: batches along the sample axis."""
     card = _card(loaded)
     count = 1 if plan.sample_axis is None else source.shape[plan.sample_axis]
@@ -705,6 +859,7 @@ def _samples(loaded, explainer, source, request, plan, maps, labels) -> Generato
                       else f"{where} {start}..{stop - 1} along axis {plan.sample_axis}", raw)
         tensor = loaded.preprocess(slab)
         target, mask = _batch_target(loaded, source, request, plan, tensor, start, stop, device)
+        std = None
         if mask is not None and not mask.any():
             # no region pixel in these slices: nothing to explain, only predict
             outputs = _forward(loaded.model, tensor, device)
@@ -713,14 +868,22 @@ def _samples(loaded, explainer, source, request, plan, maps, labels) -> Generato
         else:
             result = explainer.explain(tensor, target)
             outputs = result.outputs
-            batch_maps = heatmaps(result.maps, request.method)
+            # an UncertaintyExplainer has reduced input gradients already: its name says so
+            batch_maps = heatmaps(result.maps, getattr(explainer, "name", request.method))
             target_indices = result.target_indices
+            std = result.extras.get("uncertainty")
+        if std is None and spreads:
+            std = np.zeros_like(batch_maps)
         if request.target.kind == "all":
             for k, label in enumerate(labels):
                 _write(plan, maps[label], start, stop, batch_maps[:, k])
+                if spreads:
+                    _write(plan, spreads[label], start, stop, std[:, k])
         else:
             _write(plan, maps[labels[0]], start, stop, batch_maps)
-        for offset, probs in enumerate(class_probabilities(outputs)):
+            if spreads:
+                _write(plan, spreads[labels[0]], start, stop, std)
+        for offset, probs in enumerate(class_probabilities(outputs, target)):
             predictions[start + offset] = probs
             if target_indices is not None:
                 indices[start + offset] = int(target_indices[offset])
@@ -758,6 +921,8 @@ def _batch_target(loaded, source, request, plan, tensor, start, stop, device):
         return ClassTarget(int(choice.class_index)), None
     if choice.kind == "all":
         return AllClasses(), None
+    if choice.kind == "regression":
+        return choice.engine_target(), None
     if choice.kind == "region":
         if choice.mask is None:
             return SegmentationRegion(int(choice.class_index)), None
@@ -800,7 +965,7 @@ class _BlockView:
         return block
 
 
-def _windows(loaded, explainer, source, request, plan, maps, labels) -> Generator:
+def _windows(loaded, explainer, source, request, plan, maps, labels, spreads) -> Generator:
     card = _card(loaded)
     view = _BlockView(source, plan)
     window = _window(card, request, view.shape)
@@ -808,6 +973,8 @@ def _windows(loaded, explainer, source, request, plan, maps, labels) -> Generato
         targets = list(range(len(labels)))
     elif request.target.kind in ("class", "region"):  # a region here has no mask: the class
         targets = [int(request.target.class_index)]
+    elif request.target.kind == "regression":
+        targets = [request.target.engine_target()]
     else:
         targets = [None]
 
@@ -819,9 +986,10 @@ def _windows(loaded, explainer, source, request, plan, maps, labels) -> Generato
     for step, target in enumerate(targets):
         label = labels[step] if request.target.kind == "all" else labels[0]
         out = maps[label].reshape(view.shape)
+        spread = spreads[label].reshape(view.shape) if spreads else None
         job = volume_job(explainer, view, mode="windows", window=window,
                          overlap=request.overlap, batch_size=request.batch_size,
-                         target=target, preprocess=checked, out=out)
+                         target=target, preprocess=checked, out=out, uncertainty_out=spread)
         try:
             while True:
                 done, total = next(job)
