@@ -17,21 +17,29 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
-from tests.test_jobs import Picky  # a model that fails on large inputs, shared with the job tests
+from tests.test_jobs import (
+    Picky,  # a model that fails on large inputs, shared with the job tests
+    training_patches,  # the domain tests' "training data"
+)
+from torch import nn
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 from napari.layers import Image
 from napari.utils.notifications import NotificationSeverity, notification_manager
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 
 from napari_gradcam._widget import METADATA_KEY, GradCAMWidget
 from napari_gradcam.core.architectures import build_architecture
-from napari_gradcam.core.methods import GradCAM
+from napari_gradcam.core.domain import input_statistics
+from napari_gradcam.core.methods import GradCAM, make_explainer
 from napari_gradcam.core.models import list_demo_models, load_model
-from napari_gradcam.core.targets import SegmentationRegion
+from napari_gradcam.core.targets import RegressionTarget, SegmentationRegion
+from napari_gradcam.core.uncertainty import explain_with_uncertainty
+from napari_gradcam.core.volume import explain_volume
 from napari_helpers import CLASSES, finish, write_card
 
 pytestmark = pytest.mark.gui
@@ -689,3 +697,182 @@ def test_the_region_is_the_chosen_label_value_of_a_labels_layer(make_widget, qtb
     # a Shapes region or a classifier has no label values to choose
     widget.region_combo.setCurrentText("none")
     assert not picker.isEnabled()
+
+
+# ------------------------------------------------------------------------------------------
+# Uncertainty layers, the out-of-domain warning, every method, regression targets
+
+
+def choose(combo, text: str) -> None:
+    index = combo.findText(text)
+    assert index >= 0, f"{text!r} not offered: {[combo.itemText(i) for i in range(combo.count())]}"
+    combo.setCurrentIndex(index)
+
+
+def test_the_uncertainty_layer_is_placed_like_its_map_with_its_meaning(make_widget, qtbot,
+                                                                       cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    data = volume((3, 24, 20), seed=4)
+    source = viewer.add_image(data, name="stack", scale=(2.0, 0.5, 0.25),
+                              translate=(1.0, 2.0, 3.0))
+    set_mode(widget, "slices", 0)
+    assert not widget.windows_uncertainty_check.isEnabled()  # a 2D model has no windows
+    choose(widget.uncertainty_combo, "flips")
+    widget.run()
+    finish(qtbot, widget)
+    name = "stack · gradcam · predicted · c2:features.3 · slices along axis 0"
+    cam, spread = viewer.layers[name], viewer.layers[name + " · uncertainty"]
+    for attribute in ("scale", "translate"):
+        np.testing.assert_allclose(getattr(spread, attribute), getattr(cam, attribute))
+    np.testing.assert_allclose(cam.scale, source.scale)
+    assert tuple(spread.units) == tuple(cam.units)
+    assert spread.colormap.name == "viridis" and cam.colormap.name != "viridis"
+    assert not spread.visible and cam.visible  # shown over the map it would hide it
+    record = spread.metadata[METADATA_KEY]
+    assert record["uncertainty_of"] == name and list(record["meaning"]) == ["flips"]
+    assert "mirrored" in record["meaning"]["flips"]
+    loaded = widget.loaded
+    cam_engine = GradCAM(loaded.model, loaded.card.target_layer)
+    _mean, std, _info = explain_with_uncertainty(cam_engine, loaded.preprocess(data), None,
+                                                 sources=("flips",))
+    np.testing.assert_allclose(spread.data, std, rtol=1e-4, atol=1e-9)
+    assert std.max() > 0
+    assert METADATA_KEY not in source.metadata  # the user's layer is untouched
+    # the same run without uncertainty updates the map and drops the spread of the old one
+    choose(widget.uncertainty_combo, "off")
+    widget.run()
+    finish(qtbot, widget)
+    assert name in viewer.layers and name + " · uncertainty" not in viewer.layers
+
+
+def statistics_card(folder: Path) -> Path:
+    """A card whose training statistics are those of 64² patches (as the demo cards carry)."""
+    card = write_card(folder, "patches64")
+    loaded = load_model(card)
+    stats = input_statistics(training_patches(), spatial_dims=2, preprocess=loaded.preprocess,
+                             sample=120)
+    card.write_text(card.read_text(encoding="utf-8")
+                    + yaml.safe_dump({"training_statistics": stats}), encoding="utf-8")
+    return card
+
+
+def test_an_out_of_domain_image_gets_a_warning_and_the_report_in_the_maps_metadata(
+        make_widget, qtbot, tmp_path, errors) -> None:
+    viewer, widget = make_widget(statistics_card(tmp_path))
+    large = viewer.add_image(training_patches(1, 256, seed=9)[0], name="large")
+    widget.image_combo.setCurrentText("large")
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["large · gradcam · predicted · patches64:features.3 · current view"]
+    report = layer.metadata[METADATA_KEY]["domain_check"]
+    assert report["checked"] and report["out_of_domain"]
+    assert [f["check"] for f in report["findings"] if f["flagged"]] == ["input_size"]
+    warned = [message for message in errors() if message.startswith("large: ")]
+    assert len(warned) == 1 and "unlike the model's training data" in warned[0]
+    assert "256×256" in warned[0] and "64×64" in warned[0]
+    assert METADATA_KEY not in large.metadata and "domain_check" not in large.metadata
+
+
+def test_an_image_like_the_training_data_gets_no_warning(make_widget, qtbot, tmp_path,
+                                                         errors) -> None:
+    viewer, widget = make_widget(statistics_card(tmp_path))
+    viewer.add_image(training_patches(4, 64, seed=11), name="patches")
+    set_mode(widget, "slices", 0)
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["patches · gradcam · predicted · patches64:features.3 · "
+                          "slices along axis 0"]
+    report = layer.metadata[METADATA_KEY]["domain_check"]
+    assert report["checked"] and not report["out_of_domain"]
+    assert errors() == []
+
+
+def test_a_card_without_statistics_adds_no_notification_only_the_metadata(make_widget, qtbot,
+                                                                           cards, errors) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((24, 20)), name="img")
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["img · gradcam · predicted · c2:features.3 · current view"]
+    assert layer.metadata[METADATA_KEY]["domain_check"]["checked"] is False
+    assert errors() == []
+
+
+def test_score_cam_runs_from_the_widget_as_the_explainer_does(make_widget, qtbot,
+                                                              cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    image = volume((24, 20), seed=8)
+    viewer.add_image(image, name="img")
+    choose(widget.method_combo, "scorecam")
+    assert "Score-CAM" in widget.method_combo.itemData(widget.method_combo.currentIndex(),
+                                                       Qt.ItemDataRole.ToolTipRole)
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["img · scorecam · predicted · c2:features.3 · current view"]
+    loaded = widget.loaded
+    expected = make_explainer("scorecam", loaded.model, loaded.card.target_layer).explain(
+        loaded.preprocess(image[None]), None).maps[0]
+    assert expected.max() > 0
+    np.testing.assert_allclose(layer.data, expected, rtol=1e-5, atol=1e-9)
+
+
+class RegressionHead(nn.Module):
+    """Predicts two properties (say porosity and grain size) from a pooled feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.features = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.features(x)).mean((2, 3)))
+
+
+def test_a_regression_head_offers_what_increases_or_decreases_each_output(make_widget, qtbot,
+                                                                          cards) -> None:
+    viewer, widget = make_widget(cards["c2"])
+    offered = [widget.target_combo.itemText(i) for i in range(widget.target_combo.count())]
+    assert not any(text.startswith(("increases", "decreases")) for text in offered)
+    model = RegressionHead().eval()
+    widget.use_model(load_model(model))
+    offered = [widget.target_combo.itemText(i) for i in range(widget.target_combo.count())]
+    assert {"increases output 0", "decreases output 0", "increases output 1",
+            "decreases output 1"} <= set(offered)
+    image = volume((24, 20), seed=9)
+    viewer.add_image(image, name="img")
+    choose(widget.target_combo, "decreases output 1")
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["img · gradcam · decreases output 1 · RegressionHead:features · "
+                          "current view"]
+    tensor = torch.from_numpy(image[None, None])
+    expected = GradCAM(model, "features").explain(tensor, RegressionTarget(1, sign=-1)).maps[0]
+    np.testing.assert_allclose(layer.data, expected, rtol=1e-5, atol=1e-9)
+    assert widget.predictions_table.horizontalHeaderItem(1).text() == "predicted value"
+    with torch.no_grad():
+        predicted = model(tensor).numpy()[0]
+    shown = widget.predictions_shown()
+    np.testing.assert_allclose([shown["class 0"], shown["class 1"]], predicted, rtol=1e-3)
+
+
+def test_window_disagreement_in_3d_windows_mode(make_widget, qtbot, cards) -> None:
+    viewer, widget = make_widget(cards["c3"])
+    data = volume((12, 16, 16), seed=5)
+    viewer.add_image(data, name="ct", scale=(1.0, 0.65, 0.65))
+    assert widget.windows_uncertainty_check.isEnabled()
+    widget.windows_uncertainty_check.setChecked(True)
+    widget.overlap_spin.setValue(0.5)
+    widget.run()
+    finish(qtbot, widget)
+    name = "ct · gradcam · predicted · c3:features.2 · 3D windows"
+    spread = viewer.layers[name + " · uncertainty"]
+    np.testing.assert_allclose(spread.scale, (1.0, 0.65, 0.65))
+    assert list(spread.metadata[METADATA_KEY]["meaning"]) == ["windows"]
+    loaded = widget.loaded
+    expected = np.zeros(data.shape, np.float32)
+    explain_volume(GradCAM(loaded.model, loaded.card.target_layer), data, mode="windows",
+                   window=(8, 8, 8), overlap=0.5, batch_size=8, preprocess=loaded.preprocess,
+                   uncertainty_out=expected)
+    assert expected.max() > 0
+    np.testing.assert_allclose(spread.data, expected, rtol=1e-5, atol=1e-9)

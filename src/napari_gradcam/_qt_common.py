@@ -102,8 +102,24 @@ def image_source(viewer: napari.viewer.Viewer, layer: Image,
     data = layer.data[0] if layer.multiscale else layer.data
     if point is None:
         point = tuple(round(float(p)) for p in layer.world_to_data(viewer.dims.point))
-    source = ImageSource(layer.name, data, rgb=bool(layer.rgb), current_index=tuple(point))
+    source = ImageSource(layer.name, data, rgb=bool(layer.rgb), current_index=tuple(point),
+                         voxel_size=voxel_size_um(layer))
     return replace(source, current_index=source.index())
+
+
+def voxel_size_um(layer: Image) -> tuple[float, ...] | None:
+    """The layer's pixel size per axis in micrometres, or None when it is not a length.
+
+    Only a scale with length units (``units=("nm", "nm")``, as readers of OME files set) is a
+    physical size; napari's default unit is "pixel", and a scale in pixels says nothing about
+    magnification, so the out-of-domain check then leaves the voxel size unchecked rather
+    than comparing a made-up size with the training data's.
+    """
+    try:
+        return tuple(float((abs(float(scale)) * unit).to("micrometer").magnitude)
+                     for scale, unit in zip(layer.scale, layer.units, strict=True))
+    except Exception:  # pint's DimensionalityError for pixels, or no units at all
+        return None
 
 
 def placement(layer: Image, origin: Sequence[int]) -> dict[str, Any]:

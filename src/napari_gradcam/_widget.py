@@ -28,6 +28,7 @@ from napari.layers import Image, Labels, Shapes
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -62,14 +63,16 @@ from napari_gradcam._qt_common import (
 )
 from napari_gradcam.core.device import available_devices
 from napari_gradcam.core.labels_stats import as_features, label_statistics, write_csv
-from napari_gradcam.core.methods import METHODS
+from napari_gradcam.core.methods import METHODS, method_info
 from napari_gradcam.jobs import (
     ExplainRequest,
     ExplainResult,
     ImageSource,
     JobError,
     TargetChoice,
+    contrast_limits,
     explain_job,
+    is_regression_card,
     plan_explanation,
 )
 
@@ -88,6 +91,37 @@ MODE_LABELS = {
 }
 CLICK_MODIFIERS = ("Alt", "Control")
 PREDICTED, ALL_CLASSES = "predicted class", "all classes"
+UNCERTAINTY_CHOICES = {
+    "off": (),
+    "flips": ("flips",),
+    "flips + shifts": ("flips", "shifts"),
+    "flips + shifts + dropout": ("flips", "shifts", "dropout"),
+}
+"""The Uncertainty row: which variations of each batch are explained too (each one costs a
+run per variant: flips 1 per axis, shifts 4 per axis, dropout 8)."""
+UNCERTAINTY_SUFFIX = " · uncertainty"
+"""An uncertainty layer is named after its map with this suffix."""
+
+
+def regression_entries(card: Any) -> list[tuple[str, tuple[object, ...]]]:
+    """Target entries "increases <property>" / "decreases <property>", one pair per output.
+
+    Offered for regression cards (their ``class_names`` name the predicted properties) and for
+    classifiers whose outputs have no names (a head loaded from Python: "class 0"... were filled
+    in), whose outputs may be predicted values; never for segmentation models.
+    """
+    if card.task == "segmentation":
+        return []
+    names = list(card.class_names)
+    unnamed = names == [f"class {i}" for i in range(len(names))]
+    if not is_regression_card(card) and not unnamed:
+        return []
+    entries = []
+    for index, name in enumerate(names):
+        shown = f"output {index}" if unnamed else name
+        for sign, word in ((1, "increases"), (-1, "decreases")):
+            entries.append((f"{word} {shown}", ("regression", index, sign, shown)))
+    return entries
 
 
 def _modifier_names(event: Any) -> set[str]:
@@ -185,6 +219,21 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         self.overlap_spin.setValue(0.25)
         form.addRow("Window", window_row)
         form.addRow("Overlap", self.overlap_spin)
+        uncertainty_row = QHBoxLayout()
+        self.uncertainty_combo = QComboBox()
+        for text, sources in UNCERTAINTY_CHOICES.items():
+            self.uncertainty_combo.addItem(text, sources)
+        self.uncertainty_combo.setToolTip(
+            "Also make an uncertainty layer: the per-pixel spread of the map when the input "
+            "is mirrored (flips), moved by 1-2 px (shifts) or explained with the model's "
+            "dropout on (MC dropout). Each variant costs one more explanation.")
+        self.windows_uncertainty_check = QCheckBox("+ windows")
+        self.windows_uncertainty_check.setToolTip(
+            "3D windows mode: add the disagreement between overlapping windows (how much the "
+            "map depends on the context each window includes).")
+        uncertainty_row.addWidget(self.uncertainty_combo)
+        uncertainty_row.addWidget(self.windows_uncertainty_check)
+        form.addRow("Uncertainty", uncertainty_row)
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 512)
         self.batch_spin.setValue(8)
@@ -203,6 +252,12 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         display_row.addWidget(QLabel("opacity"))
         display_row.addWidget(self.opacity_spin)
         form.addRow("Display", display_row)
+
+        for row, name in enumerate(METHODS):  # what each method is and costs, on hover
+            info = method_info(name)
+            self.method_combo.setItemData(
+                row, f"{info.title or name}: {info.cost}. {info.reference}".strip(),
+                Qt.ItemDataRole.ToolTipRole)
 
         self._build_run_controls(layout)
         hint = QLabel("Alt-click on the image: explain what is under the cursor.")
@@ -357,11 +412,14 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         self.loaded = loaded
         fill_layer_combo(self.layer_combo, loaded)
         self.target_combo.clear()
-        if card.task != "segmentation":
-            self.target_combo.addItem(PREDICTED, ("predicted", None))
-        for index, name in enumerate(card.class_names):
-            self.target_combo.addItem(name, ("class", index))
-        self.target_combo.addItem(ALL_CLASSES, ("all", None))
+        if not is_regression_card(card):
+            if card.task != "segmentation":
+                self.target_combo.addItem(PREDICTED, ("predicted", None))
+            for index, name in enumerate(card.class_names):
+                self.target_combo.addItem(name, ("class", index))
+            self.target_combo.addItem(ALL_CLASSES, ("all", None))
+        for text, data in regression_entries(card):
+            self.target_combo.addItem(text, data)
         self.region_combo.setEnabled(card.task == "segmentation")
         self._fill_region_values()
         if card.spatial_dims == 3:
@@ -385,6 +443,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         for spin in self.window_spins:
             spin.setEnabled(three_d)
         self.overlap_spin.setEnabled(three_d and mode == "windows")
+        self.windows_uncertainty_check.setEnabled(three_d and mode == "windows")
 
     # ---------------------------------------------------------------------------------------
     # Gathering the choices
@@ -401,10 +460,15 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         if not isinstance(layer, Image):
             raise ValueError(f"{name!r} is not an image layer.")
         source = image_source(self.viewer, layer, click_point)
-        kind, class_index = self.target_combo.currentData() or ("predicted", None)
+        choice = self.target_combo.currentData() or ("predicted", None)
+        kind, class_index = choice[0], choice[1]
         mask = None
         if click_point is not None:
             target = TargetChoice("click", point=click_point)
+        elif kind == "regression":
+            _kind, index, sign, property_name = choice
+            target = TargetChoice("regression", output_index=index, sign=sign,
+                                  property_name=property_name)
         else:
             if self.loaded.card.task == "segmentation" and kind == "class":
                 region = self._layer(self.region_combo.currentText())
@@ -422,6 +486,10 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             else:
                 target = TargetChoice(kind, class_index=class_index)
         mode = "current" if click_point is not None else self.mode_combo.currentData()
+        uncertainty = tuple(self.uncertainty_combo.currentData() or ())
+        if (mode == "windows" and self.windows_uncertainty_check.isEnabled()
+                and self.windows_uncertainty_check.isChecked()):
+            uncertainty += ("windows",)
         request = ExplainRequest(
             method=self.method_combo.currentText(),
             layer=self.layer_combo.currentData() or None,
@@ -435,6 +503,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             device=self.device_combo.currentText() or None,
             channel_axis=(self.channel_combo.currentData()
                           if self.channel_combo.isEnabled() else None),
+            uncertainty=uncertainty,
         )
         plan = plan_explanation(self.loaded, source, request)
         origin = plan.origin(source.shape)  # explain_job makes this plan again: same origin
@@ -553,7 +622,8 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         for label, data in result.maps.items():
             name = self.result_name(result, label)
             metadata = {METADATA_KEY: {**result.provenance, "target": label,
-                                       "predictions": predictions}}
+                                       "predictions": predictions,
+                                       "domain_check": result.domain}}
             kwargs = {
                 "colormap": self.colormap_combo.currentText(),
                 "blending": "additive",
@@ -574,10 +644,48 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             self._install_status(layer)
             self._results[name] = result
             names.append(name)
+            if label in result.uncertainty:
+                self._show_uncertainty(capture, result, label, name)
+            else:  # an earlier run's spread no longer describes the updated map
+                stale = self._layer(name + UNCERTAINTY_SUFFIX)
+                if stale is not None and self._is_result(stale):
+                    self.viewer.layers.remove(stale)
         self.last_result = result
         self._refresh_layers()
         self.cam_combo.setCurrentText(names[0])
         self._update_predictions_view()
+        domain = result.domain
+        if domain and domain.get("out_of_domain"):
+            show_warning(f"{result.source_name}: {domain['message']}")
+
+    def _show_uncertainty(self, capture: _Capture, result: ExplainResult, label: str,
+                          map_name: str) -> Image:
+        """Add or update the uncertainty layer of one map: placed exactly like the map, hidden
+        at first (shown over the map it would hide it), its metadata saying what it measures.
+        """
+        std = result.uncertainty[label]
+        info = result.uncertainty_info or {}
+        metadata = {METADATA_KEY: {
+            **result.provenance, "target": label, "uncertainty_of": map_name,
+            "uncertainty": info, "meaning": dict(info.get("meaning") or {}),
+            "domain_check": result.domain}}
+        kwargs = {
+            "colormap": "viridis",
+            "blending": "additive",
+            "opacity": self.opacity_spin.value(),
+            "contrast_limits": contrast_limits(std),
+            "metadata": metadata,
+            **capture.placement,
+        }
+        name = map_name + UNCERTAINTY_SUFFIX
+        existing = self._layer(name)
+        if (isinstance(existing, Image) and self._is_result(existing)
+                and existing.ndim == std.ndim):
+            self._update_layer(existing, std, kwargs)
+            return existing
+        if existing is not None and self._is_result(existing):
+            self.viewer.layers.remove(existing)
+        return self.viewer.add_image(std, name=name, visible=False, **kwargs)
 
     @staticmethod
     def _update_layer(layer: Image, data: np.ndarray, kwargs: dict[str, Any]) -> None:
@@ -621,6 +729,10 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         probabilities = result.prediction_at(source_index)
         if probabilities is None or len(probabilities) == 0:
             return f"CAM {value:.4g}"
+        if result.regression:  # predicted values, not class probabilities
+            values = ", ".join(f"{_class_name(result, k)} {float(v):.4g}"
+                               for k, v in enumerate(probabilities))
+            return f"CAM {value:.4g} · predicted {values}"
         best = int(np.argmax(probabilities))
         return (f"CAM {value:.4g} · predicted {_class_name(result, best)} "
                 f"({float(probabilities[best]):.2f})")
@@ -683,10 +795,13 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             probabilities = result.predictions.mean(0)
             where = "mean over all samples"
         self.predictions_title.setText(f"{result.source_name}: {where}")
+        self.predictions_table.setHorizontalHeaderLabels(
+            ["output", "predicted value"] if result.regression else ["class", "probability"])
         self.predictions_table.setRowCount(len(probabilities))
         for row, probability in enumerate(probabilities):
             self.predictions_table.setItem(row, 0, QTableWidgetItem(_class_name(result, row)))
-            self.predictions_table.setItem(row, 1, QTableWidgetItem(f"{probability:.3f}"))
+            shown = f"{probability:.4g}" if result.regression else f"{probability:.3f}"
+            self.predictions_table.setItem(row, 1, QTableWidgetItem(shown))
 
     def predictions_shown(self) -> dict[str, float]:
         """The class → probability pairs the predictions table shows now."""
