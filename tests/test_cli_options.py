@@ -294,8 +294,52 @@ def test_window_disagreement_in_volume_mode(files, tmp_path):
                                atol=1e-6 * maps.max())
 
 
+DROPOUT_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)  # the same weights on every load
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout2d(0.5)
+        self.head = nn.Linear(6, 2)
+        with torch.no_grad():
+            self.head.weight.abs_()
+
+    def forward(self, x):
+        return self.head(self.drop(self.act(self.conv(x))).mean((2, 3)))
+"""
+
+
+def test_dropout_uncertainty_of_a_trusted_model_with_dropout(files, tmp_path):
+    (tmp_path / "drop_net.py").write_text(DROPOUT_NET, encoding="utf-8")
+    card = tmp_path / "drop.yaml"
+    card.write_text(yaml.safe_dump({
+        "name": "drop", "architecture": "drop_net.py:Net", "spatial_dims": 2,
+        "in_channels": 1, "task": "classification", "target_layer": "act"}), encoding="utf-8")
+    out = tmp_path / "maps.zarr"
+    assert run(files["scan16"], card, out, "--uncertainty", "dropout", "--n-dropout", "4",
+               "--trust", "--no-domain-check") == 0
+    spread, attrs = written(uncertainty_path(out))
+    assert attrs["uncertainty"]["n_dropout"] == 4
+    volume, _ = read_volume(files["scan16"])
+    loaded = load_model(card, device="cpu", trust=True)
+    wrapped = UncertaintyExplainer(explainer("gradcam", loaded.model, "act"),
+                                   sources=("dropout",), n_dropout=4)
+    expected = np.zeros(volume.shape, np.float32)
+    result = explain_volume(wrapped, np.asarray(volume), mode="slices", batch_size=BATCH,
+                            preprocess=loaded.preprocess, uncertainty_out=expected)
+    np.testing.assert_array_equal(spread, expected)
+    assert spread.max() > 0.05 * np.asarray(result.maps).max()  # dropped channels move it
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--uncertainty", "flips,bogus"], "unknown uncertainty source 'bogus'"),
+    (["--uncertainty", "dropout"], "model 'tiny2d' has no dropout layers"),
     (["--uncertainty", "windows"], "'windows' (disagreement between overlapping windows) "
                                    "needs --mode volume"),
     (["--uncertainty", "dropout", "--n-dropout", "1"], "n_dropout must be an integer >= 2"),
@@ -347,15 +391,18 @@ def test_output_picks_one_head_of_a_tuple_output(files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("index, sign", [(1, -1), (0, 1)])
-def test_regression_target_with_sign(files, tmp_path, index, sign):
+def test_regression_target_with_sign(files, tmp_path, capsys, index, sign):
     out = tmp_path / "maps.zarr"
     assert run(files["scan16"], files["regressor"], out, "--layer", "act", "--regression",
-               str(index), "--sign", f"{sign:+d}", "--no-domain-check") == 0
+               str(index), "--sign", f"{sign:+d}", "--no-domain-check", quiet=False) == 0
+    assert "predicted (slices): n/a for a regression head" in capsys.readouterr().out
     maps, attrs = written(out)
     expected = core_maps(files["scan16"], files["regressor"], "gradcam", "act",
                          target=RegressionTarget(output_index=index, sign=sign))
     np.testing.assert_array_equal(maps, expected)
     assert attrs["target"] == RegressionTarget(index, sign).describe()
+    # no softmax "class probabilities" of a regression head are recorded as if they were
+    assert "predictions" not in attrs and "predicted_counts" not in attrs
     # Grad-CAM of a GAP + linear head by hand: ReLU(sum_c sign * W[index, c] / HW * A_c)
     loaded = load_model(files["regressor"], device="cpu")
     volume = torch.from_numpy(np.asarray(read_volume(files["scan16"])[0]))

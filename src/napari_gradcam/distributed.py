@@ -51,8 +51,9 @@ import numpy as np
 
 from napari_gradcam.core.methods import canonical_name
 from napari_gradcam.core.provenance import make_provenance
-from napari_gradcam.core.targets import Target
+from napari_gradcam.core.targets import RegressionTarget, Target
 from napari_gradcam.core.uncertainty import SOURCES as UNCERTAINTY_SOURCES
+from napari_gradcam.core.uncertainty import dropout_modules
 from napari_gradcam.io import ATTRS_KEY, default_chunks, open_output, read_volume
 
 ProgressCallback = Callable[[int, int], None]
@@ -150,8 +151,9 @@ class RunSummary:
         items = "slices" if self.mode == "slices" else "windows"
         how = (f"slices along axis {self.axis}" if self.mode == "slices"
                else f"windows of {'x'.join(map(str, self.window or ()))}")
-        counts = ", ".join(f"{name} {n}" for name, n in self.predicted_counts().items() if n)
         prov = self.provenance
+        counts = ("n/a for a regression head" if "predictions_note" in prov else
+                  ", ".join(f"{name} {n}" for name, n in self.predicted_counts().items() if n))
         lines = [
             f"wrote {self.output}",
             f"  shape {self.shape}, voxel size {tuple(round(s, 6) for s in self.scale)}{unit}",
@@ -238,6 +240,11 @@ def make_plan(loaded: Any, shape: Sequence[int], options: ExplainOptions) -> Pla
     mode = MODE_ALIASES[mode]
     canonical_name(options.method)  # an unknown method is refused before any work
     _check_uncertainty(options, mode)
+    if "dropout" in options.uncertainty and not dropout_modules(loaded.model):
+        # refused rather than written as a map of zeros that reads "no uncertainty"
+        raise ValueError(f"uncertainty source 'dropout': model {card.name!r} has no dropout "
+                         "layers (torch.nn.Dropout*; a torch.export program keeps none), so "
+                         "Monte-Carlo dropout would vary nothing; leave 'dropout' out")
     if mode == "slices" and card.spatial_dims != 2:
         raise ValueError(f"model {card.name!r} takes {card.spatial_dims}D input; slice-wise "
                          "explanation needs a 2D model (use --mode volume for a 3D model)")
@@ -391,7 +398,13 @@ def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_pat
 
 def _prediction_attrs(predictions: np.ndarray, positions: list[tuple[int, ...]],
                       class_names: Sequence[str], value_range: tuple[float, float],
-                      seconds: float) -> dict[str, Any]:
+                      seconds: float, target: int | Target | None = None) -> dict[str, Any]:
+    if isinstance(target, RegressionTarget):
+        # the engine's per-item "predictions" are a softmax over the outputs, which for a
+        # regression head are not classes: storing them would read as class probabilities
+        return {"value_range": [float(value_range[0]), float(value_range[1])],
+                "seconds": round(seconds, 3),
+                "predictions_note": "regression head: predicted values are not recorded"}
     counts = {}
     if predictions.size:
         winners = np.bincount(np.argmax(predictions, 1), minlength=len(class_names))
@@ -541,7 +554,7 @@ def explain_file(
         value_range = tracked.value_range
         seconds = time.perf_counter() - started
         attrs = _prediction_attrs(result.predictions, result.positions,
-                                  loaded.card.class_names, value_range, seconds)
+                                  loaded.card.class_names, value_range, seconds, plan.target)
         if extra is not None:
             assert extra_tracked is not None
             _finish_output(extra, {**_without_predictions(attrs),
@@ -901,7 +914,7 @@ def run_distributed(
             value_range = tuple(float(np.float16(v)) for v in value_range)
         seconds = time.perf_counter() - started
         attrs = _prediction_attrs(stacked, positions, loaded.card.class_names, value_range,
-                                  seconds)
+                                  seconds, plan.target)
         attrs["workers_used"] = len({r.worker_pid for r in results})
         if extra is not None:
             spreads = [r.uncertainty_range for r in results if r.uncertainty_range]
