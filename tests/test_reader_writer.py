@@ -299,3 +299,19 @@ def test_a_map_of_a_cropped_ome_zarr_lands_where_the_crop_came_from(tmp_path,
     assert ngff_translation(again, 3) == pytest.approx(origin)
     attrs = json.loads((again / ".zattrs").read_text())
     assert attrs[ATTRS_KEY]["method"] == "gradcam"
+
+
+def test_the_origin_a_map_must_carry_is_read_from_every_input_kind(tmp_path):
+    """input_origin: what the explain command copies to its map (same unit as the scale)."""
+    from napari_gradcam.placement import input_origin
+
+    tiff = imagej_tiff(tmp_path / "scan.tif", scan(), spacing=2.0, pixel=0.5, unit="micron",
+                       xorigin=-4.0, yorigin=-2.0)
+    assert input_origin(tiff) == pytest.approx((0.0, 1.0, 2.0))
+    crop = ome_zarr(tmp_path / "crop.ome.zarr", scan(), unit="nanometer", levels=[[
+        {"type": "scale", "scale": [1.0, 1.0, 1.0]},
+        {"type": "translation", "translation": [1000.0, 2000.0, 3000.0]}]])
+    assert input_origin(crop) == pytest.approx((1.0, 2.0, 3.0))
+    npy = tmp_path / "scan.npy"
+    np.save(npy, scan())
+    assert input_origin(npy) == (0.0, 0.0, 0.0)

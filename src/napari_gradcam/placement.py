@@ -174,3 +174,21 @@ def set_ngff_translation(path: str | os.PathLike, translation: Sequence[float]) 
         image["datasets"] = datasets
     group.attrs["multiscales"] = multiscales
 
+
+
+def input_origin(path: str | os.PathLike, ndim: int = 3) -> tuple[float, ...]:
+    """The origin of any volume :func:`~napari_gradcam.io.read_volume` reads, for its last
+    ``ndim`` axes, in the unit of its scale: the NGFF translation of an OME-Zarr, the OME or
+    ImageJ origin of a TIFF, zeros for ``.npy`` files and plain zarr arrays (no place to keep
+    one). What a map written for this input must carry to land on it."""
+    from napari_gradcam.io import read_volume
+
+    path = Path(path).expanduser()
+    name = path.name.lower()
+    if path.is_dir() and (ome_zarr_attrs(path) or {}).get("multiscales"):
+        return ngff_translation(path, ndim)
+    if name.endswith((".tif", ".tiff")):
+        _, info = read_volume(path, ndim=None, lazy=True)
+        origin, _ = tiff_placement(path, (1.0, 1.0, 1.0, *info.scale)[-3:])
+        return ((0.0,) * max(0, ndim - 3) + origin)[-ndim:]
+    return (0.0,) * ndim
