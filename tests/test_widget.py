@@ -899,3 +899,23 @@ def test_the_demo_micrograph_classifier_warns_on_an_image_four_times_its_patches
     assert "input_size" in [f["check"] for f in report["findings"] if f["flagged"]]
     assert any(message.startswith("micrograph: ") and "256×256" in message
                for message in errors())
+
+
+def test_a_vision_transformer_offers_its_blocks_and_explains_through_its_default(
+        make_widget, qtbot) -> None:
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(3)
+    model = nets.ViT(in_channels=1, img_size=64, patch_size=16, hidden_size=48, mlp_dim=96,
+                     num_layers=2, num_heads=4, classification=True, num_classes=3,
+                     spatial_dims=2).eval()
+    viewer, widget = make_widget()
+    widget.use_model(load_model(model))
+    offered = [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]
+    assert "blocks.0 — TransformerBlock (48×4×4)" in offered
+    assert not any("drop_weights" in text for text in offered)  # attention matrices
+    assert widget.layer_combo.currentData() == "blocks.1.norm1"
+    viewer.add_image(volume((64, 64), seed=2), name="img")
+    widget.run()
+    finish(qtbot, widget)
+    layer = viewer.layers["img · gradcam · predicted · ViT:blocks.1.norm1 · current view"]
+    assert layer.data.shape == (64, 64) and layer.data.max() > 0
