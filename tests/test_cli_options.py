@@ -182,18 +182,23 @@ def test_method_help_and_errors_list_the_registry(files, tmp_path, capsys):
 # ----------------------------------------------------------------------------- domain check
 
 
-@pytest.fixture(scope="module")
-def card_with_statistics(files) -> Path:
-    """The test card with training statistics of uniform 0..1000 patches of 16², beside it
-    (a card reads weights from its own folder only)."""
-    card = yaml.safe_load(files["card"].read_text(encoding="utf-8"))
-    patches = np.random.default_rng(5).random((200, 16, 16)) * 1000
+def with_statistics(card_path: Path, count: int) -> Path:
+    """A copy of a test card with training statistics of uniform 0..1000 patches of 16 voxels
+    per axis, beside it (a card reads weights from its own folder only)."""
+    card = yaml.safe_load(card_path.read_text(encoding="utf-8"))
+    dims = int(card["spatial_dims"])
+    patches = np.random.default_rng(5).random((count, *[16] * dims)) * 1000
     preprocess = Preprocessor.from_card(ModelCard.from_dict(card))
-    card["training_statistics"] = input_statistics(patches, spatial_dims=2,
-                                                   preprocess=preprocess, sample=200)
-    path = files["card"].with_name("with_stats.yaml")
+    card["training_statistics"] = input_statistics(patches, spatial_dims=dims,
+                                                   preprocess=preprocess, sample=count)
+    path = card_path.with_name(f"{card_path.stem}_with_stats.yaml")
     path.write_text(yaml.safe_dump(card), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def card_with_statistics(files) -> Path:
+    return with_statistics(files["card"], 200)
 
 
 def test_an_out_of_domain_input_is_warned_about_and_recorded(files, card_with_statistics,
@@ -218,6 +223,30 @@ def test_an_out_of_domain_input_is_warned_about_and_recorded(files, card_with_st
     assert run(scan, card_with_statistics, tmp_path / "off.zarr", "--no-domain-check") == 0
     assert "domain check" not in capsys.readouterr().err
     assert "domain_check" not in written(tmp_path / "off.zarr")[1]
+
+
+@pytest.mark.parametrize("model, extra, seen", [
+    ("card", ["--axis", "1"], [20, 22]),  # slices along y: items are (z, x) planes
+    ("card3d", ["--mode", "volume", "--window", "12", "12", "12"], [12, 12, 12]),  # windows
+])
+def test_domain_check_sees_what_the_model_sees(files, tmp_path, capsys, model, extra, seen):
+    card = with_statistics(files[model], 60)
+    shape = (20, 18, 22)
+    rng = np.random.default_rng(7)
+    like = write_tiff_volume(tmp_path / "like.tif",
+                             (rng.random(shape) * 1000).astype(np.uint16), scale=SCALE)
+    bright = write_tiff_volume(tmp_path / "bright.tif",
+                               (rng.random(shape) * 200 + 800).astype(np.uint16), scale=SCALE)
+    assert run(like, card, tmp_path / "like.zarr", *extra) == 0
+    assert "domain check" not in capsys.readouterr().err
+    report = written(tmp_path / "like.zarr")[1]["domain_check"]
+    assert report["checked"] and not report["out_of_domain"]
+    sizes = report["findings"][[f["check"] for f in report["findings"]].index("input_size")]
+    assert sizes["applicable"] and not sizes["flagged"]
+    assert sizes["numbers"]["user"] == seen and sizes["numbers"]["train"] == [16] * len(seen)
+    assert run(bright, card, tmp_path / "bright.zarr", *extra) == 0
+    assert "domain check: The input looks unlike" in capsys.readouterr().err
+    assert written(tmp_path / "bright.zarr")[1]["domain_check"]["out_of_domain"]
 
 
 def test_a_card_without_statistics_says_it_cannot_be_checked(files, tmp_path, capsys):
