@@ -61,6 +61,20 @@ def test_auto_picks_the_best_available_device_and_here_that_is_known():
         assert chosen == torch.device("cpu")
 
 
+def test_the_order_of_preference_when_a_machine_has_more_than_this_one(monkeypatch):
+    """This machine may have no GPU, so which devices exist is the one thing set here (torch's
+    own availability queries answer "two CUDA GPUs and MPS"); nothing runs on them, the test
+    checks the order ``"auto"`` chooses from: CUDA first, then MPS, the CPU last."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert available_devices() == ["cuda", "cuda:1", "mps", "cpu"]
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert available_devices() == ["mps", "cpu"]
+    assert resolve_device("auto") == torch.device("mps")
+
+
 def test_an_explainer_with_device_auto_runs_there_and_gives_the_maps_of_the_cpu(model3d,
                                                                                windows):
     reference = GradCAM(model3d, "features.2")(windows, 1)  # the model's own device: the CPU
