@@ -315,3 +315,22 @@ def test_the_origin_a_map_must_carry_is_read_from_every_input_kind(tmp_path):
     npy = tmp_path / "scan.npy"
     np.save(npy, scan())
     assert input_origin(npy) == (0.0, 0.0, 0.0)
+
+
+def test_a_two_channel_ome_zarr_opens_whole_with_its_space_scale(tmp_path, make_napari_viewer):
+    """read_volume refuses several channels (a model explains one); the viewer still shows
+    such a store, scaling only its space axes."""
+    data = scan((2, 4, 6, 6))
+    group = zarr.open_group(str(tmp_path / "two.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=data.shape, dtype=data.dtype)[:] = data
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0",
+        "coordinateTransformations": [{"type": "scale", "scale": [1.0, 0.004, 0.001, 0.001]}]}],
+        "axes": [{"name": "c", "type": "channel"}] + [
+            {"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"]}]
+    with pytest.raises(ValueError, match="single channel"):
+        read_volume(tmp_path / "two.ome.zarr")
+    (layer,) = make_napari_viewer().open(tmp_path / "two.ome.zarr", plugin=PLUGIN)
+    np.testing.assert_array_equal(np.asarray(layer.data), data)
+    assert tuple(layer.scale) == pytest.approx((1.0, 4.0, 1.0, 1.0))
+    assert tuple(layer.axis_labels) == ("c", "z", "y", "x")
+    assert [str(u) for u in layer.units] == ["pixel"] + ["micrometer"] * 3

@@ -111,13 +111,21 @@ def read_zarr(path: str | os.PathLike | list | tuple) -> list[LayerData]:
     single = _single_path(path)
     if single is None:
         raise ValueError(f"expected one .zarr path, got {path!r}")
-    array, info = read_volume(single, ndim=None)
     attrs = ome_zarr_attrs(single) or {}
+    try:
+        array, info = read_volume(single, ndim=None)
+    except ValueError:
+        # read_volume wants what a model can explain (one channel, one time point); napari
+        # shows any OME-Zarr image, so one that is not ours opens whole instead.
+        if ATTRS_KEY in attrs or not attrs.get("multiscales"):
+            raise
+        array, info = _whole_ome_zarr(single, attrs)
     data = array if hasattr(array, "compute") else da.from_zarr(array)
     ndim = data.ndim
     kwargs = _placement_kwargs(single, info.scale, ngff_translation(single, ndim)
                                if attrs.get("multiscales") else (0.0,) * ndim,
-                               info.unit, info.axes)
+                               info.unit, info.axes,
+                               spatial_axes=None if len(info.axes) <= 3 else "zyx")
     levels = _pyramid(single, data, attrs)
     if ATTRS_KEY in attrs:
         record = dict(info.metadata)
@@ -180,6 +188,37 @@ def read_tiff(path: str | os.PathLike | list | tuple) -> list[LayerData]:
     if rgb:
         kwargs["rgb"] = True
     return [(array, kwargs, "image")]
+
+
+def _whole_ome_zarr(path: Path, attrs: dict[str, Any]) -> tuple[Any, Any]:
+    """Level 0 of any OME-Zarr image with all its axes (channels and time too), its scale
+    (the level's times the image's) with lengths in micrometres on the space axes."""
+    import dask.array as da
+    import zarr
+
+    from napari_gradcam.io import VoxelInfo, to_micrometers
+    from napari_gradcam.placement import _transform_values
+
+    try:
+        image = attrs["multiscales"][0]
+        dataset = image["datasets"][0]
+        data = da.from_zarr(zarr.open_group(str(path), mode="r")[dataset["path"]])
+        ndim = data.ndim
+        own = _transform_values(dataset.get("coordinateTransformations", []), "scale", ndim, 1)
+        top = _transform_values(image.get("coordinateTransformations", []), "scale", ndim, 1)
+        axes = image.get("axes") or [{"name": n} for n in "tczyx"[-ndim:]]
+        names = "".join(str(a.get("name", "?"))[:1].lower() for a in axes)
+        space = [i for i, a in enumerate(axes) if a.get("type") in (None, "space")]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path} has malformed OME-Zarr 'multiscales' metadata ({error!r})"
+                         ) from None
+    scale = [a * b for a, b in zip(own, top, strict=True)]
+    lengths, unit = to_micrometers([scale[i] for i in space],
+                                   [axes[i].get("unit") for i in space],
+                                   "".join(names[i] for i in space), path)
+    for position, index in enumerate(space):
+        scale[index] = lengths[position]
+    return data, VoxelInfo(tuple(scale), unit, names, {})
 
 
 def _placement_kwargs(path: Path, scale: Sequence[float], translate: Sequence[float],
