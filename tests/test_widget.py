@@ -394,8 +394,9 @@ def test_demo_model_on_a_ct_volume(make_widget, qtbot) -> None:
     set_mode(widget, "slices", axis=0)
     widget.run()
     finish(qtbot, widget, timeout=60000)
-    layer = viewer.layers[
-        f"{kwargs['name']} · gradcam · crack · ct-slice-unet:dec1 · slices along axis 0"]
+    target_layer = widget.loaded.card.target_layer  # the card's choice (dec1, dec0 ...)
+    layer = viewer.layers[f"{kwargs['name']} · gradcam · crack · ct-slice-unet:{target_layer} · "
+                          "slices along axis 0"]
     assert layer.data.shape == (16, 64, 64)
     np.testing.assert_allclose(layer.scale, kwargs["scale"])
 
