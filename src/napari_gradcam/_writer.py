@@ -52,7 +52,10 @@ def write_image(path: str, data: Any, meta: Mapping[str, Any]) -> list[str]:
     name = target.name.lower()
     geometry = _Geometry.of(data, meta, target)
     record = (meta.get("metadata") or {}).get(ATTRS_KEY)
-    record = dict(record) if isinstance(record, Mapping) else None
+    # Plain JSON whatever the layer's metadata holds (an odd object is kept as its text):
+    # the provenance must not be what makes a save fail.
+    record = (json.loads(json.dumps(_jsonable(dict(record)), default=str))
+              if isinstance(record, Mapping) else None)
     contrast = meta.get("contrast_limits")
     if name.endswith(ZARR_SUFFIXES):
         _write_ome_zarr(target, geometry, record, contrast)
