@@ -22,6 +22,7 @@ import napari_gradcam
 from napari_gradcam._reader import get_reader
 from napari_gradcam.cli import main
 from napari_gradcam.core.architectures import ResNetLike
+from napari_gradcam.display import MAP_BLENDING, MAP_COLORMAP
 from napari_gradcam.io import ATTRS_KEY, read_volume, write_tiff_volume
 
 SCALE = (2.0, 0.65, 0.65)
@@ -263,7 +264,7 @@ def test_reader_opens_our_output_as_a_heatmap_layer(files, tmp_path):
     assert layer_type == "image"
     assert data.shape == (10, 20, 24)
     assert kwargs["scale"] == pytest.approx(SCALE)
-    assert kwargs["colormap"] == "turbo" and kwargs["blending"] == "additive"
+    assert kwargs["colormap"] == MAP_COLORMAP and kwargs["blending"] == MAP_BLENDING
     record = kwargs["metadata"][ATTRS_KEY]
     assert record["method"] == "gradcam" and record["model"] == "tiny2d"
     values = np.asarray(data)
@@ -272,10 +273,15 @@ def test_reader_opens_our_output_as_a_heatmap_layer(files, tmp_path):
 
 
 def test_reader_declines_other_paths(files, tmp_path):
+    # another program's OME-Zarr opens as a plain image (its scale, no map styling, no
+    # provenance); a TIFF, a missing store or several paths are another reader's business
     foreign = zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w", zarr_format=2)
     foreign.create_array("0", shape=(2, 2, 2), dtype="f4")
     foreign.attrs["multiscales"] = [{"version": "0.4", "axes": [], "datasets": [{"path": "0"}]}]
-    assert get_reader(str(tmp_path / "foreign.zarr")) is None
+    ((_, kwargs, layer_type),) = get_reader(str(tmp_path / "foreign.zarr"))(
+        str(tmp_path / "foreign.zarr"))
+    assert layer_type == "image" and "colormap" not in kwargs
+    assert ATTRS_KEY not in kwargs.get("metadata", {})
     assert get_reader(str(files["scan"])) is None
     assert get_reader(str(tmp_path / "missing.zarr")) is None
     assert get_reader([str(files["scan"]), str(files["scan"])]) is None
@@ -288,7 +294,7 @@ def test_reader_layer_data_is_accepted_by_napari(files, tmp_path):
     ((data, kwargs, layer_type),) = get_reader(str(out))(str(out))
     layer = layers.Layer.create(data, kwargs, layer_type)
     assert tuple(layer.scale) == pytest.approx(SCALE)
-    assert layer.colormap.name == "turbo" and layer.blending == "additive"
+    assert layer.colormap.name == MAP_COLORMAP and layer.blending == MAP_BLENDING
     assert str(layer.units[0]) == "micrometer"
     assert layer.metadata[ATTRS_KEY]["layers"] == ["features.2"]
 
