@@ -150,3 +150,59 @@ def test_yaml_tags_that_would_run_code_are_refused(tmp_path: Path) -> None:
     path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n", encoding="utf-8")
     with pytest.raises(ModelCardError, match="not valid YAML"):
         ModelCard.from_yaml(path)
+
+
+def test_a_regression_card_loads_with_its_property_names_and_explains_one(tmp_path: Path) -> None:
+    """task: regression keeps an (N, P) head a regression model (its shape alone would say
+    classifier): class_names name the properties, no class is 'predicted', and the job explains
+    what increases one property with the predicted values, not a softmax, in its table."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from napari_gradcam import load_model
+    from napari_gradcam.core.architectures import build_architecture
+    from napari_gradcam.jobs import ExplainRequest, ImageSource, TargetChoice, explain
+
+    torch.manual_seed(0)
+    model = build_architecture("resnet_like", spatial_dims=2, in_channels=1, num_classes=2,
+                               widths=[4, 8])
+    save_file(model.state_dict(), tmp_path / "props.safetensors")
+    (tmp_path / "props.yaml").write_text(
+        "name: props\narchitecture: resnet_like\n"
+        "architecture_kwargs: {spatial_dims: 2, in_channels: 1, num_classes: 2, widths: [4, 8]}\n"
+        "weights: props.safetensors\nspatial_dims: 2\nin_channels: 1\ntask: regression\n"
+        "class_names: [porosity, grain size]\n", encoding="utf-8")
+    loaded = load_model(tmp_path / "props.yaml")
+    assert loaded.card.task == "regression"
+    assert loaded.class_names == ("porosity", "grain size")
+    image = np.random.default_rng(0).random((24, 20)).astype(np.float32)
+    with pytest.raises(ValueError, match="predicts values"):
+        explain(loaded, ImageSource("img", image), ExplainRequest(target=TargetChoice("predicted")))
+    result = explain(loaded, ImageSource("img", image),
+                     ExplainRequest(target=TargetChoice("regression", output_index=1, sign=1)))
+    with torch.no_grad():
+        expected = loaded.model(loaded.preprocess(image[None])).numpy()
+    prediction = np.asarray(result.prediction_at((0, 0)))
+    np.testing.assert_allclose(prediction.ravel(), expected.ravel(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_classifier_card_that_says_regression_for_a_segmentation_output_is_refused(
+        tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from napari_gradcam import load_model
+    from napari_gradcam.core.architectures import build_architecture
+    from napari_gradcam.core.models import ModelLoadError
+
+    torch.manual_seed(0)
+    model = build_architecture("unet", spatial_dims=2, in_channels=1, num_classes=2)
+    save_file(model.state_dict(), tmp_path / "seg.safetensors")
+    (tmp_path / "seg.yaml").write_text(
+        "name: seg\narchitecture: unet\n"
+        "architecture_kwargs: {spatial_dims: 2, in_channels: 1, num_classes: 2}\n"
+        "weights: seg.safetensors\nspatial_dims: 2\nin_channels: 1\ntask: regression\n",
+        encoding="utf-8")
+    with pytest.raises((ModelCardError, ModelLoadError), match="segmentation"):
+        load_model(tmp_path / "seg.yaml")

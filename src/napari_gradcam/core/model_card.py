@@ -23,7 +23,10 @@ import yaml
 
 from napari_gradcam.core.preprocess import PreprocessingError, validate_preprocessing
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "regression")
+"""What a model predicts: class scores (N, K), per-pixel class scores (N, K, *spatial), or
+values of material properties (N, P) or (N,) (porosity, grain size; ``class_names`` then name
+the properties)."""
 
 #: Card fields in the order the agreed format writes them (and :meth:`ModelCard.to_dict` does).
 CARD_FIELDS = (

@@ -1032,14 +1032,17 @@ def _complete_card(card: ModelCard, probe: ForwardProbe, model: nn.Module, infer
     spatial_dims = card.spatial_dims
     if output is None:
         raise ModelLoadError(f"model {card.name!r} returned no tensor on a dummy input")
-    if len(output) == 2:
+    if card.task == "regression" and len(output) in (1, 2):
+        task = "regression"  # a classifier's (N, K) shape: only the card can tell them apart
+    elif len(output) == 2:
         task = "classification"
     elif len(output) == 2 + spatial_dims:
         task = "segmentation"
     else:
         raise ModelLoadError(
             f"model {card.name!r} returns shape {output}; napari-gradcam explains classifiers "
-            f"(N, classes) and segmenters (N, classes, *spatial) with {spatial_dims} spatial axes"
+            f"(N, classes), segmenters (N, classes, *spatial) with {spatial_dims} spatial axes "
+            "and regression models (N, properties) with task: regression"
         )
     if task != card.task:
         if not inferred:
@@ -1048,14 +1051,16 @@ def _complete_card(card: ModelCard, probe: ForwardProbe, model: nn.Module, infer
                 f"{output}, which is {task} output; set task: {task}"
             )
         card = dataclasses.replace(card, task=task)
-    classes = output[1]
+    classes = output[1] if len(output) > 1 else 1
+    what = "values" if task == "regression" else "classes"
     if card.class_names and len(card.class_names) != classes:
         raise ModelCardError(
             f"model card {card.name!r} lists {len(card.class_names)} class_names "
-            f"({', '.join(card.class_names)}) but the model outputs {classes} classes"
+            f"({', '.join(card.class_names)}) but the model outputs {classes} {what}"
         )
     if not card.class_names:
-        card = dataclasses.replace(card, class_names=tuple(f"class {i}" for i in range(classes)))
+        stem = "output" if task == "regression" else "class"
+        card = dataclasses.replace(card, class_names=tuple(f"{stem} {i}" for i in range(classes)))
     if card.target_layer:
         names = dict(model.named_modules())
         if card.target_layer not in names:
