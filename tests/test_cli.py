@@ -23,7 +23,8 @@ from napari_gradcam._reader import get_reader
 from napari_gradcam.cli import main
 from napari_gradcam.core.architectures import ResNetLike
 from napari_gradcam.display import MAP_BLENDING, MAP_COLORMAP
-from napari_gradcam.io import ATTRS_KEY, read_volume, write_tiff_volume
+from napari_gradcam.io import ATTRS_KEY, read_volume, write_ome_zarr, write_tiff_volume
+from napari_gradcam.placement import ngff_translation, set_ngff_translation
 
 SCALE = (2.0, 0.65, 0.65)
 
@@ -299,16 +300,35 @@ def test_reader_layer_data_is_accepted_by_napari(files, tmp_path):
     assert layer.metadata[ATTRS_KEY]["layers"] == ["features.2"]
 
 
+@pytest.mark.gui
 def test_napari_opens_the_output_beside_its_scan_through_the_plugin(files, tmp_path,
                                                                      make_napari_viewer):
     """What the README promises: `napari scan.tif maps.zarr` puts the map on the scan."""
     out = tmp_path / "maps.zarr"
     assert main(explain_args(files, out)) == 0
     viewer = make_napari_viewer()
-    (scan,) = viewer.open(str(files["scan"]), plugin="napari", stack=False)
-    scan.scale = SCALE  # napari's builtin TIFF reader ignores voxel size; set it as a user would
+    (scan,) = viewer.open(str(files["scan"]), plugin="napari-gradcam", stack=False)
+    assert tuple(scan.scale) == pytest.approx(SCALE)  # our TIFF reader keeps the voxel size
     (heatmap,) = viewer.open(str(out), plugin="napari-gradcam")
     assert heatmap.data.shape == scan.data.shape
     assert tuple(heatmap.scale) == pytest.approx(tuple(scan.scale))
     assert heatmap.extent.world == pytest.approx(scan.extent.world)
     assert heatmap.blending == "additive"
+
+
+@pytest.mark.gui
+def test_the_map_of_a_cropped_ome_zarr_keeps_its_translation(files, tmp_path,
+                                                             make_napari_viewer):
+    """A crop of a scan keeps its place as an NGFF translation; the explain command gives
+    the map the same translation, so napari puts the map on the crop, not at the origin."""
+    crop = write_ome_zarr(tmp_path / "crop.ome.zarr", read_volume(files["scan"])[0][2:8],
+                          scale=SCALE)
+    origin = (4.0, 6.5, 13.0)
+    set_ngff_translation(crop, origin)
+    out = tmp_path / "maps.zarr"
+    assert main(["explain", str(crop), *explain_args(files, out)[2:]]) == 0
+    assert ngff_translation(out, 3) == pytest.approx(origin)
+    viewer = make_napari_viewer()
+    scan, heatmap = viewer.open([str(crop), str(out)], plugin="napari-gradcam", stack=False)
+    assert tuple(heatmap.translate) == pytest.approx(origin)
+    assert heatmap.extent.world == pytest.approx(scan.extent.world)

@@ -62,6 +62,7 @@ def ome_zarr(path: Path, data: np.ndarray, *, levels: list[list[dict]],
 # ----------------------------------------------------------------------------- TIFF in
 
 
+@pytest.mark.gui
 def test_an_imagej_stack_opens_at_its_voxel_size_and_origin(tmp_path, make_napari_viewer):
     volume = scan()
     path = imagej_tiff(tmp_path / "scan.tif", volume, spacing=2.0, pixel=0.65, unit="micron",
@@ -77,6 +78,7 @@ def test_an_imagej_stack_opens_at_its_voxel_size_and_origin(tmp_path, make_napar
     assert layer.colormap.name == "gray"
 
 
+@pytest.mark.gui
 def test_an_imagej_stack_in_nanometres_comes_in_micrometres(tmp_path, make_napari_viewer):
     path = imagej_tiff(tmp_path / "nano.tif", scan(), spacing=500.0, pixel=250.0, unit="nm")
     (layer,) = make_napari_viewer().open(path, plugin=PLUGIN)
@@ -84,6 +86,7 @@ def test_an_imagej_stack_in_nanometres_comes_in_micrometres(tmp_path, make_napar
     assert str(layer.units[0]) == "micrometer"
 
 
+@pytest.mark.gui
 def test_an_ome_tiff_keeps_physical_sizes_units_and_plane_position(tmp_path,
                                                                    make_napari_viewer):
     volume = scan()
@@ -104,6 +107,7 @@ def test_an_ome_tiff_keeps_physical_sizes_units_and_plane_position(tmp_path,
     assert tuple(layer.axis_labels) == ("z", "y", "x")
 
 
+@pytest.mark.gui
 def test_a_labels_companion_opens_as_labels_on_the_same_grid(tmp_path, make_napari_viewer):
     labels = np.zeros((6, 10, 12), np.uint8)
     labels[2:4, 3:6, 4:8] = 2
@@ -115,6 +119,7 @@ def test_a_labels_companion_opens_as_labels_on_the_same_grid(tmp_path, make_napa
     assert tuple(layer.scale) == pytest.approx((2.0, 0.65, 0.65))
 
 
+@pytest.mark.gui
 def test_a_float_file_named_labels_is_still_an_image(tmp_path, make_napari_viewer):
     path = imagej_tiff(tmp_path / "prob_labels.tif", scan().astype(np.float32), spacing=1.0,
                        pixel=1.0, unit="micron")
@@ -122,6 +127,7 @@ def test_a_float_file_named_labels_is_still_an_image(tmp_path, make_napari_viewe
     assert layer._type_string == "image"
 
 
+@pytest.mark.gui
 def test_a_tiff_without_voxel_size_is_taken_at_scale_one(tmp_path, make_napari_viewer):
     """Our TIFF reader does not decline files without metadata (see _reader's docstring)."""
     path = tmp_path / "bare.tif"
@@ -131,6 +137,7 @@ def test_a_tiff_without_voxel_size_is_taken_at_scale_one(tmp_path, make_napari_v
     assert tuple(layer.translate) == (0.0, 0.0, 0.0)
 
 
+@pytest.mark.gui
 def test_plain_open_of_a_tiff_offers_our_reader_and_a_preference_picks_it(tmp_path,
                                                                           make_napari_viewer):
     """`napari scan.tif` and drag and drop open with ``plugin=None`` (``viewer.open``'s own
@@ -159,6 +166,7 @@ def test_plain_open_of_a_tiff_offers_our_reader_and_a_preference_picks_it(tmp_pa
 # ----------------------------------------------------------------------------- OME-Zarr in
 
 
+@pytest.mark.gui
 def test_our_map_opens_as_a_map_over_its_scan(tmp_path, make_napari_viewer):
     maps = np.linspace(0.0, 2.5, 6 * 10 * 12, dtype=np.float32).reshape(6, 10, 12)
     path = write_volume(tmp_path / "maps.zarr", maps, scale=(2.0, 0.65, 0.65), attrs=RECORD)
@@ -176,6 +184,7 @@ def test_our_map_opens_as_a_map_over_its_scan(tmp_path, make_napari_viewer):
     assert [str(u) for u in layer.units] == ["micrometer"] * 3
 
 
+@pytest.mark.gui
 def test_the_readme_command_puts_the_map_on_the_scan(tmp_path, make_napari_viewer):
     """`napari --plugin napari-gradcam scan.tif maps.zarr`: both files through our readers
     (what napari's command line does with them), the map on the scan's grid."""
@@ -190,6 +199,7 @@ def test_the_readme_command_puts_the_map_on_the_scan(tmp_path, make_napari_viewe
     assert viewer.layers[0].name == "scan"
 
 
+@pytest.mark.gui
 def test_the_map_colormap_adds_nothing_where_the_map_is_zero(tmp_path, make_napari_viewer):
     """Additive blending adds the colour of a zero CAM to the scan: it must be black."""
     path = write_volume(tmp_path / "maps.zarr", np.zeros((2, 3, 4), np.float32), attrs=RECORD)
@@ -199,6 +209,7 @@ def test_the_map_colormap_adds_nothing_where_the_map_is_zero(tmp_path, make_napa
     assert top.max() == pytest.approx(1.0)
 
 
+@pytest.mark.gui
 def test_a_plain_ome_zarr_opens_grey_with_scale_translation_and_its_pyramid(
         tmp_path, make_napari_viewer):
     volume = scan((4, 16, 16))
@@ -223,6 +234,7 @@ def test_a_plain_ome_zarr_opens_grey_with_scale_translation_and_its_pyramid(
 
 
 @pytest.mark.parametrize("name", ["maps.zarr", "maps.ome.zarr", "maps.tif", "maps.ome.tif"])
+@pytest.mark.gui
 def test_a_saved_map_layer_reads_back_as_it_was(tmp_path, make_napari_viewer, name):
     viewer = make_napari_viewer()
     maps = np.random.default_rng(1).random((5, 9, 11)).astype(np.float32)
@@ -243,6 +255,7 @@ def test_a_saved_map_layer_reads_back_as_it_was(tmp_path, make_napari_viewer, na
     assert back.extent.world == pytest.approx(layer.extent.world)
 
 
+@pytest.mark.gui
 def test_a_saved_plain_image_in_millimetres_reads_back_in_micrometres(tmp_path,
                                                                       make_napari_viewer):
     viewer = make_napari_viewer()
@@ -261,6 +274,7 @@ def test_a_saved_plain_image_in_millimetres_reads_back_in_micrometres(tmp_path,
     np.testing.assert_allclose(back.extent.world, layer.extent.world * 1000)
 
 
+@pytest.mark.gui
 def test_saving_never_leaves_half_a_file_and_names_bad_formats(tmp_path, make_napari_viewer):
     from napari_gradcam._writer import write_image
 
@@ -272,6 +286,7 @@ def test_saving_never_leaves_half_a_file_and_names_bad_formats(tmp_path, make_na
 # ----------------------------------------------------------------------------- translation
 
 
+@pytest.mark.gui
 def test_a_map_of_a_cropped_ome_zarr_lands_where_the_crop_came_from(tmp_path,
                                                                     make_napari_viewer):
     """A crop keeps its place in the full scan as an NGFF translation; the map written for it
@@ -317,6 +332,7 @@ def test_the_origin_a_map_must_carry_is_read_from_every_input_kind(tmp_path):
     assert input_origin(npy) == (0.0, 0.0, 0.0)
 
 
+@pytest.mark.gui
 def test_a_two_channel_ome_zarr_opens_whole_with_its_space_scale(tmp_path, make_napari_viewer):
     """read_volume refuses several channels (a model explains one); the viewer still shows
     such a store, scaling only its space axes."""

@@ -537,6 +537,7 @@ def explain_file(
         extra = None if extra_path is None else outputs.enter_context(open_output(
             extra_path, volume.shape, attrs=uncertainty_attrs(record, options, plan),
             **output_options))
+        place_like_input(input_path, output, extra)
         tracked = RangeTrackingArray(output.array)
         extra_tracked = None if extra is None else RangeTrackingArray(extra.array)
         engine_options: dict[str, Any] = {"mode": plan.mode, "batch_size": options.batch_size,
@@ -892,6 +893,7 @@ def run_distributed(
         extra = None if extra_path is None else outputs.enter_context(open_output(
             extra_path, shape, attrs=uncertainty_attrs(record, options, plan),
             **output_options))
+        place_like_input(input_path, output, extra)
         array_path = str(output.partial / "0")
         extra_array = None if extra is None else str(extra.partial / "0")
         tasks = [ChunkTask(str(input_path), source, array_path, options, plan, start, stop,
@@ -1007,3 +1009,16 @@ __all__ = [
     "resolve_class_target",
     "run_distributed",
 ]
+
+
+def place_like_input(input_path: str | os.PathLike, *outputs: Any) -> None:
+    """Give OME-Zarr outputs the input's origin (NGFF ``translation``; a cropped scan's map
+    then lands on the crop, not at the scan's corner). TIFF and ``.npy`` outputs keep none."""
+    from napari_gradcam.placement import input_origin, set_ngff_translation
+
+    origin = input_origin(input_path, 3)
+    if not any(origin):
+        return
+    for output in outputs:
+        if output is not None and output.kind == "zarr":
+            set_ngff_translation(output.partial, origin)
