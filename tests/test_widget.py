@@ -920,3 +920,19 @@ def test_a_vision_transformer_offers_its_blocks_and_explains_through_its_default
     finish(qtbot, widget)
     layer = viewer.layers["img · gradcam · predicted · ViT:blocks.1.norm1 · current view"]
     assert layer.data.shape == (64, 64) and layer.data.max() > 0
+
+
+def test_a_map_made_in_the_widget_looks_like_the_same_map_opened_from_a_file(
+        make_widget, qtbot, cards) -> None:
+    """One colormap story: the widget's default colormap, blending and opacity are the shared
+    display constants that the reader also uses, so the two never disagree."""
+    from napari_gradcam.display import MAP_BLENDING, MAP_COLORMAP, MAP_OPACITY
+
+    viewer, widget = make_widget(cards["c2"])
+    viewer.add_image(volume((32, 40)), name="img")
+    widget.run()
+    finish(qtbot, widget)
+    layer = next(layer for layer in viewer.layers if layer.name.startswith("img · "))
+    assert layer.colormap.name == MAP_COLORMAP
+    assert layer.blending == MAP_BLENDING
+    assert layer.opacity == pytest.approx(MAP_OPACITY)

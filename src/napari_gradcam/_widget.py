@@ -64,6 +64,7 @@ from napari_gradcam._qt_common import (
 from napari_gradcam.core.device import available_devices
 from napari_gradcam.core.labels_stats import as_features, label_statistics, write_csv
 from napari_gradcam.core.methods import METHODS, method_info
+from napari_gradcam.display import MAP_COLORMAP, MAP_OPACITY
 from napari_gradcam.jobs import (
     ExplainRequest,
     ExplainResult,
@@ -81,9 +82,10 @@ if TYPE_CHECKING:
 
     from napari_gradcam.core.models import LoadedModel
 
-COLORMAPS = ("inferno", "turbo", "magma", "hot", "viridis")
-"""Inferno first: it starts at black, so with additive blending a zero CAM adds nothing (turbo's
-dark-blue zero tints the whole image)."""
+COLORMAPS = (MAP_COLORMAP, "inferno", "magma", "hot", "viridis", "turbo")
+"""The shared map colormap first (:mod:`napari_gradcam.display` says why: black at zero for
+additive blending, one hue over grey CT, apart from napari's label colours), so a map made here
+looks like the same map opened from a file."""
 MODE_LABELS = {
     "current": "current slice / window",
     "slices": "every slice along axis",
@@ -246,7 +248,7 @@ class GradCAMWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         self.opacity_spin = QDoubleSpinBox()
         self.opacity_spin.setRange(0.0, 1.0)
         self.opacity_spin.setSingleStep(0.1)
-        self.opacity_spin.setValue(0.6)
+        self.opacity_spin.setValue(MAP_OPACITY)
         display_row = QHBoxLayout()
         display_row.addWidget(self.colormap_combo)
         display_row.addWidget(QLabel("opacity"))
