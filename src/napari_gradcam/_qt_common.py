@@ -49,8 +49,9 @@ BROWSE = "Browse card / .pt2 …"
 """The model combo's last entry: opens a file dialog."""
 MODEL_FILE_FILTER = "Models (*.yaml *.yml *.pt2 *.pt *.pth);;All files (*)"
 """Cards, exported programs, and pickles (the latter load only with *trust* ticked)."""
-TRUST_TOOLTIP = ("Unpickling or calling a factory runs code from the file: only for files you "
-                 "trust.")
+TRUST_TOOLTIP = ("Pickled models, custom architectures (a module or a .py file, bioimage.io "
+                 "packages), weights outside the card's folder and .pt2 files with pickled objects "
+                 "run code or read other files: only for models you trust.")
 
 
 def refill_combo(combo: QComboBox, names: Iterable[str], keep_first: Sequence[str] = ()) -> None:
@@ -293,7 +294,7 @@ class ModelPickerMixin:
     def _build_model_rows(self, form: QFormLayout) -> None:
         self.model_combo = QComboBox()
         self.model_combo.activated.connect(self._on_model_activated)
-        self.trust_check = QCheckBox("trust pickled file / factory")
+        self.trust_check = QCheckBox("trust model code")
         self.trust_check.setToolTip(TRUST_TOOLTIP)
         # ticking trust retries the chosen model, which may have failed for want of it
         self.trust_check.toggled.connect(lambda _on: self._on_model_activated())

@@ -143,8 +143,9 @@ def add_explain(subparsers: Any) -> None:
                         help="output: .zarr (OME-Zarr), .tif or .npy")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--trust", action="store_true",
-                        help="allow model files that can run code (pickled models, factory "
-                        "functions); only for files you trust")
+                        help="allow model files that run code or read outside their folder "
+                        "(pickled models, custom architectures, bioimage.io network files, .pt2 "
+                        "with pickled objects); only for files you trust")
     parser.add_argument("--uncertainty", type=source_list, default=(),
                         metavar="flips,shifts,dropout[,windows]",
                         help="also write OUT_uncertainty (e.g. maps_uncertainty.zarr): the "
@@ -256,7 +257,9 @@ def add_models(subparsers: Any) -> None:
         "whose output is a feature map (what --layer accepts), with their output shapes.")
     parser.add_argument("model", nargs="?", metavar="NAME|CARD")
     parser.add_argument("--trust", action="store_true",
-                        help="allow model files that can run code")
+                        help="allow model files that run code or read outside their folder "
+                        "(pickled models, custom architectures, bioimage.io network files, .pt2 "
+                        "with pickled objects); only for files you trust")
     parser.set_defaults(handler=run_models)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_gradcam.cli import EXIT_OK, ProgressBar, register_command
+from napari_gradcam.cli import EXIT_OK, ProgressBar, method_names, register_command
 
 
 @register_command
@@ -41,7 +41,8 @@ def add_evidence(subparsers: Any) -> None:
     parser.add_argument("--model", required=True, metavar="NAME|CARD",
                         help="a demo model name or a model card .yaml")
     parser.add_argument("--layer", help="layer to explain (default: the card's target layer)")
-    parser.add_argument("--method", default="gradcam", help="CAM method (default gradcam)")
+    parser.add_argument("--method", default="gradcam",
+                        help=f"CAM method (default gradcam): {', '.join(method_names())}")
     parser.add_argument("--target", default="predicted", metavar="predicted|INDEX|CLASS")
     parser.add_argument("--slice", type=int, metavar="INDEX",
                         help="2D model on a volume: the slice to test (default: the slice with "
@@ -68,7 +69,9 @@ def add_evidence(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, metavar="FOLDER", help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     parser.add_argument("--trust", action="store_true",
-                        help="allow model files that can run code (only files you trust)")
+                        help="allow model files that run code or read outside their folder "
+                        "(pickled models, custom architectures, bioimage.io network files, .pt2 "
+                        "with pickled objects); only for files you trust")
     parser.add_argument("--quiet", action="store_true",
                         help="no estimate, progress bar or summary")
     parser.set_defaults(handler=run_evidence_command)
