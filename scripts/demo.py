@@ -34,7 +34,7 @@ def run_headless(model: str, out_dir: Path) -> int:
     code = cli(["explain", str(scan), "--model", model, "--target", "crack", "--out", str(maps),
                 "--overwrite"])
     if code == 0:
-        print(f"\nopen both in napari:  napari {scan} {maps}")
+        print(f"\nopen both in napari:  napari --plugin napari-gradcam {scan} {maps}")
     return code
 
 
