@@ -2,6 +2,12 @@
 
     python scripts/train_demo_models.py                      # all four, into the zoo, + metrics
     python scripts/train_demo_models.py --models xrd-phase-classifier --quick --out /tmp/zoo
+    python scripts/train_demo_models.py --statistics-only     # refresh training_statistics
+
+The CT models learn from domain-randomised patches (``napari_gradcam.samples.ct_randomised``:
+voxel size, grey scale, noise, rings, cupping, pore and crack shapes drawn per patch) and are
+scored on an independent generator they never see (``scripts/evaluate_demo_models.py``). The
+shipped CT weights were trained with ``--threads 1``.
 
 Each model learns from the synthetic generators in ``napari_gradcam.samples`` (seed ``--seed``)
 and is written as ``<weights>.safetensors`` plus ``<name>.yaml`` (the model card). Unless
@@ -28,7 +34,9 @@ from napari_gradcam.samples.demo_models import (
     RECIPES,
     ZOO_DIR,
     evaluate_model,
+    get_recipe,
     train_model,
+    training_statistics,
     write_card,
 )
 
@@ -48,9 +56,27 @@ def main(argv: list[str] | None = None) -> int:
                              "evaluation: checks the pipeline in seconds")
     parser.add_argument("--no-eval", action="store_true", help="do not write metrics to cards")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from these safetensors weights (fine-tuning; the card next "
+                             "to them gives their preprocessing, re-expressed for the new one)")
+    parser.add_argument("--lr", type=float, default=None, help="override the recipe's lr")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="override the recipe's batch size")
+    parser.add_argument("--statistics-only", action="store_true",
+                        help="only (re)compute each card's training_statistics from the seeded "
+                             "training data; weights and metrics stay as they are")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    if args.statistics_only:
+        for name in args.models:
+            card_path = args.out / f"{name}.yaml"
+            card = yaml.safe_load(card_path.read_text(encoding="utf-8"))
+            card["training_statistics"] = training_statistics(
+                get_recipe(name), seed=int(card["training"]["seed"]))
+            write_card(card_path, card)
+            print(f"{name}: training_statistics written to {card_path}")
+        return 0
     for name in args.models:
         card_path = train_model(
             name,
@@ -59,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=args.out,
             train_per_class=QUICK_PER_CLASS if args.quick else None,
             num_threads=args.threads,
+            init_from=args.init_from,
+            lr=args.lr,
+            batch_size=args.batch_size,
         )
         if not (args.quick or args.no_eval):
             metrics = evaluate_model(name, zoo_dir=args.out)

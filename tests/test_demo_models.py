@@ -162,3 +162,63 @@ def test_ct_classifier_finds_the_crack_in_a_whole_volume_by_windows() -> None:
     # share of the volume near the crack
     assert crack["peak_distance_vox"][0] <= 3.0
     assert crack["energy_share"] > 3 * crack["mask_area_share"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cards_record_the_training_inputs_statistics(name: str) -> None:
+    # what the out-of-domain check compares a user's data with: the training inputs as the
+    # model saw them (after the card's preprocessing), computed by core.domain's own function
+    from napari_gradcam.core.domain import input_statistics
+
+    stats = _card(name)["training_statistics"]
+    recipe = get_recipe(name)
+    histogram = stats["histogram"]
+    assert len(histogram["edges"]) == 33 and len(histogram["counts"]) == 32
+    assert sum(histogram["counts"]) == pytest.approx(1.0, abs=1e-6)
+    assert stats["percentiles"]["p1"] <= stats["percentiles"]["p50"] <= stats["percentiles"]["p99"]
+    assert stats["std"] > 0 and stats["noise_sigma"] > 0 and stats["preprocessed"]
+    assert stats["spatial_dims"] == recipe.spatial_dims
+    if recipe.input_size is not None:
+        assert stats["input_size"] == recipe.input_size
+    if name.startswith("ct-"):
+        voxels = stats["voxel_size_range"]
+        assert len(voxels["min"]) == len(voxels["max"]) == recipe.spatial_dims
+        assert all(a < b for a, b in zip(voxels["min"], voxels["max"], strict=True))
+    # the numbers describe the training data: a fresh draw of it lands on them
+    fresh = recipe.make_data(4, 12345)
+    again = input_statistics(fresh.images, spatial_dims=recipe.spatial_dims,
+                             preprocess=recipe.preprocessor(), sample=12)
+    assert abs(again["mean"] - stats["mean"]) < 0.5 * stats["std"]
+    assert abs(again["percentiles"]["p50"] - stats["percentiles"]["p50"]) < stats["std"]
+
+
+def test_ct_unet_generalises_to_the_heldout_family() -> None:
+    # a volume from the independent generator (blob pores, branched cracks, other artefacts,
+    # grey scale and voxel size) the U-Net never trained on; the README's figures come from
+    # eight larger ones, this small one must land near them
+    from napari_gradcam.samples.demo_models import evaluate_unet_volumes
+
+    torch.set_num_threads(2)
+    claimed = _card("ct-slice-unet")["metrics"]["heldout_volumes"]
+    measured = evaluate_unet_volumes(1, shape=(48, 96, 96))
+    assert measured["family"] == "heldout"
+    assert measured["layer"] == _card("ct-slice-unet")["target_layer"]
+    for class_name in ("pore", "crack"):
+        assert measured["iou"][class_name] >= claimed["iou"][class_name] - 0.15, class_name
+    crack = measured["localisation"]["crack"]
+    assert crack["n"] >= 5
+    assert crack["pointing_game"] >= claimed["localisation"]["crack"]["pointing_game"] - 0.2
+    assert crack["energy_share"] >= claimed["localisation"]["crack"]["energy_share"] - 0.15
+    # the crack map sits on the crack, not on the pores (the shortcut of the first U-Net)
+    assert crack["energy_share"] > 5 * crack["energy_share_other_defect"]
+
+
+def test_ct_classifier_finds_the_crack_in_a_heldout_volume_by_windows() -> None:
+    from napari_gradcam.samples.demo_models import evaluate_volume_windows
+
+    torch.set_num_threads(2)
+    result = evaluate_volume_windows(1, family="heldout", shape=(64, 96, 96))
+    crack = result["localisation"]["crack"]
+    assert crack["n"] == 1 and result["family"] == "heldout"
+    assert crack["pointing_game"] == 1.0, crack["peak_distance_vox"]
+    assert crack["energy_share_near"] > 3 * crack["near_area_share"]

@@ -319,3 +319,64 @@ def test_sample_data_module_imports_no_napari_or_qt() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- CT: other families
+
+
+def test_heldout_ct_volume_is_seeded_labelled_and_varies_its_look() -> None:
+    from napari_gradcam.samples.ct_heldout import make_heldout_ct_volume
+
+    a = make_heldout_ct_volume((48, 96, 96), seed=3)
+    again = make_heldout_ct_volume((48, 96, 96), seed=3)
+    np.testing.assert_array_equal(a.volume, again.volume)
+    np.testing.assert_array_equal(a.labels, again.labels)
+    assert a.volume.dtype == np.uint16 and a.labels.dtype == np.uint8
+    assert set(np.unique(a.labels)) == {0, 1, 2}
+    assert a.scale == a.info["voxel_size_um"]
+    # defects are darker than the metal around them
+    metal = np.median(a.volume[(a.labels == 0) & (a.volume > np.median(a.volume))])
+    assert a.volume[a.labels == 1].mean() < metal - 0.2 * (metal - a.info["grey_air"])
+    assert a.volume[a.labels == 2].mean() < metal - 0.2 * (metal - a.info["grey_air"])
+    # the family varies what the training generator keeps fixed: voxel size and grey scale
+    looks = [make_heldout_ct_volume((32, 48, 48), seed=s).info for s in range(4)]
+    assert len({info["voxel_size_um"] for info in looks}) == 4
+    assert max(i["grey_metal"] for i in looks) - min(i["grey_metal"] for i in looks) > 2000
+    with pytest.raises(ValueError, match="shape must be 3 integers"):
+        make_heldout_ct_volume((16, 64, 64))
+
+
+def test_heldout_pores_are_blobs_not_ellipsoids() -> None:
+    # an ellipsoid fills its bounding box to pi/6 = 0.52; thresholded smooth noise makes
+    # irregular blobs, and some of them fill much less of their box
+    from napari_gradcam.samples.ct_heldout import make_heldout_ct_volume
+
+    labels = make_heldout_ct_volume((64, 96, 96), seed=5).labels == 1
+    parts, n = ndimage.label(labels)
+    fills = [np.count_nonzero(parts[box] == i + 1) / parts[box].size
+             for i, box in enumerate(ndimage.find_objects(parts))
+             if np.count_nonzero(parts[box] == i + 1) >= 30]
+    assert n >= 3 and len(fills) >= 2
+    assert min(fills) < 0.42
+
+
+def test_randomised_ct_patches_randomise_the_look_and_keep_the_labels() -> None:
+    from napari_gradcam.samples.ct_randomised import (
+        make_randomised_ct_patches,
+        make_randomised_ct_slice_patches,
+    )
+
+    patches = make_randomised_ct_patches(n_per_class=4, size=24, seed=2, extent=64)
+    assert patches.images.shape == (12, 24, 24, 24)
+    assert np.bincount(patches.classes).tolist() == [4, 4, 4]
+    for image_class, mask in zip(patches.classes, patches.masks, strict=True):
+        assert set(np.unique(mask)) - {0} == [set(), {1}, {2}][image_class]
+    slices = make_randomised_ct_slice_patches(n=16, size=32, seed=0, extent=64)
+    assert np.bincount(slices.classes).tolist() == [4, 4, 4, 4]
+    for kind, mask in zip(slices.classes, slices.masks, strict=True):
+        assert set(np.unique(mask)) - {0} == [set(), {1}, {2}, {1, 2}][kind]
+    # the grey scale differs from patch to patch (the training family has one grey scale)
+    brightest = np.percentile(slices.images.reshape(16, -1), 95, axis=1)
+    assert brightest.max() - brightest.min() > 8000
+    again = make_randomised_ct_slice_patches(n=16, size=32, seed=0, extent=64)
+    np.testing.assert_array_equal(slices.images, again.images)

@@ -69,6 +69,12 @@ class Crack:
     opening: float
     waviness: float
     wave: tuple[float, float, float, float]
+    opening_variation: float = 0.0
+    """Relative variation of the opening along the crack (0: smooth elastic profile only)."""
+    opening_wave: tuple[float, float] = (0.3, 0.0)
+    """Wave number (per um) and phase of that variation along the in-plane direction u."""
+    keep_side: tuple[float, float, float] | None = None
+    """If set, only the half-disc on this side of the origin exists (a branch of a crack)."""
 
 
 @dataclass
@@ -76,6 +82,8 @@ class Specimen:
     """The virtual specimen: cylinder geometry, artefact parameters and defects.
 
     ``axis_yx`` and ``radius`` in voxels of a slice (the rotation axis is parallel to z).
+    The remaining fields default to the look of :func:`make_ct_volume`; the randomised training
+    generator (:mod:`napari_gradcam.samples.ct_randomised`) varies them.
     """
 
     axis_yx: tuple[float, float]
@@ -84,6 +92,13 @@ class Specimen:
     rings: list[tuple[float, float]] = field(default_factory=list)  # (radius px, amplitude)
     pores: list[Pore] = field(default_factory=list)
     cracks: list[Crack] = field(default_factory=list)
+    voxel_um: tuple[float, float, float] = CT_VOXEL_SIZE_UM
+    air_grey: float = CT_AIR_GREY
+    metal_grey: float = CT_METAL_GREY
+    ring_width: float = 0.8
+    cupping_power: float = 2.0
+    correlated_noise: float = 0.0
+    """Sigma of an extra, spatially correlated noise (grey values), 0 for none."""
 
 
 @dataclass
@@ -110,7 +125,7 @@ def _render(
     ``origin`` is the box's first voxel in the specimen's voxel grid. Defects are evaluated in
     micrometres, artefacts in slice pixels, exactly as for the whole volume.
     """
-    dz, dy, dx = CT_VOXEL_SIZE_UM
+    dz, dy, dx = specimen.voxel_um
     z = (np.arange(shape[0], dtype=np.float32) + origin[0])[:, None, None]
     y = (np.arange(shape[1], dtype=np.float32) + origin[1])[None, :, None]
     x = (np.arange(shape[2], dtype=np.float32) + origin[2])[None, None, :]
@@ -150,24 +165,30 @@ def _render(
         labels[sl][empty >= 0.5] = 1
 
     for crack in specimen.cracks:
-        empty = _crack_void(crack, zu, yu, xu, shape)
+        empty = _crack_void(crack, zu, yu, xu, shape, min(specimen.voxel_um))
         inside = material > 0.5
         material *= 1.0 - empty
         labels[(empty >= 0.5) & inside] = 2
 
     # cupping: uniform material looks darker towards the rotation axis
-    cup = 1.0 - specimen.cupping * np.clip(1.0 - (r / specimen.radius) ** 2, 0.0, 1.0)
-    grey = CT_AIR_GREY + (CT_METAL_GREY - CT_AIR_GREY) * material * cup
+    relative_r = r / specimen.radius
+    profile = relative_r**2 if specimen.cupping_power == 2.0 else relative_r**specimen.cupping_power
+    cup = 1.0 - specimen.cupping * np.clip(1.0 - profile, 0.0, 1.0)
+    grey = specimen.air_grey + (specimen.metal_grey - specimen.air_grey) * material * cup
     for ring_radius, amplitude in specimen.rings:
-        grey = grey + amplitude * np.exp(-(((r - ring_radius) / 0.8) ** 2))
+        grey = grey + amplitude * np.exp(-(((r - ring_radius) / specimen.ring_width) ** 2))
     if blur > 0:
         grey = ndimage.gaussian_filter(grey.astype(np.float32), blur)
     grey = grey + rng.normal(0.0, noise, shape).astype(np.float32)
+    if specimen.correlated_noise > 0:
+        correlated = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape).astype(np.float32), 1.0)
+        grey = grey + correlated * np.float32(specimen.correlated_noise / 0.28)
     return grey.astype(np.float32), labels
 
 
 def _crack_void(
-    crack: Crack, zu: np.ndarray, yu: np.ndarray, xu: np.ndarray, shape: tuple[int, int, int]
+    crack: Crack, zu: np.ndarray, yu: np.ndarray, xu: np.ndarray, shape: tuple[int, int, int],
+    voxel: float = min(CT_VOXEL_SIZE_UM),
 ) -> np.ndarray:
     """Fraction (0..1) of each voxel that is open crack, from the crack's signed distance."""
     normal = np.asarray(crack.normal, dtype=np.float64)
@@ -185,11 +206,16 @@ def _crack_void(
     surface = crack.waviness * (np.sin(k1 * u + p1) + 0.6 * np.sin(k2 * v + p2))
     rho = np.sqrt(u**2 + v**2)
     half_opening = crack.opening * np.sqrt(np.clip(1.0 - (rho / crack.radius) ** 2, 0.0, 1.0))
-    # distance in micrometres -> in-slice voxels (0.65 um), the finest sampling
-    voxel = min(CT_VOXEL_SIZE_UM)
+    if crack.opening_variation:
+        k, phase = crack.opening_wave
+        half_opening = half_opening * (1.0 + crack.opening_variation * np.sin(k * u + phase))
+    # distance in micrometres -> voxels of the finest sampling (``voxel``)
     distance = np.abs(height - surface)
     empty = np.clip((half_opening - distance) / voxel + 0.5, 0.0, 1.0)
     empty = np.where(rho < crack.radius, empty, 0.0)
+    if crack.keep_side is not None:
+        side = np.asarray(crack.keep_side, dtype=np.float64)
+        empty = np.where(pz * side[0] + py * side[1] + px * side[2] >= 0, empty, 0.0)
     return np.broadcast_to(empty, shape).astype(np.float32)
 
 

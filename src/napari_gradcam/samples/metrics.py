@@ -1,15 +1,24 @@
 """Localisation and segmentation scores for heat maps against ground-truth defect masks.
 
-Accuracy says whether a model is right; these say whether it is right *for the right reason*:
+Accuracy says whether a model is right; these say whether it is right *for the right reason*.
+These are THE definitions every number in this project's README, model cards and evaluation
+scripts uses (``scripts/evaluate_demo_models.py``, the evidence reports); nothing else
+re-implements them:
 
-* pointing game (Zhang et al., 2016): a map "hits" when its maximum lies on the object, here
-  within ``tolerance`` (in pixels, or in physical units with ``spacing``) of a mask pixel. A
+* **pointing hit** (:func:`pointing_hits`, pointing game of Zhang et al., 2016): a map "hits"
+  when its maximum lies on the object, here within ``tolerance`` (in pixels, or in physical
+  units with ``spacing``; Euclidean distance to the nearest mask pixel) of a mask pixel. A
   tolerance of a couple of pixels forgives the coarse grid of a late CNN layer; the original
-  paper used 15 pixels on 224-pixel images. A map without a unique maximum structure (all
-  values equal, e.g. all zero) is a miss: it points nowhere;
-* energy share: the fraction of the map's positive mass inside the mask (the "energy-based
-  pointing game" of Score-CAM). Compare it with the mask's share of the image, its chance level;
-* intersection over union per class, for segmentation outputs.
+  paper used 15 pixels on 224-pixel images; the demo models are scored at 2 pixels/voxels. A
+  map without a unique maximum structure (all values equal, e.g. all zero) is a miss: it
+  points nowhere. The **pointing game** (:func:`pointing_game`) is the share of hits over
+  samples (slices, patches, volumes) that contain the object;
+* **energy share** (:func:`energy_share`): the fraction of the map's *positive* mass inside
+  the mask, sum(max(map, 0) * mask) / sum(max(map, 0)) (the "energy-based pointing game" of
+  Score-CAM; 0 for a map with no positive value). Compare it with the mask's share of the
+  image, its chance level. Which mask is stated with every number (the true defect mask, or
+  that mask dilated by the pointing tolerance for whole-volume maps);
+* intersection over union per class (:func:`iou_per_class`), for segmentation outputs.
 """
 
 from __future__ import annotations
