@@ -1,11 +1,18 @@
 """Synthetic materials samples with ground truth, and the recipes of the demo models.
 
 Micrographs (2D), X-ray CT volumes (3D) and XRD pattern stacks (1D rows) are drawn by seeded
-generators, so every sample comes with exact defect masks against which a Grad-CAM can be
+generators (for CT also a domain-randomised training family and an independent held-out
+family), so every sample comes with exact defect masks against which a Grad-CAM can be
 scored (:mod:`napari_gradcam.samples.metrics`). Importing this package does not import torch;
 :mod:`napari_gradcam.samples.demo_models` (training and evaluation) does.
 """
 
+from napari_gradcam.samples.ct_heldout import HELDOUT_SEED_BASE, make_heldout_ct_volume
+from napari_gradcam.samples.ct_randomised import (
+    CT_RANDOMISED_WINDOW,
+    make_randomised_ct_patches,
+    make_randomised_ct_slice_patches,
+)
 from napari_gradcam.samples.ct_volume import (
     CT_CLASSES,
     CT_LABELS,
@@ -43,8 +50,10 @@ from napari_gradcam.samples.spectra import (
 __all__ = [
     "CT_CLASSES",
     "CT_LABELS",
+    "CT_RANDOMISED_WINDOW",
     "CT_VOXEL_SIZE_UM",
     "CT_WINDOW",
+    "HELDOUT_SEED_BASE",
     "MICROGRAPH_CLASSES",
     "MICROGRAPH_LABELS",
     "PHASES",
@@ -58,9 +67,12 @@ __all__ = [
     "make_ct_patches",
     "make_ct_slice_patches",
     "make_ct_volume",
+    "make_heldout_ct_volume",
     "make_micrograph",
     "make_micrograph_patches",
     "make_pattern",
+    "make_randomised_ct_patches",
+    "make_randomised_ct_slice_patches",
     "make_spectra_dataset",
     "make_spectra_stack",
     "pointing_game",
