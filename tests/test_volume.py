@@ -519,9 +519,18 @@ def test_read_mirrored_is_the_volume_reflected_at_its_faces_voxel_by_voxel(shape
     (the slab fast path and the general gather must both give the definition)."""
     rng = np.random.default_rng(sum(shape))
     volume = (rng.random(shape) * 60000).astype(np.uint16)  # integers: read as float32
-    for _ in range(60):
-        corner = [int(rng.integers(-2 * s - 2, s + 2)) for s in shape]
-        size = [int(rng.integers(1, 2 * s + 4)) for s in shape]
+    margins = [min(2, s - 1) for s in shape]
+    blocks = [((0, 0, 0), shape),  # the volume itself
+              # the windows loop's slab: a margin mirrored on both sides of every axis
+              ([-m for m in margins], [s + 2 * m for s, m in zip(shape, margins, strict=True)]),
+              # one face only, each end
+              ([-m for m in margins], shape), (margins, shape)]
+    for draw in range(80):  # short overhangs (a few voxels) and long ones (beyond the axis)
+        reach = [s - 1 for s in shape] if draw % 2 else [2 * s + 2 for s in shape]
+        corner = [int(rng.integers(-r, s + 1)) for r, s in zip(reach, shape, strict=True)]
+        size = [int(rng.integers(1, s + 2 * r + 2)) for r, s in zip(reach, shape, strict=True)]
+        blocks.append((corner, size))
+    for corner, size in blocks:
         block = read_mirrored(volume, corner, size)
         expected = np.empty(size, np.float32)
         for index in np.ndindex(*size):
