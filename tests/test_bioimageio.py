@@ -275,3 +275,18 @@ def test_a_file_named_bioimageio_yaml_and_plain_cards_are_told_apart(tmp_path: P
         "task": "classification", "architecture_kwargs": {"widths": [4, 8]}}), encoding="utf-8")
     assert find_rdf(card) is None
     assert load_model(card).card.name == "plain"
+
+
+def test_a_file_outside_the_package_is_never_read_to_check_its_checksum(tmp_path: Path) -> None:
+    """A description naming '../secret' with a made-up sha256 must not make the tool read the
+    file (the checksum error would reveal its hash); the folder rule refuses it first."""
+    rdf, _ = write_package(tmp_path / "package", style="0.5")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"not yours")
+    data = yaml.safe_load(rdf.read_text(encoding="utf-8"))
+    data["weights"]["pytorch_state_dict"].update(source="../secret.bin", sha256="0" * 64)
+    rdf.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises((ModelLoadError, BioimageioError)) as refused:
+        load_model(rdf)
+    assert sha256(secret) not in str(refused.value)
+    assert "outside" in str(refused.value)

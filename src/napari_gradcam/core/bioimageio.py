@@ -111,7 +111,7 @@ def _card(data: Mapping[str, Any], rdf: Path) -> ModelCard:
     weights_source = _local_file(weights.get("source"), "weights.pytorch_state_dict.source",
                                  folder)
     _check_sha256(folder / weights_source, weights.get("sha256"),
-                  "weights.pytorch_state_dict.sha256")
+                  "weights.pytorch_state_dict.sha256", folder)
     inputs, outputs = data.get("inputs"), data.get("outputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], Mapping):
         count = len(inputs) if isinstance(inputs, list) else 0
@@ -185,7 +185,7 @@ def _architecture(weights: Mapping[str, Any], folder: Path) -> tuple[str, dict[s
     if not isinstance(kwargs, Mapping):
         raise BioimageioError(f"{where} kwargs must be a mapping, got {kwargs!r}")
     if source.endswith(".py"):
-        _check_sha256(folder / source, sha256, f"{where} sha256")
+        _check_sha256(folder / source, sha256, f"{where} sha256", folder)
     return f"{source}:{callable_name}", dict(kwargs)
 
 
@@ -201,10 +201,17 @@ def _local_file(value: object, where: str, folder: Path) -> str:
     return value
 
 
-def _check_sha256(path: Path, expected: object, where: str) -> None:
-    """The package's own checksum: a mismatch means the file is not the one it describes."""
+def _check_sha256(path: Path, expected: object, where: str, folder: Path) -> None:
+    """The package's own checksum: a mismatch means the file is not the one it describes.
+
+    Only files inside the package folder are read here: a description naming
+    ``../elsewhere`` must not make the tool read (and reveal the checksum of) a file outside it
+    before the loader's confinement rule has refused it (without trust).
+    """
     if expected is None or not path.is_file():
         return  # a missing file is reported, with its resolved path, when it is loaded
+    if not path.resolve().is_relative_to(folder.resolve()):
+        return  # outside the package: refused by the loader unless trusted, never read here
     actual = hashlib.sha256(path.read_bytes()).hexdigest()
     if str(expected).lower() != actual:
         raise BioimageioError(
