@@ -283,6 +283,23 @@ def test_saving_never_leaves_half_a_file_and_names_bad_formats(tmp_path, make_na
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_four_d_layer_saves_as_ome_tiff_and_an_imagej_tiff_says_why_not(tmp_path):
+    """ImageJ hyperstacks are TZCYX; a (C, Z, Y, X) layer (napari's default axis names for 4D)
+    cannot be written there without moving its axes: the writer says so and writes nothing,
+    and the OME-TIFF it points to keeps the layer as it is."""
+    from napari_gradcam._writer import write_image
+
+    data = np.random.default_rng(0).random((2, 3, 4, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"ImageJ.*ZCYX.*CZYX.*\.ome\.tif"):
+        write_image(str(tmp_path / "maps.tif"), data, {})
+    assert list(tmp_path.iterdir()) == []
+    written = write_image(str(tmp_path / "maps.ome.tif"), data, {})
+    assert written and Path(written[0]).exists()
+    import tifffile
+
+    np.testing.assert_array_equal(tifffile.imread(written[0]), data)
+
+
 # ----------------------------------------------------------------------------- translation
 
 

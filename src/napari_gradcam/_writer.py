@@ -231,6 +231,14 @@ def _write_imagej_tiff(path: Path, geometry: _Geometry, record: dict[str, Any] |
         data = data.astype(np.uint8)
     elif data.dtype not in _IMAGEJ_DTYPES:
         data = data.astype(np.float32)
+    order = [axis for axis in "tzcyx" if axis in geometry.axes]
+    if list(geometry.axes) != order:
+        # ImageJ hyperstacks are TZCYX; moving the layer's axes would give back a file whose
+        # axes are not the layer's, so say where the layer's own order is kept instead
+        raise ValueError(
+            f"an ImageJ TIFF stores axes in the order {''.join(order).upper()}, but this layer's "
+            f"axes are {geometry.axes.upper()}: save it as .ome.tif or .zarr, which keep the "
+            "layer's axis order")
     axes = geometry.axes.upper() + ("S" if geometry.rgb else "")
     sx = _spatial(geometry, geometry.scale, "x", 1.0)
     sy = _spatial(geometry, geometry.scale, "y", 1.0)
