@@ -225,6 +225,27 @@ def test_an_out_of_domain_input_is_warned_about_and_recorded(files, card_with_st
     assert "domain_check" not in written(tmp_path / "off.zarr")[1]
 
 
+def test_a_file_without_a_length_unit_is_not_compared_in_micrometres(files, tmp_path, capsys):
+    """A .npy scan has no voxel size: its scale of 1 is pixels, so the voxel-size check must
+    say it cannot tell, not flag 1 µm against the training range (as the widget does)."""
+    card = yaml.safe_load(with_statistics(files["card"], 60).read_text(encoding="utf-8"))
+    card["training_statistics"]["voxel_size_range"] = {"min": [0.6, 0.6], "max": [0.7, 0.7]}
+    path = files["card"].with_name("card_with_voxels.yaml")
+    path.write_text(yaml.safe_dump(card), encoding="utf-8")
+    scan = tmp_path / "scan.npy"
+    np.save(scan, (np.random.default_rng(7).random((6, 18, 22)) * 1000).astype(np.uint16))
+    assert run(scan, path, tmp_path / "maps.zarr") == 0
+    report = written(tmp_path / "maps.zarr")[1]["domain_check"]
+    voxel = next(f for f in report["findings"] if f["check"] == "voxel_size")
+    assert not voxel["flagged"] and voxel["value"] is None
+    # the same scan as a TIFF in µm at 0.65 µm is compared, and passes
+    tif = write_tiff_volume(tmp_path / "scan.tif", np.load(scan), scale=SCALE)
+    assert run(tif, path, tmp_path / "tif.zarr") == 0
+    voxel = next(f for f in written(tmp_path / "tif.zarr")[1]["domain_check"]["findings"]
+                 if f["check"] == "voxel_size")
+    assert voxel["value"] is not None and not voxel["flagged"]
+
+
 @pytest.mark.parametrize("model, extra, seen", [
     ("card", ["--axis", "1"], [20, 22]),  # slices along y: items are (z, x) planes
     ("card3d", ["--mode", "volume", "--window", "12", "12", "12"], [12, 12, 12]),  # windows

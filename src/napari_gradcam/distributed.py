@@ -355,14 +355,20 @@ def uncertainty_attrs(record: dict[str, Any], options: ExplainOptions, plan: Pla
         "meaning": {s: MEANINGS[s] for s in sources}}}
 
 
-def domain_report(volume: Any, loaded: Any, plan: Plan, scale: Sequence[float]) -> Any:
+def domain_report(volume: Any, loaded: Any, plan: Plan, scale: Sequence[float] | None) -> Any:
     """The input against the card's training statistics, as the model sees it: slices along
-    the plan's axis for a 2D model, windows of the plan's size for a 3D one."""
-    from napari_gradcam.core.domain import check_domain
+    the plan's axis for a 2D model, windows of the plan's size for a 3D one. ``scale`` is the
+    voxel size in µm, ``None`` when the file declares no length unit (then the voxel-size check
+    says it cannot tell instead of comparing pixels with micrometres). A check that fails on
+    odd data becomes a report that says so, as in the widget: it must never stop the run."""
+    from napari_gradcam.core.domain import DomainReport, check_domain
 
-    return check_domain(volume, loaded, voxel_size=tuple(scale),
-                        input_size=plan.window if plan.mode == "windows" else None,
-                        axis=plan.axis if plan.mode == "slices" else None)
+    try:
+        return check_domain(volume, loaded, voxel_size=None if scale is None else tuple(scale),
+                            input_size=plan.window if plan.mode == "windows" else None,
+                            axis=plan.axis if plan.mode == "slices" else None)
+    except (ValueError, TypeError) as error:
+        return DomainReport(checked=False, reason=f"the domain check failed: {error}")
 
 
 def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_path: Path,
@@ -400,8 +406,8 @@ def _prediction_attrs(predictions: np.ndarray, positions: list[tuple[int, ...]],
                       class_names: Sequence[str], value_range: tuple[float, float],
                       seconds: float, target: int | Target | None = None) -> dict[str, Any]:
     if isinstance(target, RegressionTarget):
-        # the engine's per-item "predictions" are a softmax over the outputs, which for a
-        # regression head are not classes: storing them would read as class probabilities
+        # a regression head's per-item predictions are its predicted values, not classes:
+        # counted as "predicted classes" they would read as class probabilities
         return {"value_range": [float(value_range[0]), float(value_range[1])],
                 "seconds": round(seconds, 3),
                 "predictions_note": "regression head: predicted values are not recorded"}
@@ -525,7 +531,8 @@ def explain_file(
     explainer = make_explainer_for(loaded, plan, options.method, options)
     record = build_provenance(loaded, plan, options, input_path, voxel.scale, voxel.unit,
                               {"scheduler": "single process"})
-    _record_domain_check(record, volume, loaded, plan, voxel.scale, options, notify)
+    _record_domain_check(record, volume, loaded, plan,
+                         voxel.scale if voxel.unit else None, options, notify)
     started = time.perf_counter()
     output_options: dict[str, Any] = {
         "scale": voxel.scale, "unit": voxel.unit, "dtype": options.dtype,
@@ -570,7 +577,7 @@ def explain_file(
 
 
 def _record_domain_check(record: dict[str, Any], volume: Any, loaded: Any, plan: Plan,
-                         scale: Sequence[float], options: ExplainOptions,
+                         scale: Sequence[float] | None, options: ExplainOptions,
                          notify: Callable[[str], None] | None) -> None:
     """Check the input against the card's training statistics (unless switched off), keep the
     report in the provenance, and say it when the input is out of domain or cannot be
@@ -805,7 +812,7 @@ def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
                 within = None if variances is None else variances[number][planes]
                 moments.add(cam[planes], weights[planes], index=region, within_variance=within)
             if owned:
-                predictions.extend(class_probabilities(result.outputs))
+                predictions.extend(class_probabilities(result.outputs, plan.target))
                 positions.extend((z0 - z_pad, y0 - y_pad, x0 - x_pad)
                                  for y0, x0 in batch_corners)
 
@@ -880,7 +887,8 @@ def run_distributed(
              f"local cluster of {workers} processes" if workers else "dask client")
     record = build_provenance(loaded, plan, options, input_path, voxel.scale, voxel.unit,
                               {"scheduler": where})
-    _record_domain_check(record, volume, loaded, plan, voxel.scale, options, notify)
+    _record_domain_check(record, volume, loaded, plan,
+                         voxel.scale if voxel.unit else None, options, notify)
     del volume
     started = time.perf_counter()
     output_options: dict[str, Any] = {
