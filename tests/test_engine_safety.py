@@ -296,6 +296,23 @@ def test_a_one_pixel_layer_in_a_plain_sequential_suggests_the_layer_before_the_p
         GradCAM(model, "2")(torch.rand(1, 1, 12, 10))
 
 
+def test_the_one_pixel_advice_costs_one_dry_run_per_input_shape_not_one_per_batch():
+    """A volume explained batch by batch at a 1×1 layer warns every batch; the dry run that
+    finds the better layer runs once per model and input shape."""
+    from napari_gradcam import explain_volume
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2)).eval()
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append(1))
+    volume = np.random.default_rng(0).random((6, 12, 10)).astype(np.float32)
+    with pytest.warns(UserWarning, match="one pixel"):
+        explain_volume(GradCAM(model, "2"), volume, mode="slices", axis=0, batch_size=2)
+    batches = 3
+    assert len(calls) <= batches + 1  # each batch once, plus one dry run for the advice
+
+
 def test_float64_beyond_float32_range_is_called_an_overflow_not_nan(resnet2d):
     x = np.random.default_rng(0).random((1, 1, 16, 16))
     x[0, 0, 3, 3] = -1e300

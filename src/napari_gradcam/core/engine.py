@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -313,15 +314,7 @@ def _warn_if_one_by_one(model: nn.Module, x: torch.Tensor,
             and all(size == 1 for size in layer.activations.shape[2:])]
     if not flat or all(size == 1 for size in x.shape[2:]):
         return
-    from napari_gradcam.core.layer_discovery import last_spatial_layer  # it imports this module
-
-    try:
-        better = last_spatial_layer(model, tuple(x.shape[1:]))
-    except (ValueError, RuntimeError, TypeError):  # the advice is optional, the warning is not
-        better = None
-    advice = (f" Explain the last layer with spatial extent instead: {better.name!r} (output "
-              f"{'×'.join(str(s) for s in better.output_shape)})." if better is not None else
-              " Choose a layer before the global pooling.")
+    advice = _one_by_one_advice(model, tuple(x.shape[1:]))
     for layer in flat:
         shape = "×".join(str(s) for s in layer.activations.shape[1:])
         warnings.warn(
@@ -329,6 +322,28 @@ def _warn_if_one_by_one(model: nn.Module, x: torch.Tensor,
             f"an input of {'×'.join(str(s) for s in x.shape[2:])}, so its map is the same value "
             f"everywhere and shows nothing about where the model looks.{advice}",
             UserWarning, stacklevel=4)
+
+
+_ADVICE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
+    weakref.WeakKeyDictionary())
+"""The 1×1 advice per model and input shape: found by a dry run, so a volume explained batch by
+batch pays for that run once, not once per batch."""
+
+
+def _one_by_one_advice(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    known = _ADVICE.setdefault(model, {})
+    if input_shape not in known:
+        from napari_gradcam.core.layer_discovery import last_spatial_layer  # imports this module
+
+        try:
+            better = last_spatial_layer(model, input_shape)
+        except (ValueError, RuntimeError, TypeError):  # the advice is optional, not the warning
+            better = None
+        known[input_shape] = (
+            f" Explain the last layer with spatial extent instead: {better.name!r} (output "
+            f"{'×'.join(str(s) for s in better.output_shape)})." if better is not None else
+            " Choose a layer before the global pooling.")
+    return known[input_shape]
 
 
 def forward_backward(
