@@ -102,3 +102,33 @@ def test_a_stopped_run_writes_nothing(model3d, tmp_path):
         run_job(job, lambda *item: calls.append(item), should_stop=lambda: len(calls) > 3)
     assert not (tmp_path / "report").exists()
     assert list(tmp_path.iterdir()) == []  # no staging folder left behind
+
+
+def test_staging_of_a_killed_run_is_cleaned_and_a_live_runs_is_left_alone(model3d, tmp_path):
+    """Whole-volume evidence stages its report like every output (io.atomic_path's naming): a
+    staging folder of a killed run is removed with a word; one of a run still going is kept."""
+    import os
+    import subprocess
+    import sys
+
+    from napari_gradcam.io import temporary_name
+
+    folder = tmp_path / "report"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = temporary_name(folder, "partial").with_name(
+        f"report.partial-{temporary_name(folder, 'x').name.split('-')[1]}-{dead.pid}-deadbeef")
+    live = temporary_name(folder, "partial")  # this very process: still running
+    for leftover in (stale, live):
+        leftover.mkdir()
+        (leftover / "samples.csv").write_text("half", encoding="utf-8")
+    old = os.path.getmtime(stale)
+    os.utime(stale, (old - 3600, old - 3600))  # written before the dead process ended
+    volume = np.random.default_rng(1).random((8, 8, 16)).astype(np.float32)
+    samples = volume_samples(volume.shape, 3, window=(8, 8, 8))
+    job = whole_volume_job(model3d, volume, samples, folder, layer="features.1", target=0,
+                           checks=["deletion"], settings=FAST)
+    with pytest.warns(RuntimeWarning, match="removed .*was killed"):
+        run_job(job)
+    assert not stale.exists() and live.exists()
+    assert (folder / "summary.json").exists()

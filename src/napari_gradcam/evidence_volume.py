@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from napari_gradcam.evidence_report import (
     StopCallback,
     evidence_job,
 )
+from napari_gradcam.io import clean_stale_partials, temporary_name
 
 __all__ = ["VolumeEvidence", "VolumeSample", "volume_samples", "whole_volume_job"]
 
@@ -187,9 +189,12 @@ def _run(model, volume, samples, folder, planned, layer, target, chosen, region,
     total = scale * len(samples)
     tallies: dict[tuple[str, str], _Tally] = {}
     with_region = 0
-    staging = folder.parent / f".{folder.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
+    # the same naming as every output (io.atomic_path): host, process and a random part, so
+    # two runs to one folder never share (or delete) each other's staging, and a later run
+    # cleans up what a killed one left
+    for message in clean_stale_partials(folder):
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    staging = temporary_name(folder, "partial")
     staging.mkdir(parents=True)
     try:
         with open(staging / "samples.csv", "w", newline="", encoding="utf-8") as handle:

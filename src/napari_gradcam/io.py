@@ -572,7 +572,7 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname() or "host")[:40] or "host"
 
 
-def _temporary_name(path: Path, kind: str) -> Path:
+def temporary_name(path: Path, kind: str) -> Path:
     """``<name>.<kind>-<host>-<pid>-<random>``: who wrote it, so that a later run can tell a
     leftover of a killed run (removed) from the output of a run still going (kept)."""
     return path.with_name(f"{path.name}.{kind}-{_host_tag()}-{os.getpid()}-"
@@ -684,7 +684,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False,
             notify(message)
         else:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
-    partial = _temporary_name(path, "partial")
+    partial = temporary_name(path, "partial")
     try:
         yield partial
         if not partial.exists():
@@ -792,7 +792,7 @@ def _replace(partial: Path, path: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(f"{path} appeared while writing; the new result was discarded")
-    old = _temporary_name(path, "old")
+    old = temporary_name(path, "old")
     os.replace(path, old)
     try:
         os.replace(partial, path)
