@@ -936,3 +936,20 @@ def test_a_map_made_in_the_widget_looks_like_the_same_map_opened_from_a_file(
     assert layer.colormap.name == MAP_COLORMAP
     assert layer.blending == MAP_BLENDING
     assert layer.opacity == pytest.approx(MAP_OPACITY)
+
+
+def test_a_layers_voxel_size_uses_the_same_unit_table_as_files() -> None:
+    """The widget's voxel size (for the out-of-domain check) converts units with io's table,
+    as the readers do: nm and mm come in µm, pixels or a mix of units give no voxel size."""
+    from napari.layers import Image as ImageLayer
+
+    from napari_gradcam._qt_common import voxel_size_um
+
+    data = np.zeros((2, 3, 4), np.float32)
+    nm = ImageLayer(data, scale=(500.0, 65.0, 65.0), units=("nm", "nm", "nm"))
+    assert voxel_size_um(nm) == pytest.approx((0.5, 0.065, 0.065))
+    mixed = ImageLayer(data, scale=(1.0, 65.0, 65.0), units=("um", "nm", "nm"))
+    assert voxel_size_um(mixed) == pytest.approx((1.0, 0.065, 0.065))
+    assert voxel_size_um(ImageLayer(data, scale=(1.0, 2.0, 2.0))) is None  # napari's pixels
+    millimetre = ImageLayer(data, scale=(0.001, 0.001, 0.001), units=("mm", "mm", "mm"))
+    assert voxel_size_um(millimetre) == pytest.approx((1.0, 1.0, 1.0))

@@ -14,6 +14,7 @@ construction.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -116,11 +117,15 @@ def voxel_size_um(layer: Image) -> tuple[float, ...] | None:
     magnification, so the out-of-domain check then leaves the voxel size unchecked rather
     than comparing a made-up size with the training data's.
     """
+    from napari_gradcam.io import to_micrometers  # one unit table for files and layers
+
+    sizes = [abs(float(scale)) for scale in layer.scale]
+    names = string.ascii_lowercase[:len(sizes)]
     try:
-        return tuple(float((abs(float(scale)) * unit).to("micrometer").magnitude)
-                     for scale, unit in zip(layer.scale, layer.units, strict=True))
-    except Exception:  # pint's DimensionalityError for pixels, or no units at all
+        scale, unit = to_micrometers(sizes, [str(u) for u in layer.units], names, layer.name)
+    except ValueError:  # a length on one axis and pixels on another: no common size
         return None
+    return scale if unit == "micrometer" else None
 
 
 def placement(layer: Image, origin: Sequence[int]) -> dict[str, Any]:
