@@ -257,11 +257,10 @@ def _map_kwargs(path: Path, record: dict[str, Any], attrs: dict[str, Any],
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """The layer name a file gives: its name without the format suffix."""
+    from napari_gradcam.io import split_suffix
+
+    return split_suffix(path)[0]
 
 
 def _pyramid(path: Path, level0: Any, attrs: dict[str, Any]) -> list[Any]:

@@ -173,11 +173,10 @@ def _write_ome_zarr(path: Path, geometry: _Geometry, record: dict[str, Any] | No
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """The layer name a file gives: its name without the format suffix."""
+    from napari_gradcam.io import split_suffix
+
+    return split_suffix(path)[0]
 
 
 # ----------------------------------------------------------------------------- TIFF

@@ -471,20 +471,27 @@ def output_kind(path: str | os.PathLike) -> str:
                      ".zarr (OME-Zarr, recommended), .tif or .npy")
 
 
+def split_suffix(path: str | os.PathLike) -> tuple[str, str]:
+    """``("scan", ".ome.zarr")``: a file's name and its whole format suffix (compound suffixes
+    such as ``.ome.tif`` kept in one piece); ``(name, "")`` for a name we have no format for."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif",
+                   *sorted((*ZARR_SUFFIXES, *TIFF_SUFFIXES, *NUMPY_SUFFIXES), key=len,
+                           reverse=True)):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
+    return name, ""
+
+
 def uncertainty_path(out_path: str | os.PathLike) -> Path:
     """Where a run's uncertainty map goes, beside its map and in the same format:
     ``scan_cam.zarr`` → ``scan_cam_uncertainty.zarr``, ``x.ome.zarr`` →
     ``x_uncertainty.ome.zarr`` (the suffix is kept whole, so the reader still knows it)."""
     path = Path(out_path)
     output_kind(path)
-    name = path.name
-    lower = name.lower()
-    compound = (".ome.zarr", ".ome.tiff", ".ome.tif")
-    for suffix in (*compound, *sorted((*ZARR_SUFFIXES, *TIFF_SUFFIXES, *NUMPY_SUFFIXES),
-                                      key=len, reverse=True)):
-        if lower.endswith(suffix):
-            return path.with_name(name[: -len(suffix)] + "_uncertainty" + name[-len(suffix):])
-    raise AssertionError("unreachable: output_kind accepted the name")
+    stem, suffix = split_suffix(path)
+    return path.with_name(f"{stem}_uncertainty{suffix}")
 
 
 class OutputError(OSError):
