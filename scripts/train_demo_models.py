@@ -9,6 +9,12 @@ voxel size, grey scale, noise, rings, cupping, pore and crack shapes drawn per p
 scored on an independent generator they never see (``scripts/evaluate_demo_models.py``). The
 shipped CT weights were trained with ``--threads 1``.
 
+``--init-from`` continues from earlier weights (the card keeps the earlier card's ``training``
+under ``training.init_training``); ``--dice-weight`` adds a soft Dice term for the crack class
+to the U-Net's cross-entropy. Tried on the shipped U-Net (1200 more steps, seed 1, lr 1e-3,
+Dice weight 1): held-out crack IoU 0.707 -> 0.730, but pore IoU 0.824 -> 0.817, crack pointing
+game 0.929 -> 0.909 and more background called pore, so the shipped weights stayed as they are.
+
 Each model learns from the synthetic generators in ``napari_gradcam.samples`` (seed ``--seed``)
 and is written as ``<weights>.safetensors`` plus ``<name>.yaml`` (the model card). Unless
 ``--no-eval`` (implied by ``--quick``), the card's ``metrics`` are then measured on held-out data
@@ -62,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's lr")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="override the recipe's batch size")
+    parser.add_argument("--dice-weight", type=float, default=0.0,
+                        help="segmentation: add this multiple of the crack class's soft Dice "
+                             "loss to cross-entropy (an overlap loss for thin cracks)")
     parser.add_argument("--statistics-only", action="store_true",
                         help="only (re)compute each card's training_statistics from the seeded "
                              "training data; weights and metrics stay as they are")
@@ -88,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             init_from=args.init_from,
             lr=args.lr,
             batch_size=args.batch_size,
+            dice_weight=args.dice_weight,
         )
         if not (args.quick or args.no_eval):
             metrics = evaluate_model(name, zoo_dir=args.out)

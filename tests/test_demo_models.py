@@ -125,6 +125,37 @@ def test_segmenter_trains_and_evaluates_end_to_end(tmp_path: Path) -> None:
         assert loc["n"] >= 1
 
 
+def test_soft_dice_loss_is_one_minus_the_dice_of_the_class_probability() -> None:
+    from napari_gradcam.samples.demo_models import soft_dice_loss
+
+    # two pixels, three classes; logits 0 / log(2) / log(5) give softmax 1/8, 2/8, 5/8
+    logits = torch.log(torch.tensor([1.0, 2.0, 5.0]))[None, :, None, None].expand(1, 3, 1, 2)
+    target = torch.tensor([[[2, 0]]])  # the first pixel is crack, the second background
+    # Dice = (2 * 5/8 + 1) / ((5/8 + 5/8) + 1 + 1), smoothed by 1 in numerator and denominator
+    expected = 1.0 - (2 * 5 / 8 + 1) / (10 / 8 + 1 + 1)
+    assert soft_dice_loss(logits, target, 2).item() == pytest.approx(expected)
+    # a confident, right prediction scores (almost) 0, the same one for the wrong class ~1
+    confident = torch.tensor([[0.0, 0.0, 30.0], [30.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 2)
+    assert soft_dice_loss(confident, target, 2).item() < 1e-6
+    assert soft_dice_loss(confident, torch.tensor([[[0, 2]]]), 2).item() > 0.6
+
+
+def test_fine_tuning_records_both_stages_and_the_dice_term(tmp_path: Path) -> None:
+    first = train_model("ct-slice-unet", steps=2, out_dir=tmp_path / "a", train_per_class=2,
+                        log=None)
+    weights = first.parent / get_recipe("ct-slice-unet").weights
+    card_path = train_model("ct-slice-unet", steps=2, out_dir=tmp_path / "b",
+                            train_per_class=2, init_from=weights, dice_weight=0.5, lr=1e-4,
+                            seed=1, log=None)
+    training = yaml.safe_load(card_path.read_text(encoding="utf-8"))["training"]
+    assert training["init_from"] == weights.name and training["seed"] == 1
+    assert training["loss"] == "cross_entropy + 0.5 * soft Dice (crack)"
+    assert training["init_training"]["steps"] == 2 and training["init_training"]["seed"] == 0
+    with pytest.raises(ValueError, match="dice_weight needs a segmentation model"):
+        train_model("xrd-phase-classifier", steps=1, out_dir=tmp_path / "c",
+                    train_per_class=1, dice_weight=1.0, log=None)
+
+
 def test_demo_model_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown demo model 'resnet50'"):
         get_recipe("resnet50")
