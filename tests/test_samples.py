@@ -29,7 +29,7 @@ from napari_gradcam.samples import (
     pointing_hits,
     two_theta_axis,
 )
-from napari_gradcam.samples.ct_volume import Pore, Specimen, _render
+from napari_gradcam.samples.ct_volume import Pore, Specimen, render_ct
 
 # ----------------------------------------------------------------------------- micrographs
 
@@ -172,7 +172,7 @@ def test_ct_artefacts_are_constant_along_the_rotation_axis() -> None:
 def test_ct_pores_are_round_in_micrometres_not_in_voxels() -> None:
     specimen = Specimen(axis_yx=(31.5, 31.5), radius=40.0, rings=[])
     specimen.pores.append(Pore(centre=(20.0, 20.0, 20.0), radii=(5.0, 5.0, 5.0)))
-    _, labels = _render(specimen, (0, 0, 0), (40, 64, 64), np.random.default_rng(0), 0.0)
+    _, labels = render_ct(specimen, (0, 0, 0), (40, 64, 64), np.random.default_rng(0), 0.0)
     zs, ys, xs = np.nonzero(labels == 1)
     extent_um = [(a.max() - a.min() + 1) * s for a, s in zip((zs, ys, xs), CT_VOXEL_SIZE_UM,
                                                               strict=True)]

@@ -197,15 +197,15 @@ def _whole_ome_zarr(path: Path, attrs: dict[str, Any]) -> tuple[Any, Any]:
     import zarr
 
     from napari_gradcam.io import VoxelInfo, to_micrometers
-    from napari_gradcam.placement import _transform_values
+    from napari_gradcam.placement import transform_values
 
     try:
         image = attrs["multiscales"][0]
         dataset = image["datasets"][0]
         data = da.from_zarr(zarr.open_group(str(path), mode="r")[dataset["path"]])
         ndim = data.ndim
-        own = _transform_values(dataset.get("coordinateTransformations", []), "scale", ndim, 1)
-        top = _transform_values(image.get("coordinateTransformations", []), "scale", ndim, 1)
+        own = transform_values(dataset.get("coordinateTransformations", []), "scale", ndim, 1)
+        top = transform_values(image.get("coordinateTransformations", []), "scale", ndim, 1)
         axes = image.get("axes") or [{"name": n} for n in "tczyx"[-ndim:]]
         names = "".join(str(a.get("name", "?"))[:1].lower() for a in axes)
         space = [i for i, a in enumerate(axes) if a.get("type") in (None, "space")]

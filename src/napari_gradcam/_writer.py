@@ -33,9 +33,9 @@ from napari_gradcam.io import (
     ATTRS_KEY,
     TIFF_SUFFIXES,
     ZARR_SUFFIXES,
-    _jsonable,
     atomic_path,
     default_chunks,
+    jsonable,
     normalize_unit,
     to_micrometers,
 )
@@ -54,7 +54,7 @@ def write_image(path: str, data: Any, meta: Mapping[str, Any]) -> list[str]:
     record = (meta.get("metadata") or {}).get(ATTRS_KEY)
     # Plain JSON whatever the layer's metadata holds (an odd object is kept as its text):
     # the provenance must not be what makes a save fail.
-    record = (json.loads(json.dumps(_jsonable(dict(record)), default=str))
+    record = (json.loads(json.dumps(jsonable(dict(record)), default=str))
               if isinstance(record, Mapping) else None)
     contrast = meta.get("contrast_limits")
     if name.endswith(ZARR_SUFFIXES):
@@ -162,7 +162,7 @@ def _write_ome_zarr(path: Path, geometry: _Geometry, record: dict[str, Any] | No
                                         "active": True, "window": {"min": low, "max": high,
                                                                    "start": low, "end": high}}]}
     if record is not None:
-        attrs[ATTRS_KEY] = _jsonable(record)
+        attrs[ATTRS_KEY] = jsonable(record)
     with atomic_path(path, overwrite=True) as partial:
         group = zarr.open_group(str(partial), mode="w-", zarr_format=2)
         target = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
@@ -215,7 +215,7 @@ def _write_ome_tiff(path: Path, geometry: _Geometry, record: dict[str, Any] | No
             "PositionZUnit": [unit] * planes,
         }
     if record is not None:
-        metadata["Description"] = json.dumps({ATTRS_KEY: _jsonable(record)})
+        metadata["Description"] = json.dumps({ATTRS_KEY: jsonable(record)})
     with atomic_path(path, overwrite=True) as partial:
         tifffile.imwrite(partial, data, ome=True, metadata=metadata,
                          photometric="rgb" if geometry.rgb else "minisblack")
@@ -253,7 +253,7 @@ def _write_imagej_tiff(path: Path, geometry: _Geometry, record: dict[str, Any] |
     if contrast is not None and len(contrast) == 2 and not geometry.rgb:
         metadata["min"], metadata["max"] = float(contrast[0]), float(contrast[1])
     if record is not None:
-        metadata["Info"] = json.dumps({ATTRS_KEY: _jsonable(record)})
+        metadata["Info"] = json.dumps({ATTRS_KEY: jsonable(record)})
     with atomic_path(path, overwrite=True) as partial:
         tifffile.imwrite(partial, data, imagej=True, metadata=metadata,
                          resolution=(1.0 / sx, 1.0 / sy),

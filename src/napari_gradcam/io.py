@@ -879,7 +879,7 @@ def create_ome_zarr(
     group = zarr.open_group(str(path), mode="w-", zarr_format=2)
     array = _create_array(group, "0", shape, chunks, dtype)
     group.attrs["multiscales"] = ngff_multiscales(scale, unit, name)
-    group.attrs[ATTRS_KEY] = _jsonable(dict(attrs or {}))
+    group.attrs[ATTRS_KEY] = jsonable(dict(attrs or {}))
     return array
 
 
@@ -898,7 +898,7 @@ def update_zarr_attrs(path: str | os.PathLike, updates: Mapping[str, Any]) -> No
 
     group = zarr.open_group(str(path), mode="r+")
     record = dict(group.attrs.get(ATTRS_KEY, {}))
-    record.update(_jsonable(dict(updates)))
+    record.update(jsonable(dict(updates)))
     group.attrs[ATTRS_KEY] = record
 
 
@@ -915,14 +915,14 @@ def set_display_window(path: str | os.PathLike, low: float, high: float,
     }]}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Numpy scalars/arrays and tuples turned into plain JSON types."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Path):
@@ -949,7 +949,7 @@ class OutputVolume:
     def update_attrs(self, updates: Mapping[str, Any]) -> None:
         """Add to the provenance record. OME-Zarr attributes and the ``.npy`` sidecar store it;
         a TIFF keeps only the record it was created with (its header is written first)."""
-        self.attrs.update(_jsonable(dict(updates)))
+        self.attrs.update(jsonable(dict(updates)))
         if self.kind == "zarr":
             update_zarr_attrs(self.partial, updates)
 
@@ -992,7 +992,7 @@ def open_output(
     scale = tuple(float(s) for s in scale)
     unit = normalize_unit(unit) if unit else None
     dtype = _check_dtype(dtype)
-    record = _jsonable(dict(attrs or {}))
+    record = jsonable(dict(attrs or {}))
     partial_sidecar: Path | None = None
     try:
         with atomic_path(path, overwrite=overwrite, inputs=inputs, notify=notify) as partial:

@@ -55,7 +55,7 @@ def ome_zarr_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
     return None
 
 
-def _transform_values(transformations: Sequence[Mapping[str, Any]], kind: str,
+def transform_values(transformations: Sequence[Mapping[str, Any]], kind: str,
                       ndim: int, default: float) -> list[float]:
     for transformation in transformations or ():
         if isinstance(transformation, Mapping) and transformation.get("type") == kind:
@@ -84,9 +84,9 @@ def ngff_translation(path: str | os.PathLike, ndim: int, level: int = 0) -> tupl
         dataset = image["datasets"][level]
         own = dataset.get("coordinateTransformations", [])
         top = image.get("coordinateTransformations", [])
-        dataset_shift = _transform_values(own, "translation", total, 0.0)
-        top_scale = _transform_values(top, "scale", total, 1.0)
-        top_shift = _transform_values(top, "translation", total, 0.0)
+        dataset_shift = transform_values(own, "translation", total, 0.0)
+        top_scale = transform_values(top, "scale", total, 1.0)
+        top_shift = transform_values(top, "translation", total, 0.0)
         origin = [s * t + u for s, t, u in zip(top_scale, dataset_shift, top_shift, strict=True)]
         names = "".join(str(a.get("name", "?"))[:1] if isinstance(a, Mapping) else str(a)[:1]
                         for a in axes) or "zyx"[-total:]

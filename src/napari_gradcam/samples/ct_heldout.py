@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_gradcam.samples.ct_volume import CT_LABELS, CTVolume
-from napari_gradcam.samples.micrographs import _check_shape
+from napari_gradcam.samples.micrographs import check_shape
 
 HELDOUT_SEED_BASE = 900_000
 """Seeds of the held-out evaluation start here (far from every training seed)."""
@@ -115,7 +115,7 @@ def make_heldout_ct_volume(
     shape, width and branch, artefacts, noise) are drawn from ``seed``; they are returned in
     ``info``. A 96x128x128 volume takes about a second.
     """
-    shape = _check_shape(shape, 3, 32)
+    shape = check_shape(shape, 3, 32)
     rng = np.random.default_rng(seed)
     isotropic = rng.random() < 0.5
     voxel_yx = float(rng.uniform(0.5, 0.9))

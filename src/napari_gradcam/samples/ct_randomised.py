@@ -17,7 +17,7 @@ comes from its own virtual specimen with randomly drawn
 * cracks: random plane, waviness and wave lengths, opening (thin to wide) varying along the
   crack, sometimes a branch leaving the crack at an angle.
 
-The rendering is the training generator's (:func:`napari_gradcam.samples.ct_volume._render`),
+The rendering is the training generator's (:func:`napari_gradcam.samples.ct_volume.render_ct`),
 so labels follow the same rule (a voxel is a defect when at least half of it is open).
 """
 
@@ -30,8 +30,8 @@ from napari_gradcam.samples.ct_volume import (
     Crack,
     Pore,
     Specimen,
-    _random_crack,
-    _render,
+    random_crack,
+    render_ct,
 )
 from napari_gradcam.samples.micrographs import PatchSet
 
@@ -110,7 +110,7 @@ def random_pore_object(rng: np.random.Generator, centre_um: np.ndarray) -> list[
 
 def random_crack_object(rng: np.random.Generator, centre_um: np.ndarray) -> list[Crack]:
     """A crack disc with its front somewhere near ``centre_um``, sometimes with a branch."""
-    crack = _random_crack(rng, centre_um, (10.0, 30.0))
+    crack = random_crack(rng, centre_um, (10.0, 30.0))
     crack.opening = float(rng.uniform(0.35, 1.7))
     crack.waviness = float(rng.uniform(0.2, 2.5))
     k1, k2 = rng.uniform(0.08, 0.8, 2)
@@ -134,7 +134,7 @@ def random_crack_object(rng: np.random.Generator, centre_um: np.ndarray) -> list
         hinge = np.cross(normal, along)
         side = np.cross(hinge, branch_normal)
         side *= np.sign(side.dot(along)) or 1.0
-        branch = _random_crack(rng, tuple(start), (0.4 * crack.radius, 0.7 * crack.radius),
+        branch = random_crack(rng, tuple(start), (0.4 * crack.radius, 0.7 * crack.radius),
                                normal=branch_normal)
         branch.opening = float(crack.opening * rng.uniform(0.6, 1.0))
         branch.keep_side = tuple(float(c) for c in side)
@@ -169,7 +169,7 @@ def _randomised_patch(
                 specimen.pores.extend(random_pore_object(rng, centre_um + offset))
         if kind in (2, 3):
             specimen.cracks.extend(random_crack_object(rng, centre_um))
-        grey, labels = _render(specimen, origin, size, rng, noise, blur)
+        grey, labels = render_ct(specimen, origin, size, rng, noise, blur)
         if kind == 0:
             return grey, labels
         inner = labels[tuple(slice(s // 6, s - s // 6) for s in size)]

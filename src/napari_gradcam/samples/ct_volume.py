@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from napari_gradcam.samples.micrographs import PatchSet, _check_shape
+from napari_gradcam.samples.micrographs import PatchSet, check_shape
 
 CT_VOXEL_SIZE_UM: tuple[float, float, float] = (1.0, 0.65, 0.65)
 """(z, y, x) voxel size in micrometres of the generated volumes."""
@@ -112,7 +112,7 @@ class CTVolume:
     info: dict = field(default_factory=dict)
 
 
-def _render(
+def render_ct(
     specimen: Specimen,
     origin: tuple[int, int, int],
     shape: tuple[int, int, int],
@@ -225,7 +225,7 @@ def _random_rings(rng: np.random.Generator, radius: float, n: int = 6) -> list[t
     return [(float(a), float(b)) for a, b in zip(radii, amplitudes, strict=True)]
 
 
-def _random_crack(
+def random_crack(
     rng: np.random.Generator,
     centre_um: tuple[float, float, float],
     radius_um: tuple[float, float] = (10.0, 22.0),
@@ -274,7 +274,7 @@ def make_ct_volume(
     beam-hardening dip at the axis. Returns :class:`CTVolume` with scale
     :data:`CT_VOXEL_SIZE_UM`. A 128^3 volume takes well under 2 s.
     """
-    shape = _check_shape(shape, 3, 16)
+    shape = check_shape(shape, 3, 16)
     if n_pores < 0:
         raise ValueError(f"n_pores must be >= 0, got {n_pores}")
     if noise < 0:
@@ -315,9 +315,9 @@ def make_ct_volume(
         normal = np.cos(tilt) * np.array([1.0, 0.0, 0.0]) + np.sin(tilt) * tangent
         size_um = min(shape[1] * dy, shape[0] * dz)
         specimen.cracks.append(
-            _random_crack(rng, centre, (0.25 * size_um, 0.4 * size_um), normal=normal)
+            random_crack(rng, centre, (0.25 * size_um, 0.4 * size_um), normal=normal)
         )
-    grey, labels = _render(specimen, (0, 0, 0), shape, rng, noise)
+    grey, labels = render_ct(specimen, (0, 0, 0), shape, rng, noise)
     volume = np.clip(np.round(grey), 0, 65535).astype(np.uint16)
     info = {
         "kind": "xray_ct",
@@ -383,7 +383,7 @@ def _defect_patch(
                 specimen.pores.append(_random_pore(rng, tuple(np.add(centre_um, offset))))
         elif class_id == 2:
             # put the crack front somewhere in the box: disc centre up to ~1 radius away
-            crack = _random_crack(rng, centre_um, (10.0, 24.0))
+            crack = random_crack(rng, centre_um, (10.0, 24.0))
             normal = np.asarray(crack.normal)
             away = rng.normal(size=3)
             away -= away.dot(normal) * normal
@@ -391,7 +391,7 @@ def _defect_patch(
             shift = away * rng.uniform(0.0, 0.9) * crack.radius
             crack.origin = tuple(float(c) for c in np.add(centre_um, shift))
             specimen.cracks.append(crack)
-        grey, labels = _render(specimen, origin, size, rng, noise)
+        grey, labels = render_ct(specimen, origin, size, rng, noise)
         if class_id == 0:
             return grey, labels
         inner = tuple(slice(s // 6, s - s // 6) for s in size)

@@ -74,7 +74,7 @@ class PatchSet:
                    masks=np.stack(masks)[order], class_names=class_names)
 
 
-def _check_shape(shape: tuple[int, ...], ndim: int, minimum: int) -> tuple[int, ...]:
+def check_shape(shape: tuple[int, ...], ndim: int, minimum: int) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in shape)
     except TypeError:
@@ -184,7 +184,7 @@ def make_micrograph(
     Gaussian noise sigma on the [0, 1] grey scale. ``dtype`` is ``"float32"`` ([0, 1]),
     ``"uint8"`` or ``"uint16"`` (scaled to the full range).
     """
-    shape = _check_shape(shape, 2, 16)
+    shape = check_shape(shape, 2, 16)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if not 0.0 <= pearlite_fraction <= 1.0:
