@@ -255,17 +255,23 @@ class ForwardBackward:
     layers: list[LayerGradients] = field(default_factory=list)
 
 
-def _validate_activation(name: str, capture: ActivationCapture, x: torch.Tensor,
-                         model: nn.Module, tokens: TokenLayout | None = None,
-                         module: nn.Module | None = None
-                         ) -> tuple[torch.Tensor, FeatureMapView]:
-    """The layer's raw output and how to read it as (N, C, *grid) (tokens, channels-last)."""
+def captured_activation(name: str, capture: ActivationCapture) -> torch.Tensor:
+    """The output the hook recorded for layer ``name``, or a ValueError that says why there is
+    none (the layer returned no tensor, or the forward pass never called it)."""
     if name in capture.problems:
         raise ValueError(f"layer {name!r} {capture.problems[name]}; pick a layer that returns a "
                          "feature map")
     if name not in capture.activations:
         raise ValueError(f"layer {name!r} was not used by the model's forward pass")
-    activation = capture.activations[name]
+    return capture.activations[name]
+
+
+def _validate_activation(name: str, capture: ActivationCapture, x: torch.Tensor,
+                         model: nn.Module, tokens: TokenLayout | None = None,
+                         module: nn.Module | None = None
+                         ) -> tuple[torch.Tensor, FeatureMapView]:
+    """The layer's raw output and how to read it as (N, C, *grid) (tokens, channels-last)."""
+    activation = captured_activation(name, capture)
     view = feature_map_view(name, tuple(activation.shape), tuple(x.shape), model, tokens, module)
     if view is None:
         raise ValueError(

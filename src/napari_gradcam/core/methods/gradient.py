@@ -29,6 +29,7 @@ from napari_gradcam.core.engine import (
     ForwardBackward,
     LayerGradients,
     LayerSpec,
+    captured_activation,
     preserved_model_state,
 )
 from napari_gradcam.core.methods.base import (
@@ -274,12 +275,7 @@ class ShapleyCAM(GradCAM):
 
 
 def _captured(name: str, capture: ActivationCapture, x: torch.Tensor) -> torch.Tensor:
-    if name in capture.problems:
-        raise ValueError(f"layer {name!r} {capture.problems[name]}; pick a layer that returns a "
-                         "feature map")
-    if name not in capture.activations:
-        raise ValueError(f"layer {name!r} was not used by the model's forward pass")
-    activation = capture.activations[name]
+    activation = captured_activation(name, capture)
     if activation.ndim != x.ndim:
         raise ValueError(f"layer {name!r} outputs shape {tuple(activation.shape)}, which is not "
                          f"a feature map (N, C, *spatial) like the input {tuple(x.shape)}; "
