@@ -587,12 +587,12 @@ def test_removing_the_source_mid_run_keeps_the_map_and_says_so(make_widget, qtbo
     set_mode(widget, "slices", axis=0)
     widget.batch_spin.setValue(1)
     worker = widget.run()
-    progress: list[tuple[int, int]] = []
-    worker.yielded.connect(progress.append)
-    qtbot.waitUntil(lambda: bool(progress), timeout=20000)
+    assert worker is not None
+    # removed before the main thread handles any of the worker's signals: its result (however
+    # fast the run) can only arrive after the source is gone. Waiting for a first progress
+    # signal instead raced with fast runs whose result was handled in the same event batch.
     viewer.layers.remove("doomed")
     finish(qtbot, widget)
-    assert progress[0][0] < 12, "the run ended before the layer was removed"
     assert "The layer 'doomed' was removed" in errors()[-1]
     assert "map was added anyway" in errors()[-1]
     # kept, where the source was
