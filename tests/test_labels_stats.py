@@ -10,7 +10,10 @@ import pytest
 from napari_gradcam.core.labels_stats import (
     LABEL_STAT_COLUMNS,
     as_features,
+    label_names_from_features,
     label_statistics,
+    read_csv_provenance,
+    suggest_csv_name,
     write_csv,
 )
 from napari_gradcam.samples.metrics import energy_share, pointing_hits
@@ -123,6 +126,76 @@ def test_features_and_csv_round_trip(tmp_path) -> None:
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == list(LABEL_STAT_COLUMNS)
-    assert rows[1][0] == "1" and float(rows[1][2]) == 2.5 and rows[2][-1] == "True"
+    assert rows[1][0] == "1" and float(rows[1][2]) == 2.5 and rows[2][-2] == "True"
+    assert rows[1][-1] == ""  # no names given
     with pytest.raises(ValueError, match="length"):
         write_csv({"a": [1, 2], "b": [1]}, tmp_path / "bad.csv")
+
+
+def test_names_column_from_a_mapping_empty_where_unknown() -> None:
+    cam, labels = _toy()
+    table = label_statistics(cam, labels, names={1: "pore", 2: "crack"})
+    assert table["name"].tolist() == ["pore", ""]  # label 3 has no name; 2 is not in the image
+    assert label_statistics(cam, labels)["name"].tolist() == ["", ""]
+
+
+def test_label_names_from_napari_style_features() -> None:
+    pandas = pytest.importorskip("pandas")
+    # napari's convention: the "index" column holds the label value of each row
+    features = pandas.DataFrame({"index": [0, 3, 1], "name": ["background", "crack", None]})
+    assert label_names_from_features(features) == {0: "background", 3: "crack"}
+    # a "label" column and a "class" column (a dict of columns, as Labels.properties)
+    assert label_names_from_features({"label": np.array([2, 5]), "class": ["pore", "crack"]}) == {
+        2: "pore", 5: "crack"}
+    # no id column: row number = label value (napari's rule); NaN names are left out
+    assert label_names_from_features({"name": ["bg", float("nan"), "pore"]}) == {0: "bg", 2: "pore"}
+    assert label_names_from_features({"index": [1, 2], "area": [3, 4]}) == {}
+    assert label_names_from_features(None) == {}
+    with pytest.raises(ValueError, match="'index' column"):
+        label_names_from_features({"index": ["a"], "name": ["pore"]})
+
+
+def test_names_from_features_round_trip_through_our_own_features() -> None:
+    cam, labels = _toy()
+    table = label_statistics(cam, labels, names={1: "pore", 3: "crack"})
+    features = as_features(table)  # what the widget writes back to the Labels layer
+    assert label_names_from_features(features) == {1: "pore", 3: "crack"}
+
+
+def test_csv_carries_provenance_as_leading_comments(tmp_path) -> None:
+    pandas = pytest.importorskip("pandas")
+    cam, labels = _toy()
+    table = label_statistics(cam, labels, names={1: "pore"})
+    provenance = {"model": "ct-slice-unet", "layers": ["down2"], "target": "crack",
+                  "method": "gradcam", "source": "scan\nline two", "options": {"batch": 8}}
+    path = write_csv(table, tmp_path / "stats.csv", provenance=provenance)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[:6] == ["# model: ct-slice-unet", '# layers: ["down2"]', "# target: crack",
+                         "# method: gradcam", "# source: scan\\nline two",
+                         '# options: {"batch":8}']
+    assert lines[6] == ",".join(LABEL_STAT_COLUMNS)
+    assert read_csv_provenance(path)["target"] == "crack"
+    assert len(read_csv_provenance(path)) == 6
+    frame = pandas.read_csv(path, comment="#", keep_default_na=False)
+    assert frame["label"].tolist() == [1, 3] and frame["name"].tolist() == ["pore", ""]
+    np.testing.assert_allclose(frame["energy_share"], table["energy_share"])
+    # without provenance the header is the first line, as before
+    bare = write_csv(table, tmp_path / "bare.csv")
+    assert bare.read_text(encoding="utf-8").splitlines()[0] == ",".join(LABEL_STAT_COLUMNS)
+    assert read_csv_provenance(bare) == {}
+
+
+def test_suggested_csv_names_differ_by_model_target_method_and_time() -> None:
+    base = {"source": "/data/scans/steel_01.ome.zarr", "model": "ct-slice-unet",
+            "layers": ["down2"], "target": "crack", "method": "gradcam",
+            "created": "2026-11-28T11:30:05+00:00"}
+    name = suggest_csv_name(base)
+    assert name == "cam-labels_steel_01_ct-slice-unet_down2_crack_gradcam_20261128-113005.csv"
+    variants = [{**base, "model": "ct-patch-classifier"}, {**base, "target": "pore"},
+                {**base, "method": "hirescam"}, {**base, "created": "2026-11-28T11:30:06+00:00"},
+                {**base, "layers": ["down1"]}]
+    names = {name, *(suggest_csv_name(v) for v in variants)}
+    assert len(names) == 1 + len(variants)
+    odd = suggest_csv_name({"model": "my model/v2", "target": "class 1", "created": "bad"})
+    assert odd.startswith("cam-labels_my-model-v2_class-1_") and odd.endswith(".csv")
+    assert "/" not in odd and " " not in odd
