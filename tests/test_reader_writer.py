@@ -367,3 +367,93 @@ def test_a_two_channel_ome_zarr_opens_whole_with_its_space_scale(tmp_path, make_
     assert tuple(layer.scale) == pytest.approx((1.0, 4.0, 1.0, 1.0))
     assert tuple(layer.axis_labels) == ("c", "z", "y", "x")
     assert [str(u) for u in layer.units] == ["pixel"] + ["micrometer"] * 3
+
+
+# ----------------------------------------------------------------------------- declared voxel size
+
+
+def test_declared_scale_of_an_imagej_stack_is_its_calibration_in_micrometres(tmp_path):
+    from napari_gradcam._reader import declared_scale
+
+    microns = imagej_tiff(tmp_path / "scan.tif", scan(), spacing=2.0, pixel=0.65, unit="micron")
+    assert declared_scale(microns) == (pytest.approx((2.0, 0.65, 0.65)), ("micrometer",) * 3)
+    nanometres = imagej_tiff(tmp_path / "nm.tif", scan(), spacing=500.0, pixel=250.0,
+                             unit="nm")
+    scale, units = declared_scale(nanometres)
+    assert scale == pytest.approx((0.5, 0.25, 0.25)) and units == ("micrometer",) * 3
+
+
+def test_declared_scale_of_an_ome_tiff_converts_each_axis_unit(tmp_path):
+    from napari_gradcam._reader import declared_scale
+
+    path = tmp_path / "scan.ome.tif"
+    tifffile.imwrite(path, scan(), ome=True, photometric="minisblack", metadata={
+        "axes": "ZYX", "PhysicalSizeX": 650.0, "PhysicalSizeXUnit": "nm",
+        "PhysicalSizeY": 0.00065, "PhysicalSizeYUnit": "mm",
+        "PhysicalSizeZ": 2.0, "PhysicalSizeZUnit": "µm"})
+    scale, units = declared_scale(path)
+    assert scale == pytest.approx((2.0, 0.65, 0.65)) and units == ("micrometer",) * 3
+
+
+def test_declared_scale_of_an_ome_zarr_has_every_axis_of_its_full_resolution_array(tmp_path):
+    """napari's built-in reader keeps the singleton t and c axes of a TCZYX store (a 5D layer):
+    the declared scale has five entries, the space ones converted from millimetres."""
+    from napari_gradcam._reader import declared_scale
+
+    data = scan((1, 1, 4, 6, 6))
+    group = zarr.open_group(str(tmp_path / "tczyx.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=data.shape, dtype=data.dtype)[:] = data
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0",
+        "coordinateTransformations": [{"type": "scale",
+                                       "scale": [1.0, 1.0, 0.002, 0.0005, 0.0005]}]}],
+        "axes": [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + [
+            {"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"]}]
+    scale, units = declared_scale(tmp_path / "tczyx.ome.zarr")
+    assert scale == pytest.approx((1.0, 1.0, 2.0, 0.5, 0.5))
+    assert units == ("pixel", "pixel") + ("micrometer",) * 3
+    three_d = ome_zarr(tmp_path / "zyx.ome.zarr", scan(), unit="nanometer", levels=[[
+        {"type": "scale", "scale": [2000.0, 650.0, 650.0]}]])
+    scale, units = declared_scale(three_d)
+    assert scale == pytest.approx((2.0, 0.65, 0.65)) and units == ("micrometer",) * 3
+
+
+def test_declared_scale_is_none_where_the_file_declares_nothing(tmp_path):
+    from napari_gradcam._reader import declared_scale
+
+    tifffile.imwrite(tmp_path / "plain.tif", scan())
+    zarr.open_array(str(tmp_path / "plain.zarr"), mode="w", shape=(4, 6, 6), dtype="uint16",
+                    zarr_format=2)[:] = 1
+    (tmp_path / "notes.txt").write_text("0.65 micron")
+    assert declared_scale(tmp_path / "plain.tif") is None
+    assert declared_scale(tmp_path / "plain.zarr") is None
+    assert declared_scale(tmp_path / "notes.txt") is None
+    assert declared_scale(tmp_path / "missing.tif") is None
+    bad = imagej_tiff(tmp_path / "bad.tif", scan(), spacing=2.0, pixel=0.65, unit="micron",
+                      zunit="pixel")
+    with pytest.raises(ValueError, match=r"bad\.tif"):
+        declared_scale(bad)
+
+
+@pytest.mark.gui
+def test_declared_scale_fits_the_layers_napari_builtin_reader_makes(tmp_path,
+                                                                    make_napari_viewer):
+    """What the widget will offer: the built-in reader's layer sits at scale 1; the declared
+    scale has one entry per axis of that layer and, applied, puts it where our reader does."""
+    from napari_gradcam._reader import declared_scale
+
+    tiff = imagej_tiff(tmp_path / "scan.tif", scan(), spacing=2.0, pixel=0.65, unit="micron")
+    store = ome_zarr(tmp_path / "scan.ome.zarr", scan(), levels=[
+        [{"type": "scale", "scale": [2.0, 0.65, 0.65]}],
+        [{"type": "scale", "scale": [2.0, 1.3, 1.3]}]])
+    viewer = make_napari_viewer()
+    for path in (tiff, store):
+        (builtin,) = viewer.open(path, plugin="napari")
+        (ours,) = viewer.open(path, plugin=PLUGIN)
+        assert tuple(builtin.scale) == (1.0,) * builtin.ndim
+        scale, units = declared_scale(path)
+        assert len(scale) == len(units) == builtin.ndim
+        builtin.scale, builtin.units = scale, units
+        assert tuple(builtin.scale) == pytest.approx(tuple(ours.scale))
+        assert [str(u) for u in builtin.units] == [str(u) for u in ours.units]
+        assert builtin.extent.world[1] - builtin.extent.world[0] == pytest.approx(
+            ours.extent.world[1] - ours.extent.world[0])

@@ -149,16 +149,22 @@ read_gradcam_zarr = read_zarr
 def read_tiff(path: str | os.PathLike | list | tuple) -> list[LayerData]:
     """Layer data for one TIFF: an image at its voxel size and origin, a Labels layer for a
     ``*_labels.tif`` of integers, or a map for a TIFF napari-gradcam wrote."""
+    single = _single_path(path)
+    if single is None:
+        raise ValueError(f"expected one TIFF path, got {path!r}")
+    return [_tiff_layer(single, lazy=None)]
+
+
+def _tiff_layer(single: Path, lazy: bool | None) -> LayerData:
+    """:func:`read_tiff`'s layer data; ``lazy=True`` maps the pixels instead of reading them
+    (what :func:`declared_scale` needs: the placement, not the data)."""
     import numpy as np
     import tifffile
 
     from napari_gradcam.io import read_volume
     from napari_gradcam.placement import tiff_placement
 
-    single = _single_path(path)
-    if single is None:
-        raise ValueError(f"expected one TIFF path, got {path!r}")
-    array, info = read_volume(single, ndim=None)
+    array, info = read_volume(single, ndim=None, lazy=lazy)
     with tifffile.TiffFile(single) as tif:
         letters = str(tif.series[0].axes).upper()
     zyx = (1.0, 1.0, 1.0, *info.scale)[-3:]
@@ -179,15 +185,66 @@ def read_tiff(path: str | os.PathLike | list | tuple) -> list[LayerData]:
                                spatial_axes="zyx")
     if record:
         kwargs.update(_map_kwargs(single, record, {}, need_range=False))
-        return [(array, kwargs, "image")]
+        return array, kwargs, "image"
     kwargs["name"] = _stem(single)
     kwargs["metadata"] = {"source_path": str(single)}
     if not rgb and _stem(single).lower().endswith(LABELS_STEMS) and np.issubdtype(
             np.dtype(array.dtype), np.integer):
-        return [(array, kwargs, "labels")]
+        return array, kwargs, "labels"
     if rgb:
         kwargs["rgb"] = True
-    return [(array, kwargs, "image")]
+    return array, kwargs, "image"
+
+
+def declared_scale(path: str | os.PathLike) -> tuple[tuple[float, ...], tuple[str, ...]] | None:
+    """The voxel size and units a TIFF (ImageJ or OME metadata) or OME-Zarr file declares:
+    ``(scale, units)`` with one entry per axis of the layer napari's built-in reader makes from
+    it, or None when the file declares neither a voxel size nor a length unit.
+
+    Why: a stack opened the ordinary way (napari's built-in reader, which ignores the metadata)
+    sits at scale 1 in pixels; the dock widget asks this to tell the user the file says
+    otherwise and to offer the file's voxel size. The numbers are exactly those our readers give
+    the layer (one code path: :func:`read_tiff`/:func:`read_zarr`), so lengths come in
+    micrometres (``"micrometer"``; ``"pixel"`` on axes without a length, as napari's default).
+
+    The built-in reader keeps every axis of an OME-Zarr's full-resolution array, while ours
+    drops singleton time and channel axes: those get scale 1 in ``"pixel"`` in front. A path
+    that is no TIFF or zarr store we read gives None; a TIFF or zarr whose metadata is damaged
+    or contradictory raises :class:`ValueError` naming the file (what our reader would say).
+    """
+    single = _single_path(path)
+    if single is None or not single.exists():
+        return None
+    if get_tiff_reader(single) is not None:
+        data, kwargs, _ = _tiff_layer(single, lazy=True)
+        builtin_ndim = len(kwargs["scale"])
+    elif get_reader(single) is not None:
+        data, kwargs, _ = read_zarr(single)[0]
+        builtin_ndim = _full_resolution_ndim(single, data)
+    else:
+        return None
+    scale = tuple(float(s) for s in kwargs["scale"])
+    units = tuple(str(u) for u in kwargs.get("units") or ("pixel",) * len(scale))
+    if all(s == 1.0 for s in scale) and all(u == "pixel" for u in units):
+        return None
+    missing = max(builtin_ndim - len(scale), 0)
+    return (1.0,) * missing + scale, ("pixel",) * missing + units
+
+
+def _full_resolution_ndim(path: Path, data: Any) -> int:
+    """How many axes the full-resolution array of a zarr store has (all of them: napari's
+    built-in reader squeezes nothing); ``data`` is what :func:`read_zarr` gave."""
+    from napari_gradcam.placement import ome_zarr_attrs
+
+    level0 = data[0] if isinstance(data, list) else data
+    attrs = ome_zarr_attrs(path) or {}
+    try:
+        dataset = attrs["multiscales"][0]["datasets"][0]["path"]
+    except (KeyError, IndexError, TypeError):
+        return level0.ndim
+    import zarr
+
+    return max(level0.ndim, zarr.open_group(str(path), mode="r")[dataset].ndim)
 
 
 def _whole_ome_zarr(path: Path, attrs: dict[str, Any]) -> tuple[Any, Any]:
