@@ -345,8 +345,11 @@ def test_model_looking_only_at_the_scale_bar_is_flagged(blob_model) -> None:
 
 
 def test_energy_in_region_by_hand_1d_and_3d() -> None:
+    # the positive part counts (core.metrics.energy_share): 4 of 1 + 4; the -3 is evidence
+    # against the class, not attention on the region (|map| would give 7/8)
     one_d = np.array([1.0, -3.0, 0.0, 4.0])
-    assert energy_in_region(one_d, np.array([False, True, False, True])) == pytest.approx(7 / 8)
+    assert energy_in_region(one_d, np.array([False, True, False, True])) == pytest.approx(4 / 5)
+    assert np.isnan(energy_in_region(-np.abs(one_d), np.ones(4, dtype=bool)))  # no positive mass
     volume = np.zeros((4, 4, 4))
     volume[0] = 1.0
     volume[3] = 3.0

@@ -16,7 +16,7 @@ from napari_gradcam.core.labels_stats import (
     suggest_csv_name,
     write_csv,
 )
-from napari_gradcam.samples.metrics import energy_share, pointing_hits
+from napari_gradcam.core.metrics import energy_share, pointing_hits
 
 
 def _toy() -> tuple[np.ndarray, np.ndarray]:
@@ -72,11 +72,13 @@ def test_tolerance_uses_physical_spacing() -> None:
     assert label_statistics(cam, labels, tolerance=1.5, spacing=(1.0, 0.5))["pointing_hit"][0]
 
 
-def test_flat_map_hits_nothing_and_zero_map_has_no_energy() -> None:
+def test_flat_map_hits_nothing_and_map_without_positive_mass_has_no_energy_share() -> None:
     _, labels = _toy()
     table = label_statistics(np.zeros((4, 4)), labels)
     assert not table["pointing_hit"].any()
-    assert (table["energy_share"] == 0).all()
+    assert np.isnan(table["energy_share"]).all()  # no positive mass: no share, not 0 %
+    negative = label_statistics(-np.ones((4, 4)) - np.eye(4), labels)
+    assert np.isnan(negative["energy_share"]).all()
 
 
 def test_no_labels_gives_empty_columns() -> None:

@@ -48,6 +48,7 @@ from napari_gradcam.core.attribution import (
     target_scores,
 )
 from napari_gradcam.core.engine import preserved_model_state
+from napari_gradcam.core.metrics import class_probabilities, energy_share
 from napari_gradcam.core.similarity import (
     normalise_map,
     pearson,
@@ -456,12 +457,8 @@ def _filled_input(
 
 
 def _class_probabilities(output: torch.Tensor) -> np.ndarray | None:
-    if output.ndim < 2:
-        return None
-    probabilities = torch.softmax(output.double(), dim=1)
-    if output.ndim > 2:
-        probabilities = probabilities.flatten(2).mean(dim=2)
-    return probabilities.cpu().numpy()
+    """:func:`napari_gradcam.core.metrics.class_probabilities`, or None without a class axis."""
+    return None if output.ndim < 2 else class_probabilities(output)
 
 
 def region_test(
@@ -621,17 +618,19 @@ def _null_drops(model: nn.Module, inputs: torch.Tensor, masks: np.ndarray, resol
 
 
 def energy_in_region(cam_map: np.ndarray | torch.Tensor, mask: np.ndarray) -> float | np.ndarray:
-    """Share of the map's energy (sum of absolute values) that lies inside ``mask``.
+    """The map's energy share inside ``mask``: :func:`napari_gradcam.core.metrics.energy_share`.
 
     ``cam_map`` is one map ``(*spatial)`` (returns a float) or a batch ``(N, *spatial)``
-    (returns ``(N,)``, one mask for all); ``mask`` is boolean with the spatial shape. Absolute
-    values make signed attributions (IG, occlusion) count by magnitude; CAM maps are
-    non-negative anyway. A map with no energy at all has no share anywhere: NaN.
+    (returns ``(N,)``, one mask for all); ``mask`` is boolean with the spatial shape. The share
+    of the *positive* mass (a CAM's evidence for the class; negative values are evidence
+    against it) and NaN for a map with no positive mass, which says nothing about any region.
+    For the magnitude of a signed attribution (Integrated Gradients, occlusion) pass
+    ``np.abs(map)``: the number then says what it measures.
     """
-    values = np.abs(np.asarray(
+    values = np.asarray(
         cam_map.detach().cpu().numpy() if isinstance(cam_map, torch.Tensor) else cam_map,
         dtype=np.float64,
-    ))
+    )
     region = np.asarray(mask)
     if region.dtype != bool:
         if not (np.issubdtype(region.dtype, np.number) and np.isin(region, (0, 1)).all()):
@@ -647,11 +646,7 @@ def energy_in_region(cam_map: np.ndarray | torch.Tensor, mask: np.ndarray) -> fl
             "mask with the map's spatial shape (for a batch of maps, its shape without N)"
         )
     batch = values if not single else values[None]
-    region = np.broadcast_to(region, batch.shape)
-    totals = batch.reshape(batch.shape[0], -1).sum(axis=1)
-    inside = (batch * region).reshape(batch.shape[0], -1).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shares = np.where(totals > 0, inside / np.where(totals > 0, totals, 1.0), np.nan)
+    shares = energy_share(batch, np.broadcast_to(region, batch.shape))
     return float(shares[0]) if single else shares
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from napari_gradcam.core.metrics import energy_share_by_label, labels_near, peak_position
+
 LABEL_STAT_COLUMNS = (
     "label", "voxels", "mean_cam", "max_cam", "energy_share", "area_share", "pointing_hit",
     "name",
@@ -57,24 +59,6 @@ def _checked(cam: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
     return cam_arr, labels_arr.astype(np.int64, copy=False)
 
 
-def _labels_near_peak(
-    labels: np.ndarray, peak: tuple[int, ...], tolerance: float, spacing: Sequence[float]
-) -> set[int]:
-    """Labels with a pixel within ``tolerance`` (physical units) of the peak pixel."""
-    reach = [int(np.floor(tolerance / step)) for step in spacing]
-    box = tuple(
-        slice(max(0, p - r), min(size, p + r + 1))
-        for p, r, size in zip(peak, reach, labels.shape, strict=True)
-    )
-    grids = np.meshgrid(
-        *[(np.arange(s.start, s.stop) - p) * step
-          for s, p, step in zip(box, peak, spacing, strict=True)],
-        indexing="ij",
-    )
-    distance = np.sqrt(sum(g**2 for g in grids))
-    return {int(v) for v in np.unique(labels[box][distance <= tolerance])}
-
-
 def label_statistics(
     cam: object,
     labels: object,
@@ -96,14 +80,16 @@ def label_statistics(
     ``mean_cam``, ``max_cam``
         Mean and maximum of the map over the object.
     ``energy_share``
-        Positive map mass inside the object / positive mass of the whole map (0 when the map
-        has none). Negative values count as zero, as Grad-CAM's ReLU does.
+        Positive map mass inside the object / positive mass of the whole map
+        (:func:`napari_gradcam.core.metrics.energy_share`: NaN when the map has no positive
+        mass, since such a map says nothing about any object).
     ``area_share``
         The object's share of all pixels: what ``energy_share`` would be by chance.
     ``pointing_hit``
         True when the map's global maximum lies on the object (within ``tolerance``, measured
-        in the units of ``spacing`` per axis, e.g. micrometres for an anisotropic CT). A flat
-        map points nowhere and hits nothing; several labels can be hit only with a tolerance.
+        in the units of ``spacing`` per axis, e.g. micrometres for an anisotropic CT): the
+        pointing hit of :mod:`napari_gradcam.core.metrics`. A flat map points nowhere and hits
+        nothing; several labels can be hit only with a tolerance.
     """
     cam_arr, labels_arr = _checked(cam, labels)
     if tolerance < 0:
@@ -118,24 +104,20 @@ def label_statistics(
     flat_labels = labels_arr.ravel()
     counts = np.bincount(flat_labels)
     sums = np.bincount(flat_labels, weights=cam_arr.ravel())
-    positive = np.clip(cam_arr, 0.0, None)
-    inside = np.bincount(flat_labels, weights=positive.ravel())
-    total_positive = float(positive.sum())
     maxima = (np.asarray(ndimage.maximum(cam_arr, labels_arr, index=ids), dtype=np.float64)
               if len(ids) else np.zeros(0))
     hit_labels: set[int] = set()
-    if cam_arr.max() > cam_arr.min():
-        peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(cam_arr)), cam_arr.shape))
+    peak = peak_position(cam_arr)
+    if peak is not None:
         hit_labels = ({int(labels_arr[peak])} if tolerance == 0
-                      else _labels_near_peak(labels_arr, peak, tolerance, steps))
+                      else labels_near(labels_arr, peak, tolerance, steps))
     voxels = counts[ids]
     return {
         "label": ids.astype(np.int64),
         "voxels": voxels.astype(np.int64),
         "mean_cam": sums[ids] / np.maximum(voxels, 1),
         "max_cam": maxima,
-        "energy_share": (inside[ids] / total_positive if total_positive > 0
-                         else np.zeros(len(ids))),
+        "energy_share": energy_share_by_label(cam_arr, labels_arr, ids),
         "area_share": voxels / cam_arr.size,
         "pointing_hit": np.array([int(i) in hit_labels for i in ids], dtype=bool),
         "name": np.array([_name_of(int(i), names) for i in ids], dtype=str),
