@@ -395,3 +395,75 @@ def default_target_layer(
             )
         return card.target_layer
     return choose_target_layer(probe_model(model, spatial_dims, in_channels, input_size))
+
+
+#: Module classes that transform a feature map point by point (normalise, activate, drop,
+#: pass through) or only resample it (pooling, upsampling): their maps repeat the block they
+#: sit in, so the widget's short list leaves them out. Matched on the class name, so exported
+#: models (whose original class names the loader records) read the same.
+POINTWISE_TYPES = frozenset({
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
+    "LazyBatchNorm2d", "LazyBatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "GroupNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm",
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "SELU", "CELU", "GELU", "SiLU",
+    "Mish", "Sigmoid", "Tanh", "Hardtanh", "Hardswish", "Hardsigmoid", "Softplus", "Softmax",
+    "LogSoftmax", "Swish", "MemoryEfficientSwish", "Act",
+    "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
+    "DropPath", "Identity", "ADN",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
+    "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "Upsample", "UpSample",
+})
+_PLAIN_CONTAINER_NAMES = frozenset(cls.__name__ for cls in _PLAIN_CONTAINERS)
+
+
+def feature_blocks(layers: Sequence[LayerInfo], keep: Sequence[str | None] = ()
+                   ) -> list[LayerInfo]:
+    """The layers a user picks from: the blocks that make feature maps, in the given order.
+
+    Why: a probe lists every module with a map output, so a small U-Net offers each Conv,
+    BatchNorm and ReLU of every block (a MONAI UNet 60 of them), and the stage the user
+    wants is lost among them. A *block* is a module with children (a residual unit, a conv
+    block, a transformer block, a ``Sequential`` of plain layers) whose listed descendants
+    all have its own spatial extent: it stands for its inside, which is hidden. A module
+    whose inside changes the grid (MONAI's ``SkipConnection`` around the deeper levels, a
+    Swin stage with patch merging, a ``Sequential`` holding the whole encoder) is not one
+    block: its inside stays listed, and a plain container (``Sequential``, ``ModuleList``)
+    that is not a block is dropped, since its map is its last child's. Point-wise and
+    resampling modules (:data:`POINTWISE_TYPES`: norms, activations, dropout, identity,
+    pooling) are dropped. ``keep`` names layers shown whatever the rule says (the card's
+    default, the current choice: a ViT's default ``blocks.<last>.norm1`` is inside a block).
+    Nothing left (a model of point-wise layers only) gives the full list back.
+    """
+    names = [layer.name for layer in layers]
+    by_name = {layer.name: layer for layer in layers}
+
+    def descendants(name: str) -> list[LayerInfo]:
+        return [by_name[other] for other in names if other.startswith(name + ".")]
+
+    def is_block(layer: LayerInfo) -> bool:
+        inside = descendants(layer.name)
+        if not inside:
+            return False
+        if any(d.output_shape[1:] != layer.output_shape[1:] for d in inside):
+            return False
+        if layer.type_name in _PLAIN_CONTAINER_NAMES:
+            return all(not descendants(d.name) for d in inside)  # plain layers only
+        return True
+
+    blocks = [layer.name for layer in layers if is_block(layer)]
+    kept_names = {name for name in keep if name}
+    chosen = []
+    for layer in layers:
+        if layer.name in kept_names:
+            chosen.append(layer)
+            continue
+        if layer.type_name in POINTWISE_TYPES:
+            continue
+        if any(layer.name.startswith(block + ".") for block in blocks):
+            continue
+        if descendants(layer.name) and layer.name not in blocks and (
+                layer.type_name in _PLAIN_CONTAINER_NAMES):
+            continue
+        chosen.append(layer)
+    return chosen or list(layers)
