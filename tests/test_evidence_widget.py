@@ -85,7 +85,8 @@ def test_run_adds_maps_on_the_source_with_provenance_and_fills_table_and_plot(
     assert widget.run_button.text() == "Run"
     report = widget.report
     assert report is not None
-    expected = {f"micro · evidence · {name}" for name in
+    target = report.class_names[report.target_index]  # the predicted class, by name
+    expected = {f"micro · evidence · {name} · {target} · small:features.3" for name in
                 ("gradcam", "occlusion", "saliency")}
     assert set(widget.result_layers) == expected
     for name in expected:
@@ -95,7 +96,7 @@ def test_run_adds_maps_on_the_source_with_provenance_and_fills_table_and_plot(
         assert tuple(layer.axis_labels) == ("y", "x")
         assert tuple(str(u) for u in layer.units) == ("micrometer",) * 2
         record = layer.metadata[METADATA_KEY]
-        method = name.rsplit(" · ", 1)[1]
+        method = name.split(" · ")[2]
         assert record["method"] == method and record["model"] == "small"
         assert record["mode"] == "evidence" and record["source"] == "micro"
         assert len(record["weights_sha256"]) == 64
@@ -103,8 +104,8 @@ def test_run_adds_maps_on_the_source_with_provenance_and_fills_table_and_plot(
         assert record["options"]["source_shape"] == [32, 32]
         assert layer.metadata[EVIDENCE_KEY]["summary"][0]["check"] == "Deletion"
         np.testing.assert_array_equal(layer.data, report.maps[method])
-    assert viewer.layers["micro · evidence · gradcam"].visible
-    assert not viewer.layers["micro · evidence · saliency"].visible
+    assert viewer.layers[widget.layer_name("micro", "gradcam", report)].visible
+    assert not viewer.layers[widget.layer_name("micro", "saliency", report)].visible
     # the table shows the report's rows; the canvas the two curves with their baselines
     rows = widget.table_rows()
     assert [row[0] for row in rows] == [row.check for row in report.rows()]
@@ -152,7 +153,7 @@ def test_widget_from_a_plugin_manifest_through_the_public_viewer(make_napari_vie
             warnings.simplefilter("error", FutureWarning)  # napari's private-access warning
             assert widget.run() is not None
             finish(qtbot, widget)
-        layer = viewer.layers["img · evidence · gradcam"]
+        layer = viewer.layers[widget.layer_name("img", "gradcam", widget.report)]
         np.testing.assert_allclose(layer.scale, (2.0, 2.0))
 
 
@@ -171,7 +172,7 @@ def test_current_slice_of_a_stack_with_a_labels_region(make_widget, qtbot) -> No
         box.setChecked(name == "deletion")
     widget.run()
     finish(qtbot, widget)
-    layer = viewer.layers["stack · evidence · gradcam"]
+    layer = viewer.layers[widget.layer_name("stack", "gradcam", widget.report)]
     assert layer.data.shape == (1, 32, 32)
     np.testing.assert_allclose(layer.translate, (106.0, 0.0, 0.0))
     assert layer.metadata[METADATA_KEY]["options"]["origin"] == [3, 0, 0]
@@ -198,6 +199,44 @@ def test_shapes_region_marked_forbidden(make_widget, qtbot) -> None:
     assert report.region_kind == "forbidden" and report.forbidden is not None
     assert report.region_mask[24:, :].all() and not report.region_mask[:24].any()
     assert "Forbidden region" in [row[0] for row in widget.table_rows()]
+
+
+def test_layer_names_keep_runs_of_other_models_and_targets_apart(make_widget, qtbot, card,
+                                                                  tmp_path) -> None:
+    """A run with another target or model adds its own layers; only a rerun with identical
+    settings (source, map, target, model, layer) replaces its own earlier layers."""
+    viewer, widget = make_widget()
+    viewer.add_image(image(), name="micro")
+    for name, box in widget.check_boxes.items():
+        box.setChecked(name == "saliency")
+    widget.steps_spin.setValue(5)
+
+    def run(target: str) -> list[str]:
+        widget.image_combo.setCurrentText("micro")
+        widget.target_combo.setCurrentText(target)
+        assert widget.run() is not None
+        finish(qtbot, widget)
+        return list(widget.result_layers)
+
+    crack = run("crack")
+    assert crack == ["micro · evidence · gradcam · crack · small:features.3",
+                     "micro · evidence · saliency · crack · small:features.3"]
+    clean = run("clean")
+    assert not set(clean) & set(crack)
+    other_card = write_card(tmp_path, "other", target_layer="features.3", widths=(4, 4, 8))
+    assert widget.load_model_source(other_card) is not None
+    other = run("crack")
+    assert other[0] == "micro · evidence · gradcam · crack · other:features.3"
+    maps = {name: np.array(viewer.layers[name].data) for name in crack + clean + other}
+    assert len(viewer.layers) == 1 + 6  # the image and three runs' maps, none overwritten
+    assert not np.array_equal(maps[crack[0]], maps[clean[0]])  # different targets, both kept
+    assert not np.array_equal(maps[crack[0]], maps[other[0]])  # different models, both kept
+    # the same settings again: its own layers are replaced, the others stay as they were
+    first_layer = viewer.layers[other[0]]
+    assert run("crack") == other
+    assert len(viewer.layers) == 7 and viewer.layers[other[0]] is not first_layer
+    for name in crack + clean:
+        np.testing.assert_array_equal(viewer.layers[name].data, maps[name])
 
 
 def test_export_from_the_widget_writes_the_report_folder(make_widget, qtbot, tmp_path,

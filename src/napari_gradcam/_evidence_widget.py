@@ -2,14 +2,18 @@
 
 Choose a model, a layer and a target as in the explainer; the widget takes the current image
 (or the current slice / window of a stack) of the chosen image layer, optionally a region from
-a Labels or Shapes layer, and runs :func:`napari_gradcam.evidence_report.evidence_job` in a
-napari thread worker: the GUI stays responsive, a progress bar names the running check, *Run*
-becomes *Cancel* (cancelling stops before the next batch and adds nothing). The verdicts fill a
-table, the deletion/insertion and randomisation curves an embedded matplotlib canvas, and the
-maps of the other methods (occlusion, gradients, Integrated Gradients...) are added as image
-layers placed exactly on the source (its scale, translate, rotation, units), each with its
-provenance in the layer metadata. *Export …* writes the report folder (figures, CSV/JSON
-numbers, provenance) for a paper's supplement.
+a Labels or Shapes layer, and drains :func:`napari_gradcam.evidence.evidence_job` (the
+generator every shell drains: ``(done, total, stage)`` per batch) in a napari generator worker:
+the GUI stays responsive, a progress bar names the running check, *Run* becomes *Cancel*
+(cancelling closes the job, whose running check stops before its next batch; nothing is added).
+The verdicts fill a table, the deletion/insertion and randomisation curves an embedded
+matplotlib canvas, and the maps of the other methods (occlusion, gradients, Integrated
+Gradients...) are added as image layers placed exactly on the source (its scale, translate,
+rotation, units), each with its provenance in the layer metadata. A map's layer name holds
+everything that changes it (source, map, target, model and layer), so a run with another model
+or target adds new layers and only a rerun with identical settings replaces its own earlier
+ones. *Export …* writes the report folder (figures, CSV/JSON numbers, provenance) for a paper's
+supplement.
 
 No computation lives here; the source layer, its transforms and the current position are
 captured when *Run* is pressed, so switching layers mid-run cannot misplace the result.
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from napari.layers import Image, Labels, Shapes
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -55,7 +59,7 @@ from napari_gradcam._qt_common import (
     region_mask,
 )
 from napari_gradcam.core.methods import METHODS, method_info
-from napari_gradcam.evidence_report import (
+from napari_gradcam.evidence import (
     CHECK_TITLES,
     DEFAULT_CHECKS,
     Cancelled,
@@ -125,12 +129,6 @@ class CapturedSample:
     placement: dict[str, Any]
 
 
-class _ProgressBridge(QObject):
-    """Carries progress from inside a long check (worker thread) to the GUI thread."""
-
-    progressed = Signal(object)
-
-
 class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
     """Grad-CAM evidence dock widget (see the module docstring)."""
 
@@ -143,8 +141,7 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         self.result_layers: list[str] = []
         self._pending: CapturedSample | None = None
         self._model_cache: dict[tuple[str, bool], LoadedModel] = {}
-        self._bridge = _ProgressBridge()
-        self._bridge.progressed.connect(self._on_progress)
+        self._job: Any = None
         self._build()
         self._connect_layer_lists()
         self._fill_models()
@@ -324,23 +321,15 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
                 method=self.method_combo.currentText(),
                 settings=self.settings(),
                 source=sample.name,
-                progress=self._emit_progress,
-                should_stop=self._stop_requested,
             )
         except (ValueError, TypeError) as error:
             show_error(str(error))
             return None
         self._pending = sample
+        self._job = job
         self.stage_label.setText("starting …")
         self.export_button.setEnabled(False)
         return self._start_worker(_guarded, job)
-
-    def _emit_progress(self, done: int, total: int, stage: str) -> None:
-        self._bridge.progressed.emit((done, total, stage))
-
-    def _stop_requested(self) -> bool:
-        worker = self.worker
-        return worker is not None and bool(worker.abort_requested)
 
     def _on_progress(self, value: tuple[int, int, str]) -> None:
         done, total, stage = value
@@ -366,6 +355,12 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
                    else f"The evidence run failed: {type(error).__name__}: {error}")
 
     def _on_finished(self) -> None:
+        job, self._job = self._job, None
+        if job is not None:
+            # A cancelled worker leaves the job suspended at a yield; closing it stops the
+            # running check before its next batch (and restores the model) before a new run
+            # can start. A finished or failed job closes at no cost.
+            job.close()
         self._end_run("Evidence run cancelled; nothing was added.")
         self.stage_label.setText("")
         self.export_button.setEnabled(self.report is not None)
@@ -373,8 +368,16 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
     # ---------------------------------------------------------------------------------------
     # Results
 
-    def layer_name(self, source: str, map_name: str) -> str:
-        return f"{source} · evidence · {map_name}"
+    @staticmethod
+    def layer_name(source: str, map_name: str, report: EvidenceReport) -> str:
+        """``source · evidence · map · target · model:layer``: everything that changes the map.
+
+        Two runs share a name only when source, map, target, model and layer are the same (the
+        predicted class and the same class chosen by name give the same map, and the same
+        name), so only such a rerun replaces its own earlier layers.
+        """
+        return (f"{source} · evidence · {map_name} · {target_words(report)} · "
+                f"{report.model_name}:{report.layer}")
 
     def _show(self, sample: CapturedSample, report: EvidenceReport) -> None:
         self.report = report
@@ -385,7 +388,7 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
         ]
         names = []
         for map_name, values in report.maps.items():
-            name = self.layer_name(sample.name, map_name)
+            name = self.layer_name(sample.name, map_name, report)
             metadata = {
                 METADATA_KEY: report.map_provenance(
                     map_name, origin=list(sample.origin),
@@ -398,7 +401,7 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             limit = max(abs(low), abs(high)) or 1.0
             existing = self._layer(name)
             if existing is not None and self._is_result(existing):
-                self.viewer.layers.remove(existing)  # our own earlier map
+                self.viewer.layers.remove(existing)  # our own map of identical settings
             self.viewer.add_image(
                 data, name=name, metadata=metadata,
                 colormap="bwr" if signed else "inferno",
@@ -461,6 +464,15 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             return None
         show_info(f"Evidence report written to {folder}")
         return Path(folder)
+
+
+def target_words(report: EvidenceReport) -> str:
+    """The target as a layer name says it: the class name, else ``class i``, else the
+    report's description (a region or a callable)."""
+    index, names = report.target_index, report.class_names
+    if index is None:
+        return report.target
+    return str(names[index]) if 0 <= index < len(names) else f"class {index}"
 
 
 def _guarded(job: Any) -> Any:

@@ -1,10 +1,10 @@
 """``napari-gradcam evidence``: the evidence checks on what the user selected, headless.
 
-A thin shell over :func:`napari_gradcam.evidence_report.run_evidence`: open the input (and
-optionally a region mask) lazily with :mod:`napari_gradcam.io`, cut out *only* what the model
-sees (the slice chosen with ``--slice``/``--axis`` for a 2D model, the window at ``--corner``
-of ``--window`` or the card's input size for a 3D model; by default the slice or window
-through the region, else the middle), print an estimate of the run time (a timed forward
+A thin shell that drains the evidence job (:func:`napari_gradcam.evidence.run_evidence`): open
+the input (and optionally a region mask) lazily with :mod:`napari_gradcam.io`, cut out *only*
+what the model sees (the slice chosen with ``--slice``/``--axis`` for a 2D model, the window at
+``--corner`` of ``--window`` or the card's input size for a 3D model; by default the slice or
+window through the region, else the middle), print an estimate of the run time (a timed forward
 pass times the forward passes the chosen checks need) before starting, run the checks with a
 progress bar and write the report folder (figures, CSV/JSON, provenance).
 
@@ -29,7 +29,7 @@ from napari_gradcam.cli import EXIT_OK, ProgressBar, method_names, register_comm
 
 @register_command
 def add_evidence(subparsers: Any) -> None:
-    from napari_gradcam.evidence_report import CHECKS, DEFAULT_CHECKS
+    from napari_gradcam.evidence import CHECKS, DEFAULT_CHECKS
 
     parser = subparsers.add_parser(
         "evidence", help="test a heatmap: deletion/insertion, randomisation, cross-checks",
@@ -222,7 +222,7 @@ def _progress(args: argparse.Namespace, label: str) -> Any:
 
 def _one_sample(args: argparse.Namespace, loaded: Any, sample: np.ndarray,
                 mask: np.ndarray | None, target: Any, where: str) -> int:
-    from napari_gradcam.evidence_report import estimate_evidence, run_evidence
+    from napari_gradcam.evidence import estimate_evidence, run_evidence
 
     _say(args, f"testing {where} of {args.input} (shape {sample.shape})")
     if mask is not None and not mask.any():
@@ -247,7 +247,7 @@ def _one_sample(args: argparse.Namespace, loaded: Any, sample: np.ndarray,
 def _whole_volume(args: argparse.Namespace, loaded: Any, data: Any, region: Any,
                   target: Any) -> int:
     from napari_gradcam.core.volume import run_job
-    from napari_gradcam.evidence_report import estimate_evidence
+    from napari_gradcam.evidence import estimate_evidence
     from napari_gradcam.evidence_volume import volume_samples, whole_volume_job
 
     card = loaded.card
@@ -275,8 +275,7 @@ def _whole_volume(args: argparse.Namespace, loaded: Any, data: Any, region: Any,
             return EXIT_OK
     job = whole_volume_job(loaded, data, samples, args.out, layer=args.layer, target=target,
                            checks=args.checks, region=region, region_kind=args.region_kind,
-                           method=args.method, source=args.input, overwrite=args.overwrite,
-                           should_stop=getattr(args, "should_stop", None))
+                           method=args.method, source=args.input, overwrite=args.overwrite)
     result = run_job(job, _progress(args, "evidence (whole volume)"),
                      getattr(args, "should_stop", None))
     _say(args, result.summary())

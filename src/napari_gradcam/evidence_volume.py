@@ -10,7 +10,7 @@ numbers of each are kept: memory is one sample's run, whatever the volume's size
 volume is read slab by slab (dask, zarr and memory-mapped files stay on disk).
 
 :func:`whole_volume_job` yields ``(done, total, stage)`` like
-:func:`napari_gradcam.evidence_report.evidence_job` and writes, into a report folder,
+:func:`napari_gradcam.evidence.evidence_job` and writes, into a report folder,
 ``samples.csv`` (every verdict row of every sample, with its position), ``summary.json`` and
 ``summary.txt`` (per check and measure: how many samples passed, the median value) and
 ``provenance.json``. Nothing is written unless the whole run finishes.
@@ -35,12 +35,11 @@ from torch import nn
 
 from napari_gradcam.core.provenance import make_provenance
 from napari_gradcam.core.volume import window_starts
-from napari_gradcam.evidence_report import (
+from napari_gradcam.evidence import (
     CHECKS,
     DEFAULT_CHECKS,
     EvidenceSettings,
     RegionKind,
-    StopCallback,
     evidence_job,
 )
 from napari_gradcam.io import clean_stale_partials, temporary_name
@@ -154,7 +153,6 @@ def whole_volume_job(
     settings: EvidenceSettings | None = None,
     source: str | None = None,
     overwrite: bool = False,
-    should_stop: StopCallback | None = None,
 ) -> Generator[tuple[int, int, str], None, VolumeEvidence]:
     """Run the evidence checks on each sample in turn; yield progress, return the tallies.
 
@@ -163,7 +161,10 @@ def whole_volume_job(
     input). ``region`` (the volume's shape, non-zero = inside) is cut like the volume; a
     sample where it is empty (or fills the sample) runs without the region check, and the
     table says so.
-    Progress is in thousandths of a sample: ``done / total`` is the share of the run.
+    Progress is in thousandths of a sample: ``done / total`` is the share of the run. The
+    evidence job's protocol: cancel by closing the generator (``run_job`` does when its
+    ``should_stop()`` turns true); the running sample's check stops before its next batch and
+    nothing is written.
     """
     folder = Path(folder).expanduser()
     planned = [folder / name for name in ("samples.csv", "summary.json", "summary.txt",
@@ -180,11 +181,11 @@ def whole_volume_job(
         raise ValueError(f"unknown check(s) {unknown}; choose from {', '.join(CHECKS)}")
     settings = settings or EvidenceSettings()
     return _run(model, volume, list(samples), folder, planned, layer, target, chosen, region,
-                region_kind, method, settings, source, should_stop)
+                region_kind, method, settings, source)
 
 
 def _run(model, volume, samples, folder, planned, layer, target, chosen, region, region_kind,
-         method, settings, source, should_stop):
+         method, settings, source):
     scale = 1000
     total = scale * len(samples)
     tallies: dict[tuple[str, str], _Tally] = {}
@@ -213,8 +214,7 @@ def _run(model, volume, samples, folder, planned, layer, target, chosen, region,
                 job = evidence_job(model, data, layer=layer, target=target,
                                    checks=chosen + (["region"] if mask is not None else []),
                                    region_mask=mask, region_kind=region_kind, method=method,
-                                   settings=settings, source=f"{source} ({sample.where})",
-                                   should_stop=should_stop)
+                                   settings=settings, source=f"{source} ({sample.where})")
                 base = number * scale
                 try:
                     while True:
@@ -223,6 +223,8 @@ def _run(model, volume, samples, folder, planned, layer, target, chosen, region,
                                f"sample {number + 1}/{len(samples)}: {stage}")
                 except StopIteration as finished:
                     report = finished.value
+                finally:
+                    job.close()  # closed early (cancel): the sample's running check stops
                 for row in report.rows():
                     writer.writerow((number, sample.where, row.check, row.measure,
                                      f"{row.value:.6g}",
