@@ -315,6 +315,10 @@ def test_cancel_adds_nothing(make_widget, qtbot, messages) -> None:
     finish(qtbot, widget)
     assert len(viewer.layers) == before and widget.report is None
     assert any("cancelled" in text for _, text in messages())
+    # the job was closed: its running check stopped, no thread keeps computing
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "napari-gradcam-evidence-check"]
     assert widget.run_button.text() == "Run" and widget.run_button.isEnabled()
 
 

@@ -6,6 +6,8 @@ the README's examples) goes on working; new code imports from :mod:`napari_gradc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from napari_gradcam.evidence import (
     ATTRIBUTION_CHECKS,
     CHECK_TITLES,
@@ -18,7 +20,6 @@ from napari_gradcam.evidence import (
     EvidenceRow,
     EvidenceSettings,
     Job,
-    ProgressCallback,
     RegionKind,
     StopCallback,
     estimate_evidence,
@@ -30,6 +31,9 @@ from napari_gradcam.evidence import (
     plot_randomisation,
     run_evidence,
 )
+
+ProgressCallback = Callable[[int, int, str], None]
+"""What :func:`run_evidence` calls with each ``(done, total, stage)`` the job yields."""
 
 __all__ = [
     "ATTRIBUTION_CHECKS",

@@ -36,7 +36,6 @@ from napari_gradcam.evidence.checks import (
     CheckContext,
     EvidenceError,
     EvidenceSettings,
-    ProgressCallback,
     RegionKind,
     StopCallback,
 )
@@ -70,7 +69,6 @@ __all__ = [
     "EvidenceRow",
     "EvidenceSettings",
     "Job",
-    "ProgressCallback",
     "RegionKind",
     "StopCallback",
     "estimate_evidence",
