@@ -37,7 +37,6 @@ unchanged.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import threading
@@ -50,7 +49,6 @@ from typing import Any
 import numpy as np
 
 from napari_gradcam.core.methods import canonical_name
-from napari_gradcam.core.provenance import make_provenance
 from napari_gradcam.core.targets import RegressionTarget, Target
 from napari_gradcam.core.uncertainty import SOURCES as UNCERTAINTY_SOURCES
 from napari_gradcam.core.uncertainty import dropout_modules
@@ -263,11 +261,10 @@ def make_plan(loaded: Any, shape: Sequence[int], options: ExplainOptions) -> Pla
                          f"--target ({', '.join(card.class_names)})")
     window = None
     if mode == "windows":
-        window = tuple(int(w) for w in (options.window or card.input_size or DEFAULT_WINDOW))
-        if len(window) != 3 or min(window) < 1:
-            raise ValueError(f"window must be three positive sizes (z, y, x), got {window}")
-        if not 0.0 <= options.overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {options.overlap}")
+        from napari_gradcam.core.run.tiles import check_window
+
+        window = check_window(options.window or card.input_size or DEFAULT_WINDOW,
+                              options.overlap)
     length = shape[axis]
     if options.chunk is not None and options.chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {options.chunk}")
@@ -290,18 +287,10 @@ def make_plan(loaded: Any, shape: Sequence[int], options: ExplainOptions) -> Pla
 
 
 def _check_uncertainty(options: ExplainOptions, mode: str) -> None:
-    unknown = [s for s in options.uncertainty if s not in UNCERTAINTY_CHOICES]
-    if unknown:
-        raise ValueError(f"unknown uncertainty source {unknown[0]!r}; choose from "
-                         f"{', '.join(UNCERTAINTY_CHOICES)}")
-    if "windows" in options.uncertainty and mode != "windows":
-        raise ValueError("uncertainty source 'windows' (disagreement between overlapping "
-                         "windows) needs --mode volume (a 3D model over windows); slices are "
-                         "explained once each")
-    if "dropout" in options.uncertainty and (
-            isinstance(options.n_dropout, bool) or not isinstance(options.n_dropout, int)
-            or options.n_dropout < 2):
-        raise ValueError(f"n_dropout must be an integer >= 2, got {options.n_dropout!r}")
+    from napari_gradcam.core.run.request import check_uncertainty
+
+    check_uncertainty(options.uncertainty, mode == "windows", options.n_dropout,
+                      windows_spelling="--mode volume (a 3D model over windows)")
 
 
 def explainer_options(options: ExplainOptions | None) -> dict[str, Any]:
@@ -317,21 +306,13 @@ def explainer_options(options: ExplainOptions | None) -> dict[str, Any]:
 
 def make_explainer_for(loaded: Any, plan: Plan, method: str,
                        options: ExplainOptions | None = None) -> Any:
-    """The explainer every path uses (one process, dask chunks; the widget builds the same
-    one through :func:`napari_gradcam.core.methods.explainer`): the method with the model
-    options, wrapped in an :class:`~napari_gradcam.core.uncertainty.UncertaintyExplainer`
-    when per-input uncertainty sources are asked for (its maps are the plain maps, so the
-    main output is the same with or without uncertainty)."""
-    from napari_gradcam.core.methods import explainer
-    from napari_gradcam.core.uncertainty import UncertaintyExplainer
+    """The command line's options given to the one explainer builder
+    (:func:`napari_gradcam.core.run.request.build_explainer`, the widget's job uses it too)."""
+    from napari_gradcam.core.run.request import build_explainer
 
-    built = explainer(method, loaded.model, plan.layer, **explainer_options(options))
-    sources = tuple(s for s in (options.uncertainty if options else ())
-                    if s in UNCERTAINTY_SOURCES)
-    if sources:
-        assert options is not None
-        built = UncertaintyExplainer(built, sources=sources, n_dropout=options.n_dropout)
-    return built
+    options = options or ExplainOptions()
+    return build_explainer(loaded, method, plan.layer, uncertainty=options.uncertainty,
+                           n_dropout=options.n_dropout, model_options=explainer_options(options))
 
 
 def uncertainty_sources(options: ExplainOptions, plan: Plan) -> list[str]:
@@ -386,20 +367,11 @@ def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_pat
         run_options.update(window=list(plan.window or ()), overlap=options.overlap,
                            blend="gaussian")
     run_options.update(extra or {})
-    record = make_provenance(
-        method=canonical_name(options.method),
-        layers=[plan.layer],
-        target=describe_target(plan.target, card.class_names),
-        model_name=card.name,
-        weights_sha256=loaded.weights_sha256,
-        preprocessing=list(card.preprocessing),
-        mode=plan.mode,
-        source=str(input_path),
-        options=run_options,
-    )
-    record["class_names"] = list(card.class_names)
-    record["model_source"] = loaded.source
-    return record
+    from napari_gradcam.core.run.request import run_provenance
+
+    return run_provenance(loaded, method=canonical_name(options.method), layer=plan.layer,
+                          target=describe_target(plan.target, card.class_names),
+                          mode=plan.mode, source=str(input_path), options=run_options)
 
 
 def _prediction_attrs(predictions: np.ndarray, positions: list[tuple[int, ...]],
@@ -743,87 +715,37 @@ def _slices_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
 
 def _windows_chunk(explainer: Any, loaded: Any, volume: Any, task: ChunkTask
                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[tuple[int, ...]]]:
-    """The engine's windowed blending, restricted to planes ``[start, stop)``.
-
-    Same mirrored margins (:func:`~napari_gradcam.core.volume.edge_pads`), same global window
-    grid over the padded volume, same order of windows, same batches, same weights, same
-    division: each voxel's sum has the same terms in the same order as in one process.
-    Coordinates below are those of the padded volume unless they say otherwise. With an
-    uncertainty output the accumulators are the engine's
-    :class:`~napari_gradcam.core.uncertainty.WeightedMoments` in float64 with the second
-    moment (and the windows' own variance from an uncertainty explainer), as in one process.
-    """
-    import torch
-
-    from napari_gradcam.core.device import run_with_oom_backoff
-    from napari_gradcam.core.methods import heatmaps
-    from napari_gradcam.core.uncertainty import WeightedMoments
-    from napari_gradcam.core.volume import (
-        blending_weights,
-        class_probabilities,
-        edge_pads,
-        read_mirrored,
-        window_starts,
-    )
+    """The engine's window loop (:func:`~napari_gradcam.core.run.tiles.windows_loop`)
+    restricted to planes ``[start, stop)``: the same mirrored margins, global window grid,
+    order, batches and weights, so each voxel's sum has the same terms in the same order as in
+    one process. Windows that straddle the chunk's border are explained by both chunks; each
+    window's prediction is reported by the chunk holding its first real plane. With an
+    uncertainty output the sums are float64 and the chunk keeps them float64 until the output's
+    dtype rounds them, once, as in one process."""
+    from napari_gradcam.core.run.tiles import windows_loop
 
     plan, options = task.plan, task.options
-    assert plan.window is not None
-    shape = tuple(volume.shape)
-    window = plan.window
-    pads = edge_pads(shape, window)
-    padded = tuple(s + a + b for s, (a, b) in zip(shape, pads, strict=True))
-    starts = [window_starts(s, w, options.overlap) for s, w in zip(padded, window, strict=True)]
-    weights = blending_weights(window, "gaussian")
-    depth, height, width = window
-    (z_pad, _), (y_pad, _), (x_pad, _) = pads
-    first, last = task.start + z_pad, task.stop + z_pad  # this chunk's planes, padded
+    shape = (task.stop - task.start, *tuple(volume.shape)[1:])
     with_variance = task.uncertainty_array is not None
-    moments = WeightedMoments((last - first, padded[1], padded[2]),
-                              np.float64 if with_variance else np.float32,
-                              variance=with_variance)
-    predictions: list[np.ndarray] = []
-    positions: list[tuple[int, ...]] = []
-    device = getattr(explainer, "device", None) or torch.device("cpu")
-    corners = list(itertools.product(starts[1], starts[2]))
-    for z0 in starts[0]:
-        low, high = max(z0, first), min(z0 + depth, last)
-        if low >= high:
-            continue
-        slab = read_mirrored(volume, (z0 - z_pad, -y_pad, -x_pad), (depth, *padded[1:]))
-        # Each window's prediction is reported by one chunk: the one holding its first real
-        # plane (a window that starts in the mirrored margin belongs to the first chunk).
-        owner = min(max(z0 - z_pad, 0), shape[0] - 1)
-        owned = task.start <= owner < task.stop
+    dtype = np.float64 if with_variance else np.float32
+    maps = np.zeros(shape, dtype=dtype)
+    spread = np.zeros(shape, dtype=dtype) if with_variance else None
+    job = windows_loop(explainer, volume, [maps], window=plan.window, overlap=options.overlap,
+                       batch_size=options.batch_size, target=plan.target,
+                       preprocess=loaded.preprocess,
+                       uncertainty_outs=None if spread is None else [spread],
+                       planes=(task.start, task.stop))
+    outcome = _drain(job)
+    return maps, spread, outcome.predictions, outcome.positions
 
-        def work(batch_corners: list[tuple[int, int]], slab: np.ndarray = slab, z0: int = z0,
-                 low: int = low, high: int = high, owned: bool = owned) -> None:
-            batch = np.stack([slab[:, y0:y0 + height, x0:x0 + width]
-                              for y0, x0 in batch_corners])
-            result = explainer.explain(loaded.preprocess(batch), plan.target)
-            maps = heatmaps(result.maps, getattr(explainer, "name", ""))
-            if maps.ndim != 4:
-                raise ValueError(f"window explanation needs one 3D map per window; got maps of "
-                                 f"shape {maps.shape}. Use a 3D model and a single target.")
-            variances = result.extras.get("variance") if with_variance else None
-            for number, ((y0, x0), cam) in enumerate(zip(batch_corners, maps, strict=True)):
-                region = (slice(low - first, high - first), slice(y0, y0 + height),
-                          slice(x0, x0 + width))
-                planes = slice(low - z0, high - z0)
-                within = None if variances is None else variances[number][planes]
-                moments.add(cam[planes], weights[planes], index=region, within_variance=within)
-            if owned:
-                predictions.extend(class_probabilities(result.outputs, plan.target))
-                positions.extend((z0 - z_pad, y0 - y_pad, x0 - x_pad)
-                                 for y0, x0 in batch_corners)
 
-        for _ in run_with_oom_backoff(corners, options.batch_size, work, device):
-            pass
-    crop = (slice(None), slice(y_pad, y_pad + shape[1]), slice(x_pad, x_pad + shape[2]))
-    # float64 with an uncertainty output, written as the engine writes it (one rounding)
-    maps = moments.mean(crop)
-    spread = moments.std(crop) if with_variance else None
-    stacked = np.stack(predictions) if predictions else np.zeros((0, 0), dtype=np.float32)
-    return maps, spread, stacked, positions
+def _drain(job: Any) -> Any:
+    """Run a loop to its end (a task has nobody to report progress to) and return its value."""
+    try:
+        while True:
+            next(job)
+    except StopIteration as finished:
+        return finished.value
 
 
 def plan_chunks(length: int, chunk: int) -> list[tuple[int, int]]:

@@ -525,6 +525,32 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False, *,
     return path
 
 
+def default_output_path(name: str, source_path: str | os.PathLike | None = None, *,
+                        suffix: str = "_gradcam") -> Path:
+    """A sensible place for the map of the layer ``name``: ``<source stem>_gradcam.zarr`` next to
+    the source file when it has one in a writable folder, else the user's cache folder
+    (``platformdirs.user_cache_dir("napari-gradcam")/maps``). Never the input itself, and never
+    an existing path: ``_2``, ``_3``... are added until the name is free."""
+    folder: Path | None = None
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)) or "map"
+    if source_path is not None:
+        source = Path(source_path).expanduser()
+        if source.parent.is_dir() and os.access(source.parent, os.W_OK | os.X_OK):
+            folder, stem = source.parent, split_suffix(source)[0]
+    if folder is None:
+        from platformdirs import user_cache_dir
+
+        folder = Path(user_cache_dir("napari-gradcam")) / "maps"
+        folder.mkdir(parents=True, exist_ok=True)
+    candidate = folder / f"{stem}{suffix}.zarr"
+    number = 2
+    while candidate.exists() or (source_path is not None
+                                 and candidate.resolve() == Path(source_path).resolve()):
+        candidate = folder / f"{stem}{suffix}_{number}.zarr"
+        number += 1
+    return candidate
+
+
 def _why_not_writable(folder: Path) -> str:
     with contextlib.suppress(OSError, AttributeError):
         if os.statvfs(folder).f_flag & os.ST_RDONLY:
@@ -890,6 +916,14 @@ def _create_array(group: Any, key: str, shape: tuple[int, ...], chunks: tuple[in
                                   chunk_key_encoding={"name": "v2", "separator": "/"})
     return group.create_dataset(key, shape=shape, chunks=chunks, dtype=dtype,  # zarr 2
                                 fill_value=0, dimension_separator="/")
+
+
+def add_zarr_array(group: Any, key: str, shape: Sequence[int], chunks: Sequence[int],
+                   dtype: object = "float32") -> Any:
+    """A zero-filled array in an open zarr group, in our layout ("/"-separated chunk keys, zarr
+    format 2 under zarr 2 and 3): a pyramid level or a class map beside the map."""
+    return _create_array(group, key, tuple(int(s) for s in shape),
+                         tuple(int(c) for c in chunks), np.dtype(dtype))
 
 
 def update_zarr_attrs(path: str | os.PathLike, updates: Mapping[str, Any]) -> None:

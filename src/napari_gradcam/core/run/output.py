@@ -1,0 +1,375 @@
+"""Maps written to disk while they are made: an OME-Zarr per map, filled chunk by chunk.
+
+A job with ``ExplainRequest.output`` set writes each batch's maps straight into an OME-Zarr
+(our layout: NGFF 0.4, zarr format 2, the provenance under :data:`~napari_gradcam.io.ATTRS_KEY`)
+instead of a volume-sized array in memory, so a scan larger than RAM can be explained from the
+widget. The store exists at its final path from the start and is readable while it fills (the
+widget shows it as a lazy layer and refreshes it); chunks not yet written read as 0.
+
+The multiscale pyramid is filled **as the job goes**: planes are finished in order along one
+axis (the slice axis, or the first axis for windows, whose loop flushes planes in order), and
+each coarser level is computed (2×2×2 mean) from the finer level's planes as soon as both planes
+it depends on are done. So a partially written store shows the finished part at every level.
+
+Honest state: the provenance record carries ``complete`` (false until the last plane and level
+are written) and ``planes_done`` / ``planes_total`` along ``progress_axis``; a cancelled run
+leaves the part done on disk and says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_gradcam.io import (
+    ATTRS_KEY,
+    add_zarr_array,
+    create_ome_zarr,
+    jsonable,
+    update_zarr_attrs,
+)
+
+MIN_PYRAMID_SIZE = 64
+"""No pyramid level smaller than this along its longest axis (napari needs none that small)."""
+
+
+def pyramid_shapes(shape: Sequence[int], smallest: int = MIN_PYRAMID_SIZE) -> list[tuple[int, ...]]:
+    """Level 0 and every 2× coarser level (each axis halved, rounded up) while the longest
+    axis of the next level stays at least ``smallest``."""
+    shapes = [tuple(int(s) for s in shape)]
+    while True:
+        coarser = tuple(max(1, math.ceil(s / 2)) for s in shapes[-1])
+        if coarser == shapes[-1] or max(coarser) < smallest:
+            return shapes
+        shapes.append(coarser)
+
+
+def downsample_mean(block: np.ndarray) -> np.ndarray:
+    """2×2×2 mean; an odd axis's last voxel is averaged with itself (edge padding)."""
+    pads = [(0, s % 2) for s in block.shape]
+    if any(after for _, after in pads):
+        block = np.pad(block, pads, mode="edge")
+    z, y, x = (s // 2 for s in block.shape)
+    return block.reshape(z, 2, y, 2, x, 2).mean(axis=(1, 3, 5), dtype=np.float64).astype(
+        np.float32)
+
+
+class DiskMap:
+    """One map being written into an OME-Zarr at ``path``, with its pyramid.
+
+    Takes slice assignment like the in-memory map it replaces: keys of the map's full shape
+    (``full_shape``, the source's number of axes, length 1 along collapsed axes given as
+    integers) or of its three stored axes. ``progress_axis`` (0..2, of the stored axes) is the
+    axis along which planes are finished in order.
+    """
+
+    def __init__(self, path: str | Path, shape3: Sequence[int], full_shape: Sequence[int],
+                 stored_axes: Sequence[int], progress_axis: int, *,
+                 scale: Sequence[float], unit: str | None,
+                 translation: Sequence[float] | None, attrs: Mapping[str, Any],
+                 chunks: Sequence[int] | None = None) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self.shape3 = tuple(int(s) for s in shape3)
+        self.shape = tuple(int(s) for s in full_shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+        self.progress_axis = int(progress_axis)
+        self.levels = pyramid_shapes(self.shape3)
+        chunks = tuple(chunks or _chunks(self.shape3, self.progress_axis))
+        self.stored_axes = [a for a, size in enumerate(self.shape) if a in stored_axes]
+        record = {**dict(attrs), "complete": False, "planes_done": 0,
+                  "map_shape": list(self.shape), "stored_axes": self.stored_axes,
+                  "planes_total": self.shape3[self.progress_axis],
+                  "progress_axis": self.progress_axis}
+        create_ome_zarr(self.path, self.shape3, scale=scale, unit=unit, chunks=chunks,
+                        attrs=record, name=str(attrs.get("target", "gradcam")))
+        group = zarr.open_group(str(self.path), mode="r+")
+        multiscales = group.attrs["multiscales"]
+        datasets = []
+        for level, level_shape in enumerate(self.levels):
+            factor = [2 ** level] * 3
+            if level:
+                add_zarr_array(group, str(level), level_shape,
+                               tuple(min(c, s) for c, s in zip(chunks, level_shape, strict=True)),
+                               np.dtype("f4"))
+            transforms: list[dict[str, Any]] = [{
+                "type": "scale", "scale": [float(s) * f for s, f in zip(scale, factor,
+                                                                        strict=True)]}]
+            if translation is not None and any(translation):
+                # a coarser voxel's centre sits half a fine voxel further in
+                offset = [float(t) + (f - 1) * float(s) / 2.0
+                          for t, s, f in zip(translation, scale, factor, strict=True)]
+                transforms.append({"type": "translation", "translation": offset})
+            elif level:
+                transforms.append({"type": "translation", "translation": [
+                    (f - 1) * float(s) / 2.0 for s, f in zip(scale, factor, strict=True)]})
+            datasets.append({"path": str(level), "coordinateTransformations": transforms})
+        multiscales[0]["datasets"] = datasets
+        group.attrs["multiscales"] = multiscales
+        self.arrays = [group[str(level)] for level in range(len(self.levels))]
+        self._done = np.zeros(self.shape3[self.progress_axis], dtype=bool)
+        self._upto = [0] * len(self.levels)  # planes finished per level (a prefix)
+        self.low, self.high = np.inf, -np.inf
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _key3(self, key: Any) -> tuple[Any, ...]:
+        parts = list(key) if isinstance(key, tuple) else [key]
+        if len(parts) == self.ndim and self.ndim != 3:
+            parts = [p for p in parts if not isinstance(p, (int, np.integer))]
+        parts += [slice(None)] * (3 - len(parts))
+        if len(parts) != 3:
+            raise IndexError(f"cannot index a 3D on-disk map with {key!r}")
+        return tuple(parts)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        key3 = self._key3(key)
+        target = tuple(len(range(*part.indices(size))) for part, size
+                       in zip(key3, self.shape3, strict=True) if isinstance(part, slice))
+        value = np.asarray(value, dtype=np.float32).reshape(target)
+        self.arrays[0][key3] = value
+        if value.size:
+            finite = value[np.isfinite(value)]
+            if finite.size:
+                self.low = min(self.low, float(finite.min()))
+                self.high = max(self.high, float(finite.max()))
+        planes = key3[self.progress_axis]
+        start, stop, _ = planes.indices(self.shape3[self.progress_axis]) if isinstance(
+            planes, slice) else (int(planes), int(planes) + 1, 1)
+        self._done[start:stop] = True
+        self._advance()
+
+    def reshape(self, shape: Sequence[int]) -> DiskMap:
+        """The same map seen with the stored three axes (the window loop's view)."""
+        if tuple(shape) != self.shape3:
+            raise ValueError(f"an on-disk map of shape {self.shape3} cannot take shape {shape}")
+        return self
+
+    def _advance(self, final: bool = False) -> None:
+        done = int(np.argmin(self._done)) if not self._done.all() else len(self._done)
+        if done == self._upto[0] and not final:
+            return
+        self._upto[0] = done
+        axis = self.progress_axis
+        for level in range(1, len(self.levels)):
+            finer_done, finer_total = self._upto[level - 1], self.levels[level - 1][axis]
+            complete = finer_done == finer_total
+            target = math.ceil(finer_done / 2) if complete else finer_done // 2
+            start = self._upto[level]
+            if target <= start:
+                continue
+            finer = self.arrays[level - 1]
+            read = [slice(None)] * 3
+            read[axis] = slice(2 * start, min(2 * target, finer_total))
+            block = np.moveaxis(np.asarray(finer[tuple(read)]), axis, 0)
+            coarse = np.moveaxis(downsample_mean(block), 0, axis)
+            write = [slice(None)] * 3
+            write[axis] = slice(start, target)
+            self.arrays[level][tuple(write)] = coarse
+            self._upto[level] = target
+        update_zarr_attrs(self.path, {"planes_done": self._upto[0]})
+
+    def finish(self, updates: Mapping[str, Any] | None = None) -> None:
+        """Complete the coarser levels and mark the store complete (with ``updates``)."""
+        self._advance(final=True)
+        if not self._done.all():
+            raise RuntimeError(f"{self.path}: {int(self._done.sum())} of {len(self._done)} "
+                               "planes were written; the map is incomplete")
+        update_zarr_attrs(self.path, {**dict(updates or {}), "complete": True,
+                                      "planes_done": len(self._done)})
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        return (self.low, self.high) if self.low <= self.high else (0.0, 0.0)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def lazy(self) -> Any:
+        """Level 0 as a lazy dask array of the map's full shape (never read whole)."""
+        return map_layer_data(self.path)[0]
+
+
+def lazy_level(path: str | Path, level: int = 0) -> Any:
+    import dask.array as da
+    import zarr
+
+    return da.from_zarr(zarr.open_array(str(Path(path) / str(level)), mode="r"))
+
+
+def _chunks(shape3: Sequence[int], progress_axis: int, depth: int = 16,
+            plane: int = 256) -> tuple[int, ...]:
+    return tuple(max(1, min(size, depth if axis == progress_axis else plane))
+                 for axis, size in enumerate(shape3))
+
+
+def store_state(path: str | Path) -> dict[str, Any]:
+    """``complete``, ``planes_done``, ``planes_total`` of a map store (while it fills too)."""
+    import zarr
+
+    record = dict(zarr.open_group(str(path), mode="r").attrs.get(ATTRS_KEY, {}))
+    return {key: record.get(key) for key in ("complete", "planes_done", "planes_total",
+                                             "progress_axis")}
+
+
+def map_layer_data(path: str | Path) -> list[Any]:
+    """A map store as napari layer data: one lazy dask array per pyramid level, finest first
+    (give napari ``multiscale=True`` when there is more than one), each with the source's
+    number of axes (length 1 along the axes the map was not explained along, as the job's
+    in-memory maps), so the layer takes the source's scale and the map's origin."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    record = dict(group.attrs.get(ATTRS_KEY, {}))
+    datasets = group.attrs["multiscales"][0]["datasets"]
+    levels = [lazy_level(path, int(d["path"])) for d in datasets]
+    full, stored = record.get("map_shape"), record.get("stored_axes")
+    if full and stored and len(full) != 3:
+        key = tuple(slice(None) if axis in stored else None for axis in range(len(full)))
+        levels = [level[key] for level in levels]
+    return levels
+
+
+class _PlainWriter:
+    """A plain zarr array (the class map beside a map) taking the map's full-shape keys."""
+
+    def __init__(self, array: Any, full_shape: Sequence[int]) -> None:
+        self.array, self.shape, self.ndim = array, tuple(full_shape), len(full_shape)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        parts = list(key) if isinstance(key, tuple) else [key]
+        if len(parts) == self.ndim and self.ndim != 3:
+            parts = [p for p in parts if not isinstance(p, (int, np.integer))]
+        self.array[tuple(parts)] = value
+
+
+def label_path(output: str | Path, label: str, several: bool) -> Path:
+    """Where one label's map goes: ``output`` itself, or ``<stem>_<label>.zarr`` beside it
+    when a run makes one map per class."""
+    from napari_gradcam.io import split_suffix
+
+    output = Path(output).expanduser()
+    if not several:
+        return output
+    stem, suffix = split_suffix(output)
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+    return output.with_name(f"{stem}_{safe}{suffix or '.zarr'}")
+
+
+class DiskOutput:
+    """Every on-disk array of one job: a :class:`DiskMap` per label (and per label's
+    uncertainty), the class map of a segmentation model beside the first map."""
+
+    def __init__(self, request: Any, source: Any, plan: Any, labels: Sequence[str],
+                 segmentation: bool, record: Mapping[str, Any]) -> None:
+        import zarr
+
+        from napari_gradcam.io import check_output_path, output_kind, uncertainty_path
+
+        if output_kind(request.output) != "zarr":
+            raise ValueError(f"the map is written as OME-Zarr: name the output *.zarr, not "
+                             f"{Path(request.output).name!r}")
+        full = plan.out_shape(source.shape)
+        stored = [a for a in range(len(full)) if not plan.collapsed(a)]
+        if len(stored) != 3:
+            raise ValueError(f"on-disk output is for volumes (a 3D map); this run makes a "
+                             f"{len(stored)}D map: leave the output empty")
+        shape3 = tuple(full[a] for a in stored)
+        progress = stored.index(plan.sample_axis) if plan.sample_axis in stored else 0
+        voxel = getattr(source, "voxel_size", None)
+        scale = [float(voxel[a]) for a in stored] if voxel is not None else [1.0, 1.0, 1.0]
+        unit = "micrometer" if voxel is not None else None
+        origin = plan.origin(source.shape)
+        translation = [origin[a] * s for a, s in zip(stored, scale, strict=True)]
+        inputs = [source.path] if getattr(source, "path", None) else []
+        several = len(labels) > 1
+        paths = {label: label_path(request.output, label, several) for label in labels}
+        spread_paths = ({label: uncertainty_path(path) for label, path in paths.items()}
+                        if request.uncertainty else {})
+        for path in [*paths.values(), *spread_paths.values()]:
+            check_output_path(path, request.overwrite, inputs=inputs)
+            if request.overwrite and path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+        options = dict(stored_axes=stored, progress_axis=progress, scale=scale, unit=unit,
+                       translation=translation)
+        self.maps = {label: DiskMap(path, shape3, full, attrs={**record, "target": label},
+                                    **options) for label, path in paths.items()}
+        self.spreads = {label: DiskMap(path, shape3, full, attrs={
+            **record, "target": label, "kind": "uncertainty"}, **options)
+            for label, path in spread_paths.items()}
+        self.class_map = None
+        if segmentation:
+            first = self.maps[labels[0]]
+            group = zarr.open_group(str(first.path), mode="r+")
+            array = add_zarr_array(group, "class_map", shape3, first.arrays[0].chunks, "int16")
+            self.class_map = _PlainWriter(array, full)
+        self.stored = stored
+
+    def finish(self, provenance: Mapping[str, Any], predictions: Any, positions: Any
+               ) -> tuple[dict[str, Any], dict[str, Any], Any, dict[str, tuple[float, float]]]:
+        """Complete every store; the lazy maps, spreads and class map, and contrast limits
+        read from the coarsest level (never the whole map)."""
+        from napari_gradcam.io import set_display_window
+
+        limits = {}
+        for label, store in self.maps.items():
+            low, high = store.value_range
+            store.finish({**provenance, "target": label, "value_range": [low, high],
+                          "class_map": "class_map" if self.class_map is not None else None})
+            set_display_window(store.path, low, high)
+            limits[label] = coarse_limits(store.path)
+        for label, store in self.spreads.items():
+            store.finish({**provenance, "target": label, "kind": "uncertainty",
+                          "value_range": list(store.value_range)})
+        maps = {label: store.lazy() for label, store in self.maps.items()}
+        spreads = {label: store.lazy() for label, store in self.spreads.items()}
+        class_map = None
+        if self.class_map is not None:
+            import dask.array as da
+
+            lazy = da.from_zarr(self.class_map.array)
+            full = self.class_map.shape
+            if len(full) != 3:
+                lazy = lazy[tuple(slice(None) if a in self.stored else None
+                                  for a in range(len(full)))]
+            class_map = lazy
+        return maps, spreads, class_map, limits
+
+
+def coarse_limits(path: str | Path) -> tuple[float, float]:
+    """Contrast limits of a map store from its coarsest level: 0 (or the minimum) to the
+    99.9th percentile, as the in-memory maps get them, at a tiny fraction of the reading."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    datasets = group.attrs["multiscales"][0]["datasets"]
+    coarsest = np.asarray(group[datasets[-1]["path"]][...])
+    finite = coarsest[np.isfinite(coarsest)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low = min(0.0, float(finite.min()))
+    high = float(np.percentile(finite, 99.9))
+    if high <= low:
+        high = float(finite.max()) if finite.max() > low else low + 1.0
+    return low, high
+
+
+__all__ = [
+    "DiskMap",
+    "DiskOutput",
+    "coarse_limits",
+    "downsample_mean",
+    "jsonable",
+    "label_path",
+    "lazy_level",
+    "map_layer_data",
+    "pyramid_shapes",
+    "store_state",
+]
