@@ -192,3 +192,41 @@ def input_origin(path: str | os.PathLike, ndim: int = 3) -> tuple[float, ...]:
         origin, _ = tiff_placement(path, (1.0, 1.0, 1.0, *info.scale)[-3:])
         return ((0.0,) * max(0, ndim - 3) + origin)[-ndim:]
     return (0.0,) * ndim
+
+
+def map_layer_placement(layer: Any, origin: Sequence[int] | None = None) -> dict[str, Any]:
+    """Layer kwargs that put a map whose first element is data index ``origin`` (``None``:
+    the first element of ``layer``) exactly on the image ``layer``, with the map display's
+    defaults (colormap, blending, opacity, 3D rendering; :func:`display.map_layer_kwargs`).
+
+    The map keeps the layer's scale, rotation, shear, affine, units and axis labels; only the
+    translation moves, by ``origin`` mapped through the layer's transform. Values are copies:
+    moving the layer later does not move the map. After ``viewer.add_image(map, **kwargs)``,
+    call :func:`napari_gradcam.display.show_map` so the colour bar, scope and 3D style follow.
+    napari is imported only when this is called (the reader hook imports this module).
+    """
+    import numpy as np
+    from napari.utils.transforms import Affine
+
+    from napari_gradcam.display import map_layer_kwargs
+
+    ndim = int(layer.ndim)
+    origin = (0,) * ndim if origin is None else tuple(origin)
+    if len(origin) != ndim:
+        raise ValueError(f"the map's origin {origin} has {len(origin)} entries but the layer "
+                         f"{layer.name!r} has {ndim} axes")
+    scale = tuple(float(s) for s in layer.scale)
+    rotate = np.array(layer.rotate, dtype=float)
+    shear = np.array(layer.shear, dtype=float)
+    linear = Affine(scale=scale, translate=tuple(float(t) for t in layer.translate),
+                    rotate=rotate, shear=shear)
+    return {
+        **map_layer_kwargs(),
+        "scale": scale,
+        "translate": tuple(float(t) for t in linear(np.asarray(origin, dtype=float))),
+        "rotate": rotate,
+        "shear": shear,
+        "affine": np.array(layer.affine.affine_matrix, dtype=float),
+        "units": tuple(str(u) for u in layer.units),
+        "axis_labels": tuple(layer.axis_labels),
+    }
