@@ -8,6 +8,10 @@ tool would have written it), not by the code under test, except for the round tr
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +201,49 @@ def test_the_readme_command_puts_the_map_on_the_scan(tmp_path, make_napari_viewe
     assert ct.colormap.name == "gray" and cam.colormap.name == MAP_COLORMAP
     assert cam.extent.world == pytest.approx(ct.extent.world)
     assert viewer.layers[0].name == "scan"
+
+
+#: Run by a separate Python: napari's own command-line code builds the viewer from sys.argv
+#: (what the `napari` command does before it starts the event loop), then the layers are listed.
+_NAPARI_COMMAND_LINE = textwrap.dedent("""
+    import json, sys
+    from napari.__main__ import _build_viewer
+    sys.argv = ["napari", *sys.argv[1:]]
+    viewer = _build_viewer()
+    print(json.dumps([{
+        "name": layer.name, "type": type(layer).__name__, "colormap": layer.colormap.name,
+        "blending": layer.blending, "scale": list(map(float, layer.scale)),
+        "world": [list(map(float, row)) for row in layer.extent.world],
+        "units": [str(unit) for unit in layer.units],
+        "contrast_limits": list(map(float, layer.contrast_limits))} for layer in viewer.layers]))
+    viewer.close()
+""")
+
+
+@pytest.mark.gui
+def test_the_readme_command_line_opens_the_map_as_an_overlay_on_the_scan(tmp_path):
+    """`napari --plugin napari-gradcam scan.tif maps.zarr` exactly as the `napari` command runs
+    it (its argument parsing and its way of opening files, in a process of its own with fresh
+    settings): the scan grey at its voxel size, the map above it in the map colormap, added,
+    with the recorded range, on the same grid in micrometres."""
+    scan_path = imagej_tiff(tmp_path / "scan.tif", scan(), spacing=2.0, pixel=0.65,
+                            unit="micron")
+    maps = write_volume(tmp_path / "maps.zarr",
+                        np.linspace(0, 2.5, 720, dtype=np.float32).reshape(6, 10, 12),
+                        scale=(2.0, 0.65, 0.65), attrs=RECORD)
+    env = {**os.environ, "NAPARI_CONFIG": str(tmp_path / "settings.yaml")}
+    done = subprocess.run([sys.executable, "-c", _NAPARI_COMMAND_LINE, "--plugin", PLUGIN,
+                           str(scan_path), str(maps)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ct, cam = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (ct["name"], ct["type"], ct["colormap"]) == ("scan", "Image", "gray")
+    assert ct["scale"] == pytest.approx([2.0, 0.65, 0.65])
+    assert (cam["colormap"], cam["blending"]) == (MAP_COLORMAP, MAP_BLENDING)
+    assert cam["contrast_limits"] == pytest.approx([0.0, 2.5])
+    assert cam["name"].startswith("maps") and "gradcam" in cam["name"]
+    np.testing.assert_allclose(cam["world"], ct["world"])
+    assert ct["units"] == cam["units"] == ["micrometer"] * 3
 
 
 @pytest.mark.gui
