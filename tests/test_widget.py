@@ -58,6 +58,14 @@ def cards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(autouse=True)
+def own_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test remembers its widget choices in its own folder, never the user's."""
+    folder = tmp_path / "config"
+    monkeypatch.setenv("NAPARI_GRADCAM_CONFIG_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def errors() -> list[str]:
     """Messages of errors and warnings shown during the test."""
@@ -89,8 +97,8 @@ def volume(shape=(6, 32, 40), seed=0) -> np.ndarray:
 
 
 def set_mode(widget: GradCAMWidget, mode: str, axis: int = 0) -> None:
-    widget.mode_combo.setCurrentIndex(widget.mode_combo.findData(mode))
-    widget.axis_spin.setValue(axis)
+    widget.form.mode.value = mode
+    widget.form.axis.value = axis
 
 
 # ------------------------------------------------------------------------------------------
@@ -155,7 +163,8 @@ def test_slices_run_places_the_result_on_the_source(make_widget, qtbot, cards) -
     assert widget.run_button.text() == "Cancel"
     finish(qtbot, widget)
     assert widget.run_button.text() == "Run"
-    layer = viewer.layers["stack · gradcam · predicted · c2:features.3 · slices along axis 0"]
+    # the slice axis is named by the layer's axis label
+    layer = viewer.layers["stack · gradcam · predicted · c2:features.3 · slices along z"]
     assert layer.data.shape == (6, 32, 40) and layer.data.max() > 0
     np.testing.assert_allclose(layer.scale, source.scale)
     np.testing.assert_allclose(layer.translate, source.translate)
@@ -253,16 +262,51 @@ def test_switching_layers_mid_run_cannot_misplace_the_result(make_widget, qtbot,
     np.testing.assert_allclose(layer.scale, (3.0, 1.0, 1.0))  # the transform at the start
 
 
+def mouse_gesture(viewer, modifiers, position, moves=()) -> None:
+    """Press, move through ``moves`` (screen offsets) and release, through napari's own
+    dispatch of mouse events to the viewer's drag callbacks (what the canvas does)."""
+    from napari.utils._proxies import ReadOnlyWrapper
+    from napari.utils.interactions import (
+        mouse_move_callbacks,
+        mouse_press_callbacks,
+        mouse_release_callbacks,
+    )
+
+    def event(kind, pos):
+        return ReadOnlyWrapper(SimpleNamespace(
+            type=kind, modifiers=modifiers, position=position, pos=pos, is_dragging=True,
+            view_direction=None, dims_displayed=[1, 2], delta=(0, 0), button=1),
+            exceptions=("handled",))
+
+    mouse_press_callbacks(viewer, event("mouse_press", (100.0, 100.0)))
+    for dx, dy in moves:
+        mouse_move_callbacks(viewer, event("mouse_move", (100.0 + dx, 100.0 + dy)))
+    last = moves[-1] if moves else (0.0, 0.0)
+    mouse_release_callbacks(viewer, event("mouse_release", (100.0 + last[0], 100.0 + last[1])))
+
+
 def test_alt_click_explains_the_slice_under_the_cursor(make_widget, qtbot, cards) -> None:
     viewer, widget = make_widget(cards["c2"])
     viewer.add_image(volume((8, 16, 16)), name="stack", scale=(2.0, 1.0, 1.0))
-    plain = SimpleNamespace(modifiers=(), position=(10.0, 4.0, 4.0))
-    widget._on_mouse_press(viewer, plain)
+    mouse_gesture(viewer, (), (10.0, 4.0, 4.0))
     assert widget.worker is None  # a click without the modifier does nothing
-    alt = SimpleNamespace(modifiers=("Alt",), position=(10.0, 4.0, 4.0))
-    widget._on_mouse_press(viewer, alt)
+    # Alt-drag is napari's zoom: it must not start a run
+    mouse_gesture(viewer, ("Alt",), (10.0, 4.0, 4.0), moves=[(3.0, 0.0), (20.0, 12.0)])
+    assert widget.worker is None and not [
+        layer for layer in viewer.layers if METADATA_KEY in layer.metadata]
+    # a jitter of a pixel or two is still a click
+    mouse_gesture(viewer, ("Alt",), (10.0, 4.0, 4.0), moves=[(1.0, 1.0)])
+    assert widget.worker is not None
     finish(qtbot, widget)
-    layer = viewer.layers["stack · gradcam · clicked · c2:features.3 · current view"]
+    maps = [layer for layer in viewer.layers if METADATA_KEY in layer.metadata]
+    assert len(maps) == 1
+    (explained,) = maps[0].metadata[METADATA_KEY]["predictions"]["target_indices"]
+    # the explained class is in the name, and the clicked point is marked
+    layer = viewer.layers[f"stack · gradcam · clicked {CLASSES[explained]} · c2:features.3 · "
+                          "current view"]
+    assert layer.metadata[METADATA_KEY]["target"] == f"clicked {CLASSES[explained]}"
+    marks = viewer.layers["Grad-CAM clicks"]
+    np.testing.assert_allclose(marks.data, [[10.0, 4.0, 4.0]])
     assert layer.data.shape == (1, 16, 16) and layer.translate[0] == 10.0  # slice 5
     text = widget.hover_text(layer, (10.0, 4.0, 4.0))
     assert text.startswith("CAM ") and "predicted" in text
@@ -276,9 +320,11 @@ def test_click_on_a_segmentation_explains_the_object_there(make_widget, qtbot, c
     assert widget.target_combo.itemText(0) == "clean"  # no "predicted class" for segmenters
     widget.explain_at((5.0, 7.0))
     finish(qtbot, widget)
-    layer = viewer.layers["slice · gradcam · clicked · unet:down1 · current view"]
+    (layer,) = [layer for layer in viewer.layers if layer.name.startswith(
+        "slice · gradcam · clicked ")]
     record = layer.metadata[METADATA_KEY]
-    assert record["predictions"]["target_indices"][0] in (0, 1, 2)
+    clicked = record["predictions"]["target_indices"][0]
+    assert layer.name == f"slice · gradcam · clicked {CLASSES[clicked]} · unet:down1 · current view"
     assert "this pixel" in widget.hover_text(layer, (5.0, 7.0))
     # a class inside the region painted in a Labels layer (Seg-Grad-CAM)
     region = np.zeros((16, 16), dtype=np.uint8)
@@ -323,7 +369,7 @@ def test_label_table_is_shown_stored_and_exported(make_widget, qtbot, cards,
     assert np.array_equal(labels_layer.data, labels)  # only the features table changed
     path = widget.export_csv(tmp_path / "table.csv")
     with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
+        rows = list(csv.reader(line for line in handle if not line.startswith("#")))
     assert rows[0][0] == "label" and len(rows) == 3
 
 
@@ -369,7 +415,7 @@ def test_3d_model_in_windows(make_widget, qtbot, cards) -> None:
     assert [s.value() for s in widget.window_spins] == [8, 8, 8]
     widget.run()
     finish(qtbot, widget)
-    layer = viewer.layers["ct · gradcam · predicted · c3:features.2 · 3D windows"]
+    layer = viewer.layers["ct · gradcam · predicted · c3:features.2 · volume"]
     assert layer.data.shape == (12, 16, 16)
     np.testing.assert_allclose(layer.scale, (1.0, 0.65, 0.65))
     assert layer.metadata[METADATA_KEY]["options"]["window"] == [8, 8, 8]
@@ -396,7 +442,7 @@ def test_demo_model_on_a_ct_volume(make_widget, qtbot) -> None:
     finish(qtbot, widget, timeout=60000)
     target_layer = widget.loaded.card.target_layer  # the card's choice (dec1, dec0 ...)
     layer = viewer.layers[f"{kwargs['name']} · gradcam · crack · ct-slice-unet:{target_layer} · "
-                          "slices along axis 0"]
+                          "slices along z"]
     assert layer.data.shape == (16, 64, 64)
     np.testing.assert_allclose(layer.scale, kwargs["scale"])
 
@@ -493,7 +539,7 @@ def test_zcyx_stack_feeds_its_channel_axis_to_a_two_channel_model(make_widget, q
     set_mode(widget, "slices", axis=0)
     widget.run()
     finish(qtbot, widget)
-    layer = viewer.layers["zcyx · gradcam · predicted · two:features.3 · slices along axis 0"]
+    layer = viewer.layers["zcyx · gradcam · predicted · two:features.3 · slices along z"]
     assert layer.data.shape == (3, 1, 16, 12)
     np.testing.assert_allclose(layer.scale, (2.0, 1.0, 0.5, 0.5))
     assert layer.metadata[METADATA_KEY]["options"]["channel_axis"] == 1
@@ -548,6 +594,7 @@ def test_a_one_pixel_target_layer_is_run_with_a_warning_naming_the_better_layer(
         make_widget, qtbot, cards, errors) -> None:
     viewer, widget = make_widget(cards["c2"])
     viewer.add_image(volume((3, 24, 20)), name="pooled")
+    widget.form.all_layers.value = True  # pooling is not a block: listed with all layers
     widget.layer_combo.setCurrentIndex(widget.layer_combo.findData("pool"))
     set_mode(widget, "slices", axis=0)
     widget.batch_spin.setValue(1)  # three batches, each warns: one notification
@@ -690,10 +737,9 @@ def test_the_region_is_the_chosen_label_value_of_a_labels_layer(make_widget, qtb
     everything = GradCAM(loaded.model, "down1")(
         loaded.preprocess(image[None]), target=SegmentationRegion(2, (labels != 0)[None]))
     assert not np.allclose(expected, everything)  # the choice of label changes the map
-    # a label painted later is offered when the list opens; the choice is kept
-    viewer.layers["defects"].data[0:2, 0:2] = 3
-    picker.showPopup()
-    picker.hidePopup()
+    # a label painted later is offered at once; the choice is kept
+    viewer.layers["defects"].paint((0, 0), 3, refresh=True)
+    qtbot.waitUntil(lambda: picker.itemText(picker.count() - 1) == "3", timeout=5000)
     assert picker.itemText(picker.count() - 1) == "3" and picker.currentData() == 2
     # a Shapes region or a classifier has no label values to choose
     widget.region_combo.setCurrentText("none")
@@ -866,7 +912,7 @@ def test_window_disagreement_in_3d_windows_mode(make_widget, qtbot, cards) -> No
     widget.overlap_spin.setValue(0.5)
     widget.run()
     finish(qtbot, widget)
-    name = "ct · gradcam · predicted · c3:features.2 · 3D windows"
+    name = "ct · gradcam · predicted · c3:features.2 · volume"
     spread = viewer.layers[name + " · uncertainty"]
     np.testing.assert_allclose(spread.scale, (1.0, 0.65, 0.65))
     assert list(spread.metadata[METADATA_KEY]["meaning"]) == ["windows"]
