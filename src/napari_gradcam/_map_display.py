@@ -83,8 +83,9 @@ class MapDisplayWidget(Container):
 
     def _refresh(self, event: Any = None) -> None:
         self.reset_choices()
-        if self.map_layer.value is None and self.map_layer.choices:
-            self.map_layer.value = self.map_layer.choices[-1]
+        maps = [layer for layer in self.map_layer.choices if layer is not None]
+        if self.map_layer.value is None and maps:
+            self.map_layer.value = maps[-1]
 
     def _on_active(self, event: Any = None) -> None:
         active = self.viewer.layers.selection.active
