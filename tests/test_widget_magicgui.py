@@ -272,6 +272,7 @@ def test_a_second_widget_starts_with_the_first_ones_choices(make_widget, make_na
     viewer2.add_image(volume((4, 16, 16)), name="stack")
     second = GradCAMWidget(viewer2)  # a new session's widget, on a viewer holding the layer
     assert second.loaded is not None and second.loaded.card.name == "c2"
+    assert second.form.model.current_choice == "c2.yaml"  # the list shows what is loaded
     assert second.form.method.value == "layercam"
     assert second.form.mode.value == "slices"
     assert second.form.axis.value == 1

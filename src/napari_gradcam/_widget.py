@@ -325,11 +325,11 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         self.form = Container(labels=True, widgets=[
             ComboBox(name="image", label="Image layer",
                      choices=_layer_choices(viewer, is_source_image)),
-            Label(name="voxel_note", label="", value=""),
+            Label(name="voxel_note", label=" ", value=""),
             PushButton(name="apply_scale", label="", text="Apply the file's voxel size"),
             ComboBox(name="model", label="Model", choices=self._model_choices),
             CheckBox(name="trust", label="", text="trust model code", tooltip=TRUST_TOOLTIP),
-            Label(name="model_info", label="", value="no model"),
+            Label(name="model_info", label=" ", value="no model"),
             ComboBox(name="target_layer", label="Target layer",
                      choices=self._target_layer_choices),
             CheckBox(name="all_layers", label="", text="list all layers",
@@ -407,7 +407,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         self.tabs.addTab(explain_tab, "Explain")
 
         self.labels_form = Container(labels=True, widgets=[
-            Label(name="intro", label="", value="Per-label statistics of a CAM inside a Labels "
+            Label(name="intro", label=" ", value="Per-label statistics of a CAM inside a Labels "
                   "layer. The table is also written to the Labels layer's features."),
             ComboBox(name="cam", label="CAM layer",
                      choices=_layer_choices(viewer, is_result_layer)),
@@ -733,8 +733,8 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         if entry not in [data for _text, data in self._model_entries]:
             self._model_entries.append((Path(entry).name, entry))
         self._model_source = entry
-        self._show_model_in_combo()
         self.use_model(loaded)
+        self._show_model_in_combo()
         self._save_choices()
         return loaded
 
@@ -774,7 +774,8 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         self._refresh_channel_axes()
         f.model_info.value = (
             f"{card.name}: {card.task}, {card.spatial_dims}D, {card.in_channels} channel(s), "
-            f"classes {', '.join(card.class_names)}. {card.description}".strip())
+            f"classes {', '.join(card.class_names)}.")
+        f.model_info.tooltip = card.description or None  # the full text, on hover
 
     def _target_layer_choices(self, _widget: Any = None) -> list[tuple[str, str]]:
         """The model's feature-map blocks (or all its layers), with their output shapes."""
