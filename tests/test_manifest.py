@@ -44,8 +44,8 @@ def test_every_command_resolves_to_a_callable():
 
 def test_contributions_cover_widgets_reader_and_every_sample():
     contributions = _shipped_manifest().contributions
-    assert {w.display_name for w in contributions.widgets} == {"Grad-CAM explainer",
-                                                               "Grad-CAM evidence"}
+    assert {w.display_name for w in contributions.widgets} == {
+        "Grad-CAM explainer", "Grad-CAM evidence", "Map display", "Spectrum and CAM"}
     assert {s.key for s in contributions.sample_data} == {"micrograph", "ct_volume", "spectra"}
     assert contributions.readers and contributions.readers[0].accepts_directories
 
