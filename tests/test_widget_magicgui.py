@@ -296,3 +296,30 @@ def test_a_stale_remembered_model_falls_back_cleanly(make_widget, qtbot, tmp_pat
     assert second.form.batch_size.value == 5  # the other choices still come back
     assert messages(start) == []  # an info, not an error
     assert any("soon_gone" in str(n.message) for n in notification_manager.records[start:])
+
+
+def test_a_real_alt_click_on_the_canvas_explains_and_an_alt_drag_does_not(
+        make_napari_viewer, qtbot, cards) -> None:
+    """Through Qt mouse events on napari's canvas (the path a user's mouse takes)."""
+    from qtpy.QtCore import QPoint, Qt
+
+    viewer = make_napari_viewer(show=True)
+    widget = GradCAMWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Grad-CAM explainer")
+    widget.load_model_source(cards["c2"])
+    viewer.add_image(volume((32, 32)), name="img")
+    canvas = viewer.window._qt_viewer.canvas.native  # the vispy canvas's QWidget
+    qtbot.waitExposed(canvas)
+    centre = QPoint(canvas.width() // 2, canvas.height() // 2)
+    left, alt = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.AltModifier
+    qtbot.mousePress(canvas, left, alt, centre)
+    for step in (5, 15, 30):
+        qtbot.mouseMove(canvas, centre + QPoint(step, step))
+    qtbot.mouseRelease(canvas, left, alt, centre + QPoint(30, 30))
+    assert widget.worker is None and maps(viewer) == []  # a drag: no run
+    qtbot.mouseClick(canvas, left, alt, centre)
+    assert widget.worker is not None  # a click: a run
+    finish(qtbot, widget)
+    (layer,) = maps(viewer)
+    assert layer.name.startswith("img · gradcam · clicked ")
+    assert len(viewer.layers["Grad-CAM clicks"].data) == 1
