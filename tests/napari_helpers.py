@@ -6,6 +6,8 @@ and importing them by name shows where they come from.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,12 @@ from safetensors.torch import save_file
 from napari_gradcam.core.architectures import build_architecture
 
 CLASSES = ("clean", "precipitates", "crack")
+
+# The explainer widget remembers its choices in the user's config folder; every widget test
+# imports this module, so no test reads or overwrites a user's choices (tests that compare
+# sessions point NAPARI_GRADCAM_CONFIG_DIR at their own tmp_path on top of this).
+os.environ.setdefault("NAPARI_GRADCAM_CONFIG_DIR",
+                      tempfile.mkdtemp(prefix="napari-gradcam-test-config-"))
 
 
 def write_card(folder: Path, name: str, *, architecture: str = "resnet_like",
