@@ -364,7 +364,9 @@ def test_label_table_is_shown_stored_and_exported(make_widget, qtbot, cards,
     assert table["label"].tolist() == [1, 2]
     np.testing.assert_allclose(table["mean_cam"][1], cam[20:30, 18:28].mean(), rtol=1e-5)
     assert widget.labels_table.rowCount() == 2
-    assert widget.labels_table.horizontalHeaderItem(3).text() == "max_cam"
+    headers = [widget.labels_table.horizontalHeaderItem(c).text()
+               for c in range(widget.labels_table.columnCount())]
+    assert headers[:5] == ["label", "name", "voxels", "mean_cam", "max_cam"]
     assert list(labels_layer.features["index"]) == [1, 2]
     assert np.array_equal(labels_layer.data, labels)  # only the features table changed
     path = widget.export_csv(tmp_path / "table.csv")

@@ -417,7 +417,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
                          tooltip="Pointing-game tolerance, in the layer's units: the CAM "
                          "maximum counts as a hit within this distance of the label. Set "
                          "from the model card's pointing_tolerance_px when it has one."),
-            Container(name="buttons", layout="horizontal", labels=False, widgets=[
+            Container(name="buttons", label=" ", layout="horizontal", labels=False, widgets=[
                 PushButton(name="table_button", text="Label table"),
                 PushButton(name="export_button", text="Export CSV …"),
             ]),
@@ -1484,6 +1484,9 @@ class GradCAMWidget(RunControlsMixin, QWidget):
 
     def _show_table(self, table: dict[str, np.ndarray]) -> None:
         columns = list(table)
+        if "name" in columns and "label" in columns:  # the name beside its value
+            columns.remove("name")
+            columns.insert(columns.index("label") + 1, "name")
         rows = len(next(iter(table.values()))) if columns else 0
         self.labels_table.setColumnCount(len(columns))
         self.labels_table.setHorizontalHeaderLabels(columns)
