@@ -55,14 +55,15 @@ DISPLAY_KEY = "display"
 #: added on top cannot be brighter than white, so the map vanishes. The first two styles dim
 #: the scan (lower opacity) and draw the map so that its *high* places stand out: an
 #: attenuated MIP (nearer voxels win, so depth reads) or an iso-surface around the map's top
-#: 5 % (a solid, shaded blob where the model looked). The third is the old look, kept to
-#: compare.
+#: 1 % (a solid, shaded blob where the model looked; a Grad-CAM is small but positive over
+#: much of a volume, so the top 5 % still spreads over the whole specimen). The third is the
+#: old look, kept to compare.
 STYLES_3D: dict[str, dict[str, Any]] = {
     "attenuated MIP, scan dimmed": {
         "rendering": "attenuated_mip", "attenuation": 0.05, "blending": "additive",
         "opacity": 1.0, "scan_opacity": 0.3},
-    "iso-surface (top 5 %), scan dimmed": {
-        "rendering": "iso", "percentile": 95.0, "blending": "translucent",
+    "iso-surface (top 1 %), scan dimmed": {
+        "rendering": "iso", "percentile": 99.0, "blending": "translucent",
         "opacity": 1.0, "scan_opacity": 0.3},
     "MIP, additive (undimmed scan)": {
         "rendering": "mip", "blending": "additive", "opacity": None, "scan_opacity": None},
