@@ -145,3 +145,31 @@ def test_without_units_the_x_axis_is_the_channel_index(make_napari_viewer):
     np.testing.assert_array_equal(widget.spectrum_line.get_xdata(), np.arange(40))
     np.testing.assert_array_equal(widget.spectrum_line.get_ydata(), data[2])
     assert widget.cam_line is None  # no map in the viewer
+
+
+def test_a_map_of_a_few_rows_lines_up_by_its_origin(make_napari_viewer, xrd):
+    """A map of rows 10-12 only (the widget's 'current' mode or a crop) is placed by its
+    origin; the plot finds each row's CAM through world coordinates, and its class from the
+    recorded positions."""
+    from napari_gradcam._spectrum_plot import SpectrumPlotWidget
+    from napari_gradcam.placement import map_layer_placement
+
+    layers, cam, record, probabilities, names = xrd
+    viewer = make_napari_viewer()
+    spectra = viewer.add_image(layers[0][0], **layers[0][1])
+    part = dict(record)
+    part["predictions"] = {**record["predictions"],
+                           "probabilities": probabilities[10:13].tolist(),
+                           "positions": [[row, 0] for row in (10, 11, 12)]}
+    layer = viewer.add_image(cam[10:13].copy(), name="rows 10-12",
+                             metadata={METADATA_KEY: part},
+                             **map_layer_placement(spectra, origin=(10, 0)))
+    widget = SpectrumPlotWidget(viewer)
+    assert widget.map_layer.value is layer and widget.spectra.value is spectra
+    widget.row.value = 11
+    np.testing.assert_array_equal(widget.cam_line.get_ydata(), cam[11])
+    assert names[int(np.argmax(probabilities[11]))] in widget.cam_line.get_label()
+    widget.row.value = 5
+    assert widget.cam_line is None
+    assert "does not cover this row" in widget.axes.get_title()
+    np.testing.assert_array_equal(widget.spectrum_line.get_ydata(), spectra.data[5])
