@@ -253,3 +253,22 @@ def test_the_dock_follows_a_renamed_map(viewer_with_map, qtbot):
     assert dock.map_layer.native.currentText() == "renamed map"  # the picker shows the new name
     dock.scope.value = "per volume"
     assert display_state(layer)["scope"] == "per volume"
+
+
+def test_a_multiscale_map_is_ranged_on_its_full_resolution(make_napari_viewer, ct_and_map):
+    """Our OME-Zarr reader opens a pyramid as a multiscale layer: the scopes use level 0."""
+    from napari_gradcam.display import set_scope
+
+    _, _, cam, record, _, _ = ct_and_map
+    viewer = make_napari_viewer()
+    levels = [cam, np.ascontiguousarray(cam[::2, ::2, ::2])]
+    layer = viewer.add_image(levels, multiscale=True, name="pyramid",
+                             contrast_limits=robust_limits(cam),
+                             metadata={METADATA_KEY: dict(record)})
+    show_map(viewer, layer)
+    assert set_scope(viewer, layer, "per volume") == pytest.approx(
+        (float(cam.min()), float(cam.max())))
+    viewer.dims.set_point(0, 3)
+    assert set_scope(viewer, layer, "per slice") == pytest.approx(
+        (float(cam[3].min()), float(cam[3].max())))
+    assert layer.data[0] is cam

@@ -123,9 +123,15 @@ def raw_limits(layer: Any) -> tuple[float, float]:
     if "raw_limits" not in state:
         limits = getattr(layer, "contrast_limits", None)
         state["raw_limits"] = ([float(v) for v in limits] if limits is not None
-                               else list(robust_limits(layer.data)))
+                               else list(robust_limits(full_resolution(layer))))
     low, high = state["raw_limits"]
     return float(low), float(high)
+
+
+def full_resolution(layer: Any) -> Any:
+    """The layer's full-resolution array (level 0 of a multiscale map, as our OME-Zarr reader
+    opens a pyramid), which the display ranges are computed from."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
 def current_slice(viewer: Any, layer: Any) -> list[int | None]:
@@ -145,7 +151,7 @@ def set_scope(viewer: Any, layer: Any, scope: str) -> tuple[float, float]:
     check_scope(scope)
     raw = raw_limits(layer)
     current = current_slice(viewer, layer) if scope == "per slice" else None
-    limits = scope_limits(layer.data, scope, raw=raw, current=current)
+    limits = scope_limits(full_resolution(layer), scope, raw=raw, current=current)
     state = display_state(layer)
     state.update({"scope": scope, "scope_meaning": SCOPE_MEANINGS[scope],
                   "units": CAM_UNITS, "limits": [float(v) for v in limits]})
@@ -205,7 +211,7 @@ def apply_3d_style(viewer: Any, layer: Any, style: str | None = None) -> str:
     if "attenuation" in settings:
         layer.attenuation = settings["attenuation"]
     if "percentile" in settings:
-        threshold = top_percentile(layer.data, settings["percentile"])
+        threshold = top_percentile(full_resolution(layer), settings["percentile"])
         state["iso_threshold"] = threshold
         layer.iso_threshold = threshold
     if viewer.dims.ndisplay == 3:
