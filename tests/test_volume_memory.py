@@ -141,3 +141,90 @@ def test_windowed_memory_does_not_grow_with_depth(tmp_path):
         f"from the first 32 to all {DEPTH} slices (peak {final / mib:.0f} MiB, volume "
         f"{VOLUME_BYTES / mib:.0f} MiB): heap fragmentation from small arrays kept per window"
     )
+
+
+# --- the widget's job path: a lazy zarr scan in, the map written to an OME-Zarr on disk ------
+
+_WIDGET_SCRIPT = r"""
+import sys
+import dask
+import dask.array as da
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+dask.config.set(scheduler="synchronous")
+from napari_gradcam.core.models import load_model
+from napari_gradcam.jobs import ExplainRequest, ImageSource, TargetChoice, explain_job
+
+card, scan, out, depth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+
+def status_kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+loaded = load_model(card)
+volume = da.from_zarr(scan)[:depth]  # lazy: nothing is read until a batch needs its slab
+options = dict(mode="slices", axis=0, batch_size=8, domain_check=False,
+               target=TargetChoice("class", class_index=1))
+for _ in explain_job(loaded, ImageSource("warm-up", volume[:8]), ExplainRequest(**options)):
+    pass  # kernels, allocator pools, the model's own footprint
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
+baseline = status_kib("VmRSS")
+output = None if out == "-" else out  # "-": the map in memory, for comparison
+job = explain_job(loaded, ImageSource("scan", volume), ExplainRequest(**options, output=output))
+try:
+    while True:
+        next(job)
+except StopIteration as finished:
+    result = finished.value
+assert output is None or all(type(m).__module__.startswith("dask")
+                             for m in result.maps.values())  # on disk, never in memory
+print((status_kib("VmHWM") - baseline) * 1024)
+"""
+
+WIDGET_PLANES = (64, 256)
+WIDGET_SLICE = 128
+
+
+def _widget_peak(card: Path, scan: Path, out: Path, depth: int) -> int:
+    env = dict(os.environ)
+    source_root = str(Path(napari_gradcam.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([source_root, *filter(None, [env.get("PYTHONPATH")])])
+    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # RSS is the live data (see the top)
+    completed = subprocess.run(
+        [sys.executable, "-c", _WIDGET_SCRIPT, str(card), str(scan), str(out), str(depth)],
+        capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return int(completed.stdout.strip().splitlines()[-1])
+
+
+def test_widget_job_with_disk_output_has_peak_memory_flat_in_depth(tmp_path):
+    """64 and 256 planes of the same 128² slices, a small 3-level U-Net, batch 8, the map on
+    disk: the peak above the model's footprint is the batch's working set, the same for both.
+    Held in memory, as the widget's job did before, the map (256 x 128² float32 = 16 MiB) and
+    the class map (8 MiB) make the deeper run peak well above 1.3x the shallow one."""
+    import numpy as np
+    import zarr
+
+    from test_jobs import write_card
+
+    card = write_card(tmp_path, "unet3", architecture="unet", task="segmentation",
+                      widths=(8, 16, 32))
+    depth = max(WIDGET_PLANES)
+    scan = tmp_path / "scan.zarr"
+    array = zarr.open_array(str(scan), mode="w", shape=(depth, WIDGET_SLICE, WIDGET_SLICE),
+                            chunks=(8, WIDGET_SLICE, WIDGET_SLICE), dtype="uint16")
+    rng = np.random.default_rng(0)
+    for z0 in range(0, depth, 32):
+        array[z0:z0 + 32] = rng.integers(0, 60000, (32, WIDGET_SLICE, WIDGET_SLICE))
+    shallow, deep = (_widget_peak(card, scan, tmp_path / f"map{d}.zarr", d)
+                     for d in WIDGET_PLANES)
+    mib = 2**20
+    assert deep <= 1.3 * shallow, (
+        f"peak memory above the model grew with depth: {shallow / mib:.0f} MiB for "
+        f"{WIDGET_PLANES[0]} planes, {deep / mib:.0f} MiB for {WIDGET_PLANES[1]}")

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from napari_gradcam.core.methods import canonical_name
+from napari_gradcam.core.run.plan import Plan
 from napari_gradcam.core.targets import RegressionTarget, Target
 from napari_gradcam.core.uncertainty import SOURCES as UNCERTAINTY_SOURCES
 from napari_gradcam.core.uncertainty import dropout_modules
@@ -215,21 +216,12 @@ def describe_target(index: int | Target | None, class_names: Sequence[str]) -> s
     return "predicted class" if index is None else f"class {index} ({class_names[index]})"
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Everything decided before any work starts (checked once, in the driver)."""
-
-    mode: str
-    axis: int
-    window: tuple[int, ...] | None
-    chunk: int
-    chunks: tuple[int, ...]
-    target: int | Target | None
-    layer: str
-
-
 def make_plan(loaded: Any, shape: Sequence[int], options: ExplainOptions) -> Plan:
-    """Check the options against the model and the volume; choose chunking and defaults."""
+    """Check the options against the model and the volume; choose chunking and defaults.
+
+    Returns the one :class:`~napari_gradcam.core.run.plan.Plan` (the widget's job uses it
+    too): a 3D volume, slices along ``axis`` or windows, with the layer and target resolved
+    and the chunking of the tasks and of the output store."""
     card = loaded.card
     shape = tuple(int(s) for s in shape)
     mode = options.mode or ("windows" if card.spatial_dims == 3 else "slices")
@@ -283,7 +275,10 @@ def make_plan(loaded: Any, shape: Sequence[int], options: ExplainOptions) -> Pla
         known = ", ".join(info.name for info in loaded.feature_layers[-8:])
         raise ValueError(f"model {card.name!r} has no layer {layer!r}; feature-map layers "
                          f"include: {known} (see: napari-gradcam models {card.name})")
-    return Plan(mode, axis, window, chunk, chunks, target, layer)
+    others = tuple(a for a in range(3) if a != axis)
+    return Plan(spatial_axes=others if mode == "slices" else (0, 1, 2),
+                sample_axis=axis if mode == "slices" else None, fixed={}, box={}, mode=mode,
+                window=window, layer=layer, target=target, chunk=chunk, chunks=chunks)
 
 
 def _check_uncertainty(options: ExplainOptions, mode: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,13 @@ from napari_gradcam.core.run.tiles import check_window
 
 @dataclass(frozen=True)
 class Plan:
-    """Which axes are explained, which are fixed, and where the map goes."""
+    """Which axes are explained, which are fixed, how they are tiled and chunked.
+
+    The one plan of both shells: the widget's job fills the axes (an N-D layer, its current
+    position, a channel axis) and, in windows mode, the window; the command line and the dask
+    runner (:func:`napari_gradcam.distributed.make_plan`, a 3D volume file) fill the axes, the
+    window, the layer and target it resolved, and the chunking of the tasks and the output.
+    """
 
     spatial_axes: tuple[int, ...]
     sample_axis: int | None
@@ -38,6 +45,16 @@ class Plan:
     mode: str
     channel_axis: int | None = None  # read whole, fed as the model's channels
     channel_position: int = 0  # where the map sits along the channel axis (length 1)
+    window: tuple[int, ...] | None = None  # windows mode: the window size (z, y, x)
+    layer: str | None = None  # the target layer, when the plan resolved it (the CLI's)
+    target: Any = None  # the engine target, when the plan resolved it (the CLI's)
+    chunk: int | None = None  # planes per dask task and per output chunk along ``axis``
+    chunks: tuple[int, ...] | None = None  # the output store's zarr chunks
+
+    @property
+    def axis(self) -> int:
+        """The axis chunks and slices step along: the sample axis, else the first axis."""
+        return self.sample_axis if self.sample_axis is not None else 0
 
     def collapsed(self, axis: int) -> bool:
         """Whether the map has length 1 along ``axis`` (a fixed axis or the channel axis)."""
@@ -99,7 +116,26 @@ def plan_explanation(loaded: Any, source: ImageSource, request: ExplainRequest) 
     else:
         plan = _plan_axes(card, source, request)
     _check_channels(loaded, source, plan)
+    if request.output is not None:
+        _check_output(source, request, plan)
     return plan
+
+
+def _check_output(source: ImageSource, request: ExplainRequest, plan: Plan) -> None:
+    """An on-disk map is an OME-Zarr of a 3D map (volumes), never over the input, not over an
+    existing store unless asked: refused here, before a worker starts."""
+    from napari_gradcam.io import check_output_path, output_kind
+
+    if output_kind(request.output) != "zarr":
+        raise ValueError(f"the map is written as OME-Zarr: name the output *.zarr, not "
+                         f"{Path(request.output).name!r}")
+    stored = [a for a in range(source.ndim) if not plan.collapsed(a)]
+    if len(stored) != 3:
+        raise ValueError(f"on-disk output is for volumes (a 3D map); this run makes a "
+                         f"{len(stored)}D map of {source.name!r}: leave the output empty")
+    if request.target.kind != "all":  # one store per class otherwise, checked by the job
+        check_output_path(request.output, request.overwrite,
+                          inputs=[source.path] if source.path else [])
 
 
 def _plan_axes(card: Any, source: ImageSource, request: ExplainRequest) -> Plan:
@@ -274,8 +310,8 @@ def _plan_3d(card: Any, source: ImageSource, request: ExplainRequest,
     if request.mode == "slices":
         raise ValueError(f"the model {card.name!r} is 3D: use 'windows' (the whole volume) or "
                          "'current' (one window around the current position)")
-    if request.mode == "windows":  # window and overlap checked by _window above
-        return Plan(spatial, None, fixed, {}, "windows")
+    if request.mode == "windows":  # window and overlap checked by model_window above
+        return Plan(spatial, None, fixed, {}, "windows", window=window)
     centre = request.target.point or index
     box = {}
     for axis, size in zip(spatial, window, strict=True):

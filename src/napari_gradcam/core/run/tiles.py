@@ -121,7 +121,7 @@ def slices_loop(
     model = getattr(explainer, "model", None)
     device = getattr(explainer, "device", torch.device("cpu"))
     name = method if method is not None else getattr(explainer, "name", "")
-    predictions: list[np.ndarray | None] = [None] * count
+    predictions: list[list[float] | None] = [None] * count
     indices: list[int] = [-1] * count
     expected = spatial_dims + 1 + int(per_class)
 
@@ -145,14 +145,14 @@ def slices_loop(
             maps = np.zeros((len(batch.tensor), *batch.tensor.shape[2:]), dtype=np.float32)
             target_indices = None
         write(BatchMaps(start, stop, maps, spread, outputs, target_indices, batch.target))
-        for offset, probs in enumerate(class_probabilities(outputs, batch.target)):
-            predictions[start + offset] = probs
+        for offset, probs in enumerate(class_probabilities(outputs, batch.target).tolist()):
+            predictions[start + offset] = probs  # plain floats, see windows_loop
             if target_indices is not None:
                 indices[start + offset] = int(target_indices[offset])
 
     for done in run_with_oom_backoff(range(count), batch_size, work, device, notify):
         yield done, count
-    stacked = np.stack(predictions).astype(np.float32) if count else np.zeros((0, 0), "f4")
+    stacked = np.array(predictions, dtype=np.float32) if count else np.zeros((0, 0), "f4")
     found = np.array(indices) if indices and all(i >= 0 for i in indices) else None
     return SlicesOutcome(stacked, found)
 
@@ -371,7 +371,7 @@ def windows_loop(
     scratch = np.empty(window, dtype=np.float32)  # one window's w·cam, reused by every window
     crop = (slice(y_pad, y_pad + shape[1]), slice(x_pad, x_pad + shape[2]))
     buffer_start = first
-    predictions: list[np.ndarray] = []
+    predictions: list[list[float]] = []
     positions: list[tuple[int, ...]] = []
 
     def flush(until: int) -> None:
@@ -428,7 +428,10 @@ def windows_loop(
                         np.multiply(part_weights, cam, out=weighted)
                         accumulated.total[region] += weighted
             if owned:
-                predictions.extend(class_probabilities(result.outputs, target))
+                # plain floats: NumPy views of each batch's small arrays, kept per window,
+                # fragment the heap between the large per-batch temporaries (RSS grew with
+                # the number of windows under glibc's default allocator)
+                predictions.extend(class_probabilities(result.outputs, target).tolist())
                 # corners in the volume's coordinates: negative where a window overhangs it
                 positions.extend((z0 - z_pad, y0 - y_pad, x0 - x_pad) for y0, x0 in chunk)
 
@@ -436,7 +439,7 @@ def windows_loop(
             yield done + finished, total
         done += len(corners)
     flush(last)
-    stacked = (np.stack(predictions).astype(np.float32) if predictions
+    stacked = (np.array(predictions, dtype=np.float32) if predictions
                else np.zeros((0, 0), dtype=np.float32))
     return WindowsOutcome(stacked, positions, window, total)
 
