@@ -272,3 +272,15 @@ def test_a_multiscale_map_is_ranged_on_its_full_resolution(make_napari_viewer, c
     assert set_scope(viewer, layer, "per slice") == pytest.approx(
         (float(cam[3].min()), float(cam[3].max())))
     assert layer.data[0] is cam
+
+
+def test_both_docks_open_from_the_plugins_menu(make_napari_viewer):
+    """The manifest's widget contributions resolve to the docks (as Plugins ▸ … opens them)."""
+    from napari_gradcam._map_display import MapDisplayWidget
+    from napari_gradcam._spectrum_plot import SpectrumPlotWidget
+
+    viewer = make_napari_viewer()
+    for name, kind in (("Map display", MapDisplayWidget),
+                       ("Spectrum and CAM", SpectrumPlotWidget)):
+        _, widget = viewer.window.add_plugin_dock_widget("napari-gradcam", name)
+        assert isinstance(widget, kind)
