@@ -27,7 +27,7 @@ from napari_gradcam.display import (
     set_scope,
     show_map,
 )
-from napari_gradcam.figure import export_figure
+from napari_gradcam.figure import canvas_overlay, export_figure
 
 if TYPE_CHECKING:
     import napari
@@ -144,7 +144,7 @@ class MapDisplayWidget(Container):
             return
         text = caption(layer)
         self.caption.value = text
-        overlay = self.viewer.canvas.overlays["text"]
+        overlay = canvas_overlay(self.viewer, "text")
         overlay.text = text
         overlay.position = "bottom_left"  # the colour bar is top right, the scale bar bottom right
         overlay.visible = bool(layer.colorbar.visible)

@@ -28,7 +28,7 @@ def export_figure(viewer: Any, path: str | os.PathLike, *, scale_bar: bool = Tru
     if not path.parent.is_dir():
         raise ValueError(f"cannot save the figure {str(path)!r}: the folder "
                          f"{str(path.parent)!r} does not exist")
-    bar = viewer.canvas.overlays["scale_bar"]  # napari >= 0.9 (viewer.scale_bar before)
+    bar = canvas_overlay(viewer, "scale_bar")
     was_visible, had_ticks = bar.visible, bar.ticks
     try:
         bar.visible = scale_bar
@@ -38,6 +38,17 @@ def export_figure(viewer: Any, path: str | os.PathLike, *, scale_bar: bool = Tru
         bar.visible, bar.ticks = was_visible, had_ticks
     write_png(path, image)
     return path
+
+
+def canvas_overlay(viewer: Any, name: str) -> Any:
+    """The viewer's canvas overlay ``name`` (``"scale_bar"`` or ``"text"``): napari 0.9 keeps
+    them in ``viewer.canvas.overlays`` (the old attributes warn), napari 0.7–0.8 as
+    ``viewer.scale_bar`` / ``viewer.text_overlay``."""
+    canvas = getattr(viewer, "canvas", None)
+    overlays = getattr(canvas, "overlays", None)
+    if overlays is not None and name in overlays:
+        return overlays[name]
+    return getattr(viewer, {"scale_bar": "scale_bar", "text": "text_overlay"}[name])
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
