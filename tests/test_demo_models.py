@@ -156,6 +156,18 @@ def test_fine_tuning_records_both_stages_and_the_dice_term(tmp_path: Path) -> No
                     train_per_class=1, dice_weight=1.0, log=None)
 
 
+def test_dice_over_several_classes_and_class_weights_are_recorded(tmp_path: Path) -> None:
+    card_path = train_model("ct-slice-unet", steps=2, out_dir=tmp_path, train_per_class=2,
+                            dice_weight=0.5, dice_class=(1, 2), class_weights=(1.0, 1.0, 1.0),
+                            log=None)
+    training = yaml.safe_load(card_path.read_text(encoding="utf-8"))["training"]
+    assert training["loss"] == "cross_entropy + 0.5 * soft Dice (pore, crack, mean)"
+    assert training["class_weights"] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="one weight per class"):
+        train_model("ct-slice-unet", steps=1, out_dir=tmp_path, train_per_class=1,
+                    class_weights=(1.0, 2.0), log=None)
+
+
 def test_demo_model_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown demo model 'resnet50'"):
         get_recipe("resnet50")
@@ -253,3 +265,63 @@ def test_ct_classifier_finds_the_crack_in_a_heldout_volume_by_windows() -> None:
     assert crack["n"] == 1 and result["family"] == "heldout"
     assert crack["pointing_game"] == 1.0, crack["peak_distance_vox"]
     assert crack["energy_share_near"] > 3 * crack["near_area_share"]
+
+
+def test_worm_pores_are_thin_connected_chains_and_lie_beside_the_crack() -> None:
+    from scipy import ndimage
+
+    from napari_gradcam.samples.ct_randomised import (
+        make_randomised_ct_slice_patches,
+        random_worm_pore,
+    )
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        parts = random_worm_pore(rng, np.zeros(3))
+        centres = np.array([part.centre for part in parts])
+        radii = np.array([part.radii[0] for part in parts])
+        assert np.all((radii >= 0.6 * 0.7) & (radii <= 2.0 * 1.3))
+        # neighbouring spheres overlap (one connected pore), and the path is 8-25 um long (less
+        # the last step, at most half the largest lump, 1.3 um)
+        steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+        assert np.all(steps < radii[:-1] + radii[1:])
+        assert 8.0 - 1.3 <= steps.sum() < 25.0
+    # the label contract holds with worms; in mixed patches, pore pixels lie near the crack
+    slices = make_randomised_ct_slice_patches(n=24, size=48, seed=3, extent=96, worm_share=1.0)
+    gaps = []
+    for kind, mask in zip(slices.classes, slices.masks, strict=True):
+        assert set(np.unique(mask)) - {0} == [set(), {1}, {2}, {1, 2}][kind]
+        if kind == 3:
+            gaps.append(ndimage.distance_transform_edt(mask != 2)[mask == 1].min())
+    assert np.median(gaps) <= 8.0
+
+
+def test_surface_cracks_open_at_the_specimen_surface() -> None:
+    from napari_gradcam.samples.ct_randomised import (
+        make_randomised_ct_slice_patches,
+        random_specimen,
+        surface_crack_object,
+    )
+    from napari_gradcam.samples.ct_volume import render_ct
+
+    rng = np.random.default_rng(11)
+    reach = []
+    for _ in range(10):
+        specimen, _, _ = random_specimen(rng, 96)
+        phi = rng.uniform(0, 2 * np.pi)
+        z_um = 40.0
+        specimen.cracks.extend(surface_crack_object(rng, specimen, phi, z_um))
+        z_index = round(z_um / specimen.voxel_um[0])
+        shape = (1, 192, 192)  # the whole slice, the specimen's surface included
+        origin = (z_index, int(specimen.axis_yx[0]) - 96, int(specimen.axis_yx[1]) - 96)
+        _, labels = render_ct(specimen, origin, shape, rng, 0.0, 0.0)
+        y, x = np.nonzero(labels[0] == 2)
+        if len(y):
+            r = np.hypot(y + origin[1] - specimen.axis_yx[0], x + origin[2] - specimen.axis_yx[1])
+            reach.append(specimen.radius - r.max())
+    # most slices through the crack's origin show it reaching the surface (its mouth)
+    assert len(reach) >= 7 and np.mean(np.asarray(reach) <= 2.0) >= 0.7
+    slices = make_randomised_ct_slice_patches(n=16, size=48, seed=2, extent=96,
+                                              surface_share=1.0)
+    for kind, mask in zip(slices.classes, slices.masks, strict=True):
+        assert set(np.unique(mask)) - {0} == [set(), {1}, {2}, {1, 2}][kind]

@@ -386,7 +386,8 @@ def train_model(
     lr: float | None = None,
     batch_size: int | None = None,
     dice_weight: float = 0.0,
-    dice_class: int | None = None,
+    dice_class: int | tuple[int, ...] | None = None,
+    class_weights: tuple[float, ...] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> Path:
     """Train the demo model ``name`` and write ``<weights>.safetensors`` and ``<name>.yaml``.
@@ -394,9 +395,10 @@ def train_model(
     ``steps`` and ``train_per_class`` default to the recipe's (a test passes a few steps and a
     few samples to check the pipeline in seconds). ``dice_weight`` > 0 (segmentation) adds
     that multiple of :func:`soft_dice_loss` of ``dice_class`` (default: the last class, the
-    crack) to the loss. ``init_from`` continues from earlier weights; the card then keeps the
-    earlier card's ``training`` section under ``training.init_training``, so both stages of
-    the recipe stay on record. Returns the card's path. The card carries no
+    crack; a tuple of classes adds their mean) to the loss. ``class_weights`` overrides the
+    recipe's cross-entropy class weights. ``init_from`` continues from earlier weights; the
+    card then keeps the earlier card's ``training`` section under ``training.init_training``,
+    so both stages of the recipe stay on record. Returns the card's path. The card carries no
     ``metrics`` yet: :func:`evaluate_model` measures them and ``scripts/evaluate_demo_models.py
     --write-cards`` adds them.
     """
@@ -409,7 +411,15 @@ def train_model(
         raise ValueError(f"steps and train_per_class must be >= 1, got {steps}, {per_class}")
     if dice_weight and recipe.task != "segmentation":
         raise ValueError(f"dice_weight needs a segmentation model; {name} is {recipe.task}")
-    dice_class = len(recipe.class_names) - 1 if dice_class is None else int(dice_class)
+    if dice_class is None:
+        dice_classes: tuple[int, ...] = (len(recipe.class_names) - 1,)
+    elif isinstance(dice_class, int):
+        dice_classes = (int(dice_class),)
+    else:
+        dice_classes = tuple(int(c) for c in dice_class)
+    if class_weights is not None and len(class_weights) != len(recipe.class_names):
+        raise ValueError(f"class_weights needs one weight per class {recipe.class_names}, "
+                         f"got {list(class_weights)}")
     init_training = None
     if init_from is not None:
         # read before training: the earlier card may be the one this run overwrites
@@ -438,7 +448,8 @@ def train_model(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr_used, total_steps=max(steps, 10), pct_start=0.2
     )
-    weight = None if recipe.class_weights is None else torch.tensor(recipe.class_weights)
+    weights_used = recipe.class_weights if class_weights is None else tuple(class_weights)
+    weight = None if weights_used is None else torch.tensor(weights_used, dtype=torch.float32)
     model.train()
     batch_size = min(batch_used, len(inputs))
     running = math.nan
@@ -454,7 +465,8 @@ def train_model(
         outputs = model(batch)
         loss = _loss(outputs, target, recipe.loss, weight)
         if dice_weight:
-            loss = loss + dice_weight * soft_dice_loss(outputs, target, dice_class)
+            loss = loss + dice_weight * sum(
+                soft_dice_loss(outputs, target, c) for c in dice_classes) / len(dice_classes)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -471,9 +483,12 @@ def train_model(
     card = card_dict(recipe, seed=seed, steps=steps, statistics=statistics)
     card["training"].update({"batch_size": batch_used, "train_samples_per_class": per_class,
                              "optimizer": f"AdamW lr={lr_used} one-cycle"})
+    if weights_used is not None and recipe.loss == "cross_entropy":
+        card["training"]["class_weights"] = [float(w) for w in weights_used]
     if dice_weight:
+        dice_names = ", ".join(recipe.class_names[c] for c in dice_classes)
         card["training"]["loss"] = (f"{recipe.loss} + {dice_weight} * soft Dice "
-                                    f"({recipe.class_names[dice_class]})")
+                                    f"({dice_names}{', mean' if len(dice_classes) > 1 else ''})")
     if init_from is not None:
         card["training"]["init_from"] = Path(init_from).name
         if init_training is not None:
