@@ -76,9 +76,16 @@ def is_result_layer(layer: object) -> bool:
     return isinstance(layer, Image) and METADATA_KEY in getattr(layer, "metadata", {})
 
 
+LIVE_MAP_KEY = "napari_gradcam_map_store"
+"""Metadata key of a map being written to disk and shown while it is made (its store's path);
+such a layer is neither a finished map nor something to explain."""
+
+
 def is_source_image(layer: object) -> bool:
-    """True for an image layer a user could explain: an Image that is not one of our maps."""
-    return isinstance(layer, Image) and not is_result_layer(layer)
+    """True for an image layer a user could explain: an Image that is not one of our maps
+    (finished, or still being written)."""
+    return (isinstance(layer, Image) and not is_result_layer(layer)
+            and LIVE_MAP_KEY not in getattr(layer, "metadata", {}))
 
 
 def displayed_plane(viewer: napari.viewer.Viewer, layer: Image) -> tuple[int, ...] | None:
@@ -104,8 +111,9 @@ def image_source(viewer: napari.viewer.Viewer, layer: Image,
     data = layer.data[0] if layer.multiscale else layer.data
     if point is None:
         point = tuple(round(float(p)) for p in layer.world_to_data(viewer.dims.point))
+    path = getattr(getattr(layer, "source", None), "path", None)
     source = ImageSource(layer.name, data, rgb=bool(layer.rgb), current_index=tuple(point),
-                         voxel_size=voxel_size_um(layer))
+                         voxel_size=voxel_size_um(layer), path=str(path) if path else None)
     return replace(source, current_index=source.index())
 
 

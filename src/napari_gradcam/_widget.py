@@ -39,6 +39,7 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     Container,
+    FileEdit,
     FloatSpinBox,
     Label,
     ProgressBar,
@@ -61,6 +62,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_gradcam._live_map import LiveMap
 from napari_gradcam._qt_common import (
     ALL_LABELS,
     BROWSE,
@@ -88,7 +90,9 @@ from napari_gradcam.core.labels_stats import (
 )
 from napari_gradcam.core.layer_discovery import feature_blocks
 from napari_gradcam.core.methods import METHODS, method_info
+from napari_gradcam.core.run.output import label_path
 from napari_gradcam.display import MAP_COLORMAP, MAP_OPACITY
+from napari_gradcam.io import default_output_path
 from napari_gradcam.jobs import (
     ExplainRequest,
     ExplainResult,
@@ -98,6 +102,7 @@ from napari_gradcam.jobs import (
     contrast_limits,
     explain_job,
     is_regression_card,
+    map_layer_data,
     plan_explanation,
 )
 
@@ -138,6 +143,12 @@ run per variant: flips 1 per axis, shifts 4 per axis, dropout 8)."""
 UNCERTAINTY_SUFFIX = " · uncertainty"
 """An uncertainty layer is named after its map with this suffix."""
 NO_MODEL = "— choose a model —"
+DISK_MAP_BYTES = 1 << 30
+"""A map (float32, the source's size) larger than this goes to disk by default: above it, a
+second copy of a scan in memory is what makes a 24 GB workstation swap."""
+LAZY_DISK_MAP_BYTES = 256 << 20
+"""For a lazily opened source (dask, zarr), which the user opened lazily because it is big, the
+map goes to disk from this size on."""
 NO_REGION = "none"
 """The Region list's first entry (a string, not None: magicgui announces no change to None)."""
 
@@ -304,6 +315,9 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         self._watched_region: Any = None
         self._restoring = False
         self._last_capture: _Capture | None = None
+        self._live: LiveMap | None = None
+        self._suggested_output: Path | None = None
+        self._disk_default_for: tuple[int, str] | None = None
         self._build()
         self._connect_viewer()
         self._fill_models()
@@ -367,6 +381,15 @@ class GradCAMWidget(RunControlsMixin, QWidget):
             CheckBox(name="windows_uncertainty", label="", text="+ windows",
                      tooltip="Volume mode: add the disagreement between overlapping windows "
                      "(how much the map depends on the context each window includes)."),
+            CheckBox(name="to_disk", label="", text="write the map to disk (OME-Zarr)",
+                     tooltip="Slices and volume modes: write the map chunk by chunk into an "
+                     "OME-Zarr pyramid and show it while it is made. Memory then stays bounded "
+                     "by a batch whatever the volume's size; on by default for large or lazily "
+                     "opened volumes. The file keeps the map's scale and provenance; napari "
+                     "opens it again as the same layer."),
+            FileEdit(name="output", label="Map file", mode="w", filter="*.zarr",
+                     tooltip="Where the map goes (a new .zarr; never the input). By default "
+                     "next to the scan's file, else in the user's cache folder."),
             SpinBox(name="batch_size", label="Batch size", min=1, max=512, value=8),
             ComboBox(name="device", label="Device", choices=available_devices()),
             ComboBox(name="colormap", label="Colormap", choices=list(COLORMAPS)),
@@ -464,6 +487,8 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         f.all_layers.changed.connect(lambda _on: self._refill_target_layers())
         f.region.changed.connect(self._on_region_changed)
         f.mode.changed.connect(self._enable_mode_options)
+        f.mode.changed.connect(self._suggest_output)
+        f.to_disk.changed.connect(lambda _on: self._enable_mode_options())
         self.labels_form.cam.changed.connect(self._default_tolerance)
         self.labels_form.buttons.table_button.changed.connect(self.compute_label_table)
         self.labels_form.buttons.export_button.changed.connect(self._on_export_clicked)
@@ -567,6 +592,53 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         self._refresh_axes()
         self._refresh_channel_axes()
         self._check_voxel_size()
+        self._suggest_output()
+
+    def _suggest_output(self, *_args: object) -> None:
+        """Propose where the map goes, and whether to disk, for the chosen layer and mode.
+
+        On by default when the map would be large (:data:`DISK_MAP_BYTES`, or
+        :data:`LAZY_DISK_MAP_BYTES` for a lazily opened source). The file name is refreshed
+        only while the user has not typed their own.
+        """
+        f = self.form
+        layer = self._source_layer()
+        if not isinstance(layer, Image):
+            return
+        data = layer.data[0] if layer.multiscale else layer.data
+        map_bytes = 4 * int(np.prod(data.shape[:-1] if layer.rgb else data.shape))
+        lazy = not isinstance(data, np.ndarray)
+        volume_mode = f.mode.value in ("slices", "windows")
+        key = (id(data), f.mode.value)
+        if key != self._disk_default_for:  # a new layer or mode; a refresh keeps the user's tick
+            self._disk_default_for = key
+            f.to_disk.value = volume_mode and (
+                map_bytes > DISK_MAP_BYTES or (lazy and map_bytes > LAZY_DISK_MAP_BYTES))
+        current = Path(str(f.output.value)) if str(f.output.value) not in ("", ".") else None
+        if current is None or current == self._suggested_output:
+            self._suggested_output = default_output_path(layer.name, _source_path(layer))
+            f.output.value = self._suggested_output
+        self._enable_mode_options()
+
+    def _output_for(self, mode: str) -> Path | None:
+        """The store this run writes, or None (in memory).
+
+        A default name that a previous run has since taken is replaced by the next free one, so
+        a second run never meets "already exists" for a name the user did not choose.
+        """
+        f = self.form
+        if not (f.to_disk.value and mode in ("slices", "windows")):
+            return None
+        chosen = Path(str(f.output.value)).expanduser()
+        if str(f.output.value) in ("", "."):
+            raise ValueError("Choose a file for the map (a new .zarr) or untick "
+                             "'write the map to disk'.")
+        if chosen == self._suggested_output and chosen.exists():
+            layer = self._source_layer()
+            chosen = default_output_path(layer.name, _source_path(layer))
+            self._suggested_output = chosen
+            f.output.value = chosen
+        return chosen
 
     def _on_region_changed(self, *_args: object) -> None:
         """Follow the painted labels of the new region layer (their values fill the list)."""
@@ -818,6 +890,8 @@ class GradCAMWidget(RunControlsMixin, QWidget):
             spin.enabled = three_d
         f.overlap.enabled = three_d and mode == "windows"
         f.windows_uncertainty.enabled = three_d and mode == "windows"
+        f.to_disk.enabled = mode in ("slices", "windows")
+        f.output.enabled = f.to_disk.enabled and bool(f.to_disk.value)
 
     # ---------------------------------------------------------------------------------------
     # The file's voxel size
@@ -1002,6 +1076,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
             device=f.device.value or None,
             channel_axis=f.channel_axis.value if f.channel_axis.enabled else None,
             uncertainty=uncertainty,
+            output=self._output_for(mode),
         )
         plan = plan_explanation(self.loaded, source, request)
         origin = tuple(o + s for o, s in zip(plan.origin(source.shape), offset, strict=True))
@@ -1044,12 +1119,30 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         self._save_choices()
         job = explain_job(self.loaded, capture.source, request)
         self._pending = (capture, request)
+        self._live = self._live_map(capture, request)
         return self._start_worker(_guarded, job)
+
+    def _live_map(self, capture: _Capture, request: ExplainRequest) -> LiveMap | None:
+        """The layer that shows an on-disk map while it is written (one map per run only:
+        "all classes" writes one store per class, shown when the run ends)."""
+        if request.output is None or request.target.kind == "all":
+            return None
+        name = (f"{capture.name} · {request.method} · being written to "
+                f"{Path(request.output).name}")
+        kwargs = {"colormap": self.form.colormap.value, "blending": "additive",
+                  "opacity": float(self.form.opacity.value), **capture.placement}
+        return LiveMap(self.viewer, request.output, name, kwargs)
 
     def _on_progress(self, value: tuple[int, int]) -> None:
         done, total = value
         self.progress_bar.setRange(0, max(int(total), 1))
         self.progress_bar.setValue(int(done))
+        if self._live is not None:
+            try:
+                self._live.update()
+            except Exception as error:  # showing must never stop the run that writes
+                show_warning(f"Could not show the map while it is written: {error}")
+                self._live = None
 
     def _on_returned(self, result: ExplainResult) -> None:
         """Add the maps of a finished run, also when its source layer is gone.
@@ -1064,6 +1157,9 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         if self._pending is None:
             return
         capture, _request = self._pending
+        if self._live is not None:
+            self._live.finish()
+            self._live = None
         try:
             self.add_result_layers(capture, result)
         except Exception as error:  # adding a layer must never take the widget down
@@ -1089,7 +1185,13 @@ class GradCAMWidget(RunControlsMixin, QWidget):
                    else f"The explanation failed: {type(error).__name__}: {error}")
 
     def _on_finished(self) -> None:
-        self._end_run("Grad-CAM run cancelled; nothing was added.")
+        live, self._live = self._live, None
+        kept = live.abandon() if live is not None else None
+        if kept is not None:
+            self._end_run(f"Grad-CAM run cancelled; the part done is kept in {live.path} and "
+                          f"shown as {kept.name!r}.")
+        else:
+            self._end_run("Grad-CAM run cancelled; nothing was added.")
 
     # ---------------------------------------------------------------------------------------
     # Results → layers
@@ -1130,7 +1232,10 @@ class GradCAMWidget(RunControlsMixin, QWidget):
                                else [int(i) for i in result.target_indices]),
         }
         layers = []
+        output = (result.provenance.get("options") or {}).get("output")
         for label, data in result.maps.items():
+            if output:  # on disk: the store's pyramid, read lazily
+                data = map_layer_data(label_path(output, label, several=len(result.maps) > 1))
             name = self.result_name(result, label, capture.axis_labels)
             record = {**result.provenance, "target": _shown_label(result, label),
                       "predictions": predictions, "domain_check": result.domain}
@@ -1152,15 +1257,19 @@ class GradCAMWidget(RunControlsMixin, QWidget):
                 "metadata": {METADATA_KEY: record},
                 **capture.placement,
             }
+            multiscale = isinstance(data, list)
+            if multiscale and len(data) == 1:
+                data, multiscale = data[0], False
+            ndim = data[0].ndim if multiscale else data.ndim
             existing = self._layer(name)
             if (isinstance(existing, Image) and self._is_result(existing)
-                    and existing.ndim == data.ndim):
+                    and existing.ndim == ndim and bool(existing.multiscale) == multiscale):
                 self._update_layer(existing, data, kwargs)
                 layer = existing
             else:
                 if existing is not None and self._is_result(existing):
                     self.viewer.layers.remove(existing)  # our own earlier map, other axes
-                layer = self.viewer.add_image(data, name=name, **kwargs)
+                layer = self.viewer.add_image(data, name=name, multiscale=multiscale, **kwargs)
             self._install_status(layer)
             self._results[name] = result
             layers.append(layer)
@@ -1442,8 +1551,9 @@ class GradCAMWidget(RunControlsMixin, QWidget):
     def compute_label_table(self, *_args: object) -> dict[str, np.ndarray] | None:
         """Per-label CAM statistics of the chosen CAM inside the chosen Labels layer.
 
-        The table is shown here and written to the Labels layer's ``features`` (so hovering a
-        label shows its row): the one, explicit change to a user's layer.
+        The table is shown here and added to the Labels layer's ``features`` (so hovering a
+        label shows its row): the one, explicit change to a user's layer, which keeps every
+        column the user had (:func:`merged_features`).
         """
         cam_layer = self.labels_form.cam.value
         labels_layer = self.labels_form.labels_layer.value
@@ -1473,7 +1583,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         except (ValueError, TypeError) as error:
             show_error(f"Could not compute the label table: {error}")
             return None
-        labels_layer.features = as_features(table)
+        labels_layer.features = merged_features(labels_layer.features, as_features(table))
         self.last_table = table
         self.last_table_provenance = {
             **{k: v for k, v in record.items() if k not in ("predictions", "domain_check")},
@@ -1574,3 +1684,34 @@ def _guarded(job: Any) -> Any:
         raise
     except Exception as error:
         raise JobError(f"The explanation failed: {type(error).__name__}: {error}") from error
+
+
+def _source_path(layer: Any) -> str | None:
+    """The file a layer was opened from (napari records it in ``layer.source.path``), or None
+    for a layer made in the session: the map's default store goes next to that file, and the
+    job refuses to write over it."""
+    source = getattr(layer, "source", None)
+    path = getattr(source, "path", None)
+    return str(path) if path else None
+
+
+def merged_features(existing: Any, table: dict[str, np.ndarray]) -> Any:
+    """The Labels layer's features with the label table's columns added or updated.
+
+    The user's own columns (names, classes, notes from another plugin) are kept, row by row,
+    matched on the label value (``index``, as napari matches features to labels); only the
+    table's columns are replaced. Replacing the whole table would silently drop a user's
+    annotations.
+    """
+    import pandas as pd
+
+    ours = pd.DataFrame(table)
+    old = pd.DataFrame(existing) if existing is not None else pd.DataFrame()
+    if old.empty or len(old.columns) == 0:
+        return ours
+    old = old.copy()
+    if "index" not in old.columns:  # napari's rule without it: row i describes label i
+        old.insert(0, "index", np.arange(len(old)))
+    kept = ["index", *[c for c in old.columns if c != "index" and c not in ours.columns]]
+    merged = old[kept].merge(ours, on="index", how="outer")
+    return merged.sort_values("index", kind="stable").reset_index(drop=True)
