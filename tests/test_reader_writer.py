@@ -203,20 +203,42 @@ def test_the_readme_command_puts_the_map_on_the_scan(tmp_path, make_napari_viewe
     assert viewer.layers[0].name == "scan"
 
 
-#: Run by a separate Python: napari's own command-line code builds the viewer from sys.argv
-#: (what the `napari` command does before it starts the event loop), then the layers are listed.
+#: Run by a separate Python: the `napari` command's own entry point (napari.__main__.main, what
+#: the console script calls) with the README's arguments. A timer polls until the command has
+#: opened one layer per file (Qt runs timers while napari still builds the window), lists
+#: them once the window is shown (the command has done all it does before its event loop) and
+#: closes the viewer, which ends the command.
 _NAPARI_COMMAND_LINE = textwrap.dedent("""
-    import json, sys
-    from napari.__main__ import _build_viewer
+    import json, sys, time
+    import napari
+    from napari.__main__ import main
+    from napari.qt import get_qapp
+    from qtpy.QtCore import QTimer
+
+    files, started = len(sys.argv) - 3, time.monotonic()
+
+    def report():
+        viewer = napari.current_viewer()
+        shown = any(widget.isVisible() and widget.inherits("QMainWindow")
+                    for widget in get_qapp().topLevelWidgets())
+        if (viewer is None or len(viewer.layers) < files or not shown) and (
+                time.monotonic() - started < 300):
+            QTimer.singleShot(200, report)
+            return
+        print(json.dumps([{
+            "name": layer.name, "type": type(layer).__name__, "colormap": layer.colormap.name,
+            "blending": layer.blending, "scale": list(map(float, layer.scale)),
+            "world": [list(map(float, row)) for row in layer.extent.world],
+            "units": [str(unit) for unit in layer.units],
+            "contrast_limits": list(map(float, layer.contrast_limits))}
+            for layer in viewer.layers]), flush=True)
+        viewer.close()
+        get_qapp().quit()
+
     sys.argv = ["napari", *sys.argv[1:]]
-    viewer = _build_viewer()
-    print(json.dumps([{
-        "name": layer.name, "type": type(layer).__name__, "colormap": layer.colormap.name,
-        "blending": layer.blending, "scale": list(map(float, layer.scale)),
-        "world": [list(map(float, row)) for row in layer.extent.world],
-        "units": [str(unit) for unit in layer.units],
-        "contrast_limits": list(map(float, layer.contrast_limits))} for layer in viewer.layers]))
-    viewer.close()
+    get_qapp()
+    QTimer.singleShot(200, report)
+    main()
 """)
 
 
