@@ -91,7 +91,7 @@ from napari_gradcam.core.labels_stats import (
 from napari_gradcam.core.layer_discovery import feature_blocks
 from napari_gradcam.core.methods import METHODS, method_info
 from napari_gradcam.core.run.output import label_path
-from napari_gradcam.display import MAP_COLORMAP, MAP_OPACITY
+from napari_gradcam.display import MAP_COLORMAP, MAP_OPACITY, show_map
 from napari_gradcam.io import default_output_path
 from napari_gradcam.jobs import (
     ExplainRequest,
@@ -1270,6 +1270,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
                 if existing is not None and self._is_result(existing):
                     self.viewer.layers.remove(existing)  # our own earlier map, other axes
                 layer = self.viewer.add_image(data, name=name, multiscale=multiscale, **kwargs)
+            show_map(self.viewer, layer)  # colour bar, declared scope, 3D style (also updated)
             self._install_status(layer)
             self._results[name] = result
             layers.append(layer)
