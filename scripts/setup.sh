@@ -23,6 +23,12 @@ else
 fi
 
 PYTHON=${PYTHON:-python3}
+# zarr 3 (our OME-Zarr writer) needs Python 3.11: say so before pip fails on it.
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "setup: $PYTHON is $("$PYTHON" --version 2>&1); napari-gradcam needs Python >= 3.11" \
+    "(set PYTHON=python3.11)" >&2
+  exit 1
+}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[testing,benchmark]"
