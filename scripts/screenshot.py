@@ -58,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     widget.target_combo.setCurrentText("crack")
     if widget.loaded.card.spatial_dims == 2:
-        widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("slices"))
-        widget.axis_spin.setValue(0)
+        widget.form.mode.value = "slices"
+        widget.form.axis.value = 0
     widget.batch_spin.setValue(8)
-    widget.colormap_combo.setCurrentText("inferno")
     widget.opacity_spin.setValue(0.9)
 
     app = QApplication.instance()
@@ -84,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     widget.labels_combo.setCurrentText(defects.name)
     table = widget.compute_label_table()
     if table is not None:
-        print({key: np.round(np.asarray(value, dtype=float), 3).tolist()
+        print({key: (np.round(np.asarray(value, dtype=float), 3).tolist()
+                     if np.asarray(value).dtype.kind in "biuf" else list(map(str, value)))
                for key, value in table.items()})
     # show the slice through the middle of the crack
     z = int(np.median(np.nonzero(labels == 2)[0]))

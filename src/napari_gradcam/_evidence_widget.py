@@ -59,6 +59,7 @@ from napari_gradcam._qt_common import (
     region_mask,
 )
 from napari_gradcam.core.methods import METHODS, method_info
+from napari_gradcam.display import MAP_COLORMAP
 from napari_gradcam.evidence import (
     CHECK_TITLES,
     DEFAULT_CHECKS,
@@ -404,7 +405,7 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
                 self.viewer.layers.remove(existing)  # our own map of identical settings
             self.viewer.add_image(
                 data, name=name, metadata=metadata,
-                colormap="bwr" if signed else "inferno",
+                colormap="bwr" if signed else MAP_COLORMAP,
                 contrast_limits=(-limit, limit) if signed else (0.0, high if high > 0 else 1.0),
                 blending="translucent" if signed else "additive",
                 opacity=0.6, visible=map_name == report.method,

@@ -55,6 +55,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHeaderView,
     QLabel,
+    QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
     QTabWidget,
@@ -401,6 +402,13 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         f.apply_scale.visible = False
         f.voxel_note.native.setWordWrap(True)
         f.model_info.native.setWordWrap(True)
+        # a form row does not grow for wrapped text: room for two lines, so the model's
+        # description is not cut in half under the next row
+        for label in (f.model_info.native, f.voxel_note.native):
+            label.setMinimumHeight(2 * label.fontMetrics().lineSpacing() + 4)
+            label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+        f.window.native.layout().setContentsMargins(0, 0, 0, 0)  # the three spins' row
+        f.window.native.setMinimumHeight(f.batch_size.native.sizeHint().height())
         for row, name in enumerate(METHODS):  # what each method is and costs, on hover
             info = method_info(name)
             f.method.native.setItemData(
