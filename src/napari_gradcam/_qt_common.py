@@ -24,7 +24,6 @@ import numpy as np
 from napari.layers import Image, Shapes
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from napari.utils.transforms import Affine
 from qtpy.QtWidgets import (
     QBoxLayout,
     QCheckBox,
@@ -37,6 +36,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_gradcam.jobs import ImageSource
+from napari_gradcam.placement import layer_transform
 
 if TYPE_CHECKING:
     import napari
@@ -137,27 +137,10 @@ def voxel_size_um(layer: Image) -> tuple[float, ...] | None:
 
 
 def placement(layer: Image, origin: Sequence[int]) -> dict[str, Any]:
-    """Layer kwargs that put a map whose first pixel is data index ``origin`` on ``layer``.
-
-    The map keeps the layer's scale, rotation, shear, affine, units and axis labels; only the
-    translation moves, by ``origin`` mapped through the layer's transform, so a map of a slice
-    or window sits exactly on it. Called when *Run* is pressed: the values are copies, so
-    moving the layer mid-run cannot misplace the result.
-    """
-    scale = tuple(float(s) for s in layer.scale)
-    translate = tuple(float(t) for t in layer.translate)
-    rotate = np.array(layer.rotate, dtype=float)
-    shear = np.array(layer.shear, dtype=float)
-    linear = Affine(scale=scale, translate=translate, rotate=rotate, shear=shear)
-    return {
-        "scale": scale,
-        "translate": tuple(float(t) for t in linear(np.asarray(origin, dtype=float))),
-        "rotate": rotate,
-        "shear": shear,
-        "affine": np.array(layer.affine.affine_matrix, dtype=float),
-        "units": tuple(layer.units),
-        "axis_labels": tuple(layer.axis_labels),
-    }
+    """Layer kwargs that put a map whose first pixel is data index ``origin`` on ``layer``
+    (:func:`napari_gradcam.placement.layer_transform`). Called when *Run* is pressed: the
+    values are copies, so moving the layer mid-run cannot misplace the result."""
+    return layer_transform(layer, origin)
 
 
 def region_mask(layer: Any, shape: tuple[int, ...], image_name: str,

@@ -194,21 +194,16 @@ def input_origin(path: str | os.PathLike, ndim: int = 3) -> tuple[float, ...]:
     return (0.0,) * ndim
 
 
-def map_layer_placement(layer: Any, origin: Sequence[int] | None = None) -> dict[str, Any]:
-    """Layer kwargs that put a map whose first element is data index ``origin`` (``None``:
-    the first element of ``layer``) exactly on the image ``layer``, with the map display's
-    defaults (colormap, blending, opacity, 3D rendering; :func:`display.map_layer_kwargs`).
-
-    The map keeps the layer's scale, rotation, shear, affine, units and axis labels; only the
-    translation moves, by ``origin`` mapped through the layer's transform. Values are copies:
-    moving the layer later does not move the map. After ``viewer.add_image(map, **kwargs)``,
-    call :func:`napari_gradcam.display.show_map` so the colour bar, scope and 3D style follow.
-    napari is imported only when this is called (the reader hook imports this module).
+def layer_transform(layer: Any, origin: Sequence[int] | None = None) -> dict[str, Any]:
+    """Layer kwargs that put an array whose first element is data index ``origin`` (``None``:
+    the first element of ``layer``) exactly on the image ``layer``: its scale, rotation, shear,
+    affine, units and axis labels, with the translation moved by ``origin`` mapped through the
+    layer's transform, so a map of a slice or window sits exactly on it. Values are copies:
+    moving the layer later (or mid-run) does not move the map. The one placement rule, used by
+    the docks and :func:`map_layer_placement`; napari is imported only when called.
     """
     import numpy as np
     from napari.utils.transforms import Affine
-
-    from napari_gradcam.display import map_layer_kwargs
 
     ndim = int(layer.ndim)
     origin = (0,) * ndim if origin is None else tuple(origin)
@@ -221,7 +216,6 @@ def map_layer_placement(layer: Any, origin: Sequence[int] | None = None) -> dict
     linear = Affine(scale=scale, translate=tuple(float(t) for t in layer.translate),
                     rotate=rotate, shear=shear)
     return {
-        **map_layer_kwargs(),
         "scale": scale,
         "translate": tuple(float(t) for t in linear(np.asarray(origin, dtype=float))),
         "rotate": rotate,
@@ -230,3 +224,14 @@ def map_layer_placement(layer: Any, origin: Sequence[int] | None = None) -> dict
         "units": tuple(str(u) for u in layer.units),
         "axis_labels": tuple(layer.axis_labels),
     }
+
+
+def map_layer_placement(layer: Any, origin: Sequence[int] | None = None) -> dict[str, Any]:
+    """:func:`layer_transform` with the map display's defaults (colormap, blending, opacity,
+    3D rendering; :func:`display.map_layer_kwargs`). After ``viewer.add_image(map,
+    **kwargs)``, call :func:`napari_gradcam.display.show_map` so the colour bar, scope and 3D
+    style follow.
+    """
+    from napari_gradcam.display import map_layer_kwargs
+
+    return {**map_layer_kwargs(), **layer_transform(layer, origin)}

@@ -135,5 +135,10 @@ def top_percentile(data: Any, percentile: float = 95.0) -> float:
 
 
 def _finite(array: Any) -> np.ndarray:
-    values = np.asarray(array, dtype=np.float64).ravel()
+    """The finite values, flat, in the map's own float dtype (a float32 map is not copied to
+    float64 first: for a map of a few GB that copy would be the largest thing in memory)."""
+    values = np.asarray(array)
+    if values.dtype.kind != "f":
+        values = values.astype(np.float64)
+    values = values.ravel()
     return values[np.isfinite(values)]

@@ -63,6 +63,7 @@ from scipy import ndimage
 
 from napari_gradcam.core.domain import DomainReport, check_domain
 from napari_gradcam.core.engine import preserved_model_state
+from napari_gradcam.core.normalise import robust_limits
 from napari_gradcam.core.run.output import DiskOutput
 from napari_gradcam.core.run.plan import (
     Plan,
@@ -409,16 +410,9 @@ def domain_report(loaded: Any, source: ImageSource, request: ExplainRequest,
     return report.to_dict()
 
 
-def contrast_limits(array: np.ndarray) -> tuple[float, float]:
-    """0 to the 99.9th percentile (a few hot pixels should not wash the rest out)."""
-    finite = array[np.isfinite(array)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    low = min(0.0, float(finite.min()))
-    high = float(np.percentile(finite, 99.9))
-    if high <= low:
-        high = float(finite.max()) if finite.max() > low else low + 1.0
-    return low, high
+contrast_limits = robust_limits
+"""A map's display range when it is made: 0 to the 99.9th percentile (one definition, in
+:func:`napari_gradcam.core.normalise.robust_limits`)."""
 
 
 def _out_view(plan: Plan, array: np.ndarray, start: int, stop: int) -> tuple[object, ...]:

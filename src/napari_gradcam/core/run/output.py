@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_gradcam.core.normalise import robust_limits
 from napari_gradcam.io import (
     ATTRS_KEY,
     add_zarr_array,
@@ -350,15 +351,7 @@ def coarse_limits(path: str | Path) -> tuple[float, float]:
 
     group = zarr.open_group(str(path), mode="r")
     datasets = group.attrs["multiscales"][0]["datasets"]
-    coarsest = np.asarray(group[datasets[-1]["path"]][...])
-    finite = coarsest[np.isfinite(coarsest)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    low = min(0.0, float(finite.min()))
-    high = float(np.percentile(finite, 99.9))
-    if high <= low:
-        high = float(finite.max()) if finite.max() > low else low + 1.0
-    return low, high
+    return robust_limits(np.asarray(group[datasets[-1]["path"]][...]))
 
 
 __all__ = [

@@ -39,27 +39,12 @@ import torch
 from napari_gradcam.core.device import run_with_oom_backoff
 from napari_gradcam.core.engine import preserved_model_state
 from napari_gradcam.core.methods import heatmaps
+from napari_gradcam.core.metrics import class_probabilities
 from napari_gradcam.core.preprocess import overflow_problem
-from napari_gradcam.core.targets import RegressionTarget
 from napari_gradcam.core.uncertainty import WeightedMoments
 
 Progress = Generator[tuple[int, int], None, Any]
 _RGB_TO_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma
-
-
-def class_probabilities(outputs: np.ndarray, target: object = None) -> np.ndarray:
-    """(N, K) probabilities: softmax of logits; segmentation outputs averaged over pixels;
-    outputs without a class axis, or any output explained with a :class:`RegressionTarget`
-    (predicted properties, not class scores: a softmax would turn a single porosity into
-    1.0), returned as they are, one row per sample."""
-    logits = torch.from_numpy(np.asarray(outputs, dtype=np.float32))
-    if isinstance(target, RegressionTarget):
-        return logits.reshape(len(logits), -1).numpy()
-    if logits.ndim > 2:  # segmentation: average the per-pixel probabilities
-        return torch.softmax(logits, 1).flatten(2).mean(-1).numpy()
-    if logits.ndim == 2:
-        return torch.softmax(logits, 1).numpy()
-    return logits.reshape(len(logits), -1).numpy()
 
 
 # --------------------------------------------------------------------------------------------
