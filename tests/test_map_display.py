@@ -22,6 +22,7 @@ from napari_gradcam.display import (
     display_state,
     show_map,
 )
+from napari_gradcam.figure import canvas_overlay
 
 pytestmark = pytest.mark.gui
 
@@ -137,7 +138,7 @@ def test_colour_bar_is_visible_and_spans_the_contrast_limits(viewer_with_map, qt
         assert tuple(visual.node.img.clim) == pytest.approx(tuple(layer.contrast_limits))
         low, high = layer.contrast_limits
         assert f"{low:.3g}" in dock.caption.value and f"{high:.3g}" in dock.caption.value
-    text = viewer.canvas.overlays["text"]
+    text = canvas_overlay(viewer, "text")
     assert text.visible and text.text == dock.caption.value
     dock.colorbar.value = False
     assert not layer.colorbar.visible and not text.visible
@@ -227,7 +228,7 @@ def test_figure_export_with_a_scale_bar(viewer_with_map, qtbot, tmp_path):
 
     viewer, _, _ = viewer_with_map
     dock = _dock(viewer)
-    assert not viewer.canvas.overlays["scale_bar"].visible
+    assert not canvas_overlay(viewer, "scale_bar").visible
     with_bar = dock.export(tmp_path / "with.png")
     dock.scale_bar.value = False
     without = dock.export(tmp_path / "without.png")
@@ -236,9 +237,9 @@ def test_figure_export_with_a_scale_bar(viewer_with_map, qtbot, tmp_path):
     expected = viewer.screenshot(canvas_only=True, flash=False).shape[:2]
     assert image.shape[:2] == expected == plain.shape[:2]
     assert not np.array_equal(image, plain)  # the bar is drawn
-    assert not viewer.canvas.overlays["scale_bar"].visible  # exporting does not change the view
+    assert not canvas_overlay(viewer, "scale_bar").visible  # exporting does not change the view
     canvas = viewer.window._qt_viewer.canvas
-    bars = canvas._viewer_overlay_to_visual[viewer.canvas.overlays["scale_bar"]]
+    bars = canvas._viewer_overlay_to_visual[canvas_overlay(viewer, "scale_bar")]
     bar = bars[0] if isinstance(bars, list) else bars
     assert "µm" in bar.node.text.text  # physical units, from the layers
     with pytest.raises(ValueError, match=r"must be a \.png"):
