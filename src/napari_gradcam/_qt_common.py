@@ -113,7 +113,9 @@ def image_source(viewer: napari.viewer.Viewer, layer: Image,
         point = tuple(round(float(p)) for p in layer.world_to_data(viewer.dims.point))
     path = getattr(getattr(layer, "source", None), "path", None)
     source = ImageSource(layer.name, data, rgb=bool(layer.rgb), current_index=tuple(point),
-                         voxel_size=voxel_size_um(layer), path=str(path) if path else None)
+                         voxel_size=voxel_size_um(layer), path=str(path) if path else None,
+                         scale=tuple(float(s) for s in layer.scale),
+                         translate=tuple(float(t) for t in layer.translate))
     return replace(source, current_index=source.index())
 
 
@@ -458,7 +460,7 @@ class RunControlsMixin:
         The progress bar stays at 100 % after a run that finished (falling back to 0 % would
         read as "nothing happened"); it is empty after a cancelled or failed run.
         """
-        if self.worker is not None and self.worker.abort_requested:
+        if self.worker is not None and self.worker.abort_requested and not self._run_completed:
             show_info(cancelled_message)
         self.worker = None
         self._pending = None

@@ -91,9 +91,10 @@ from napari_gradcam.core.labels_stats import (
 )
 from napari_gradcam.core.layer_discovery import feature_blocks
 from napari_gradcam.core.methods import METHODS, method_info
-from napari_gradcam.core.run.output import label_path
-from napari_gradcam.display import MAP_COLORMAP, MAP_OPACITY, show_map
-from napari_gradcam.io import default_output_path
+from napari_gradcam.core.run.output import coarse_limits, label_path
+from napari_gradcam.core.run.plan import output_stores
+from napari_gradcam.display import MAP_COLORMAP, MAP_OPACITY, full_resolution, show_map
+from napari_gradcam.io import default_output_path, split_suffix, uncertainty_path
 from napari_gradcam.jobs import (
     ExplainRequest,
     ExplainResult,
@@ -317,6 +318,8 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         self._restoring = False
         self._last_capture: _Capture | None = None
         self._live: LiveMap | None = None
+        self._loaded_with_trust = False
+        self._job: Any = None
         self._suggested_output: Path | None = None
         self._disk_default_for: tuple[int, str] | None = None
         self._build()
@@ -641,9 +644,20 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         if str(f.output.value) in ("", "."):
             raise ValueError("Choose a file for the map (a new .zarr) or untick "
                              "'write the map to disk'.")
-        if chosen == self._suggested_output and chosen.exists():
+        kind = (f.target.value or ("predicted",))[0]
+        names = list(self.loaded.card.class_names) if self.loaded is not None else []
+
+        def taken(path: Path) -> bool:  # "all classes" writes one store per class
+            return any(store.exists() for store in output_stores(path, kind, names))
+
+        if chosen == self._suggested_output and taken(chosen):
             layer = self._source_layer()
             chosen = default_output_path(layer.name, _source_path(layer))
+            stem, suffix = split_suffix(chosen)
+            number = 2
+            while taken(chosen):
+                chosen = chosen.with_name(f"{stem}_{number}{suffix}")
+                number += 1
             self._suggested_output = chosen
             f.output.value = chosen
         return chosen
@@ -781,10 +795,17 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         self.load_model_source(source)
 
     def _on_trust_toggled(self, *_args: object) -> None:
-        """Ticking trust retries the chosen model, which may have failed for want of it."""
+        """Ticking trust retries the chosen model, which may have failed for want of it;
+        unticking it drops a model that was loaded with trust first, so no code the user no
+        longer trusts runs at the next *Run* (the reload without trust may fail, and then no
+        model is chosen)."""
+        if not self.form.trust.value and self.loaded is not None and self._loaded_with_trust:
+            self.loaded = None
+            self._loaded_with_trust = False
         source = self.form.model.value
         if source not in (None, BROWSE):
             self.load_model_source(source)
+        self._show_model_in_combo()
 
     def _model_cache_key(self, source: str, trust: bool) -> tuple[str, bool, str]:
         """A model is reused only for the same source, trust and device choice."""
@@ -814,6 +835,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
             self._model_entries.append((Path(entry).name, entry))
         self._model_source = entry
         self.use_model(loaded)
+        self._loaded_with_trust = trust
         self._show_model_in_combo()
         self._save_choices()
         return loaded
@@ -1126,6 +1148,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
             return None
         self._save_choices()
         job = explain_job(self.loaded, capture.source, request)
+        self._job = job
         self._pending = (capture, request)
         self._live = self._live_map(capture, request)
         return self._start_worker(_guarded, job)
@@ -1150,6 +1173,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
                 self._live.update()
             except Exception as error:  # showing must never stop the run that writes
                 show_warning(f"Could not show the map while it is written: {error}")
+                self._live.finish()  # no half-made layer left behind; the map comes at the end
                 self._live = None
 
     def _on_returned(self, result: ExplainResult) -> None:
@@ -1193,6 +1217,9 @@ class GradCAMWidget(RunControlsMixin, QWidget):
                    else f"The explanation failed: {type(error).__name__}: {error}")
 
     def _on_finished(self) -> None:
+        job, self._job = self._job, None
+        if job is not None:  # napari's worker does not close a cancelled generator: release it
+            job.close()
         live, self._live = self._live, None
         kept = live.abandon() if live is not None else None
         if kept is not None:
@@ -1234,7 +1261,9 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         predictions = {
             "class_names": list(result.class_names),
             "probabilities": np.asarray(result.predictions).round(6).tolist(),
-            "positions": [list(p) for p in result.positions],
+            # in the layer's indices (a clicked row of a stack was explained as a one-row source)
+            "positions": [[int(a) + int(o) for a, o in zip(p, capture.offset, strict=False)]
+                          for p in result.positions],
             "sample_axis": result.sample_axis,
             "target_indices": (None if result.target_indices is None
                                else [int(i) for i in result.target_indices]),
@@ -1321,7 +1350,14 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         """Add or update the uncertainty layer of one map: placed exactly like the map, hidden
         at first (shown over the map it would hide it), its metadata saying what it measures.
         """
-        std = result.uncertainty[label]
+        std: Any = result.uncertainty[label]
+        limits: tuple[float, float] | None = None
+        output = (result.provenance.get("options") or {}).get("output")
+        if output:  # on disk: its pyramid, its range from the coarsest level (never all of it)
+            store = uncertainty_path(label_path(output, label, several=len(result.maps) > 1))
+            levels = map_layer_data(store)
+            std = levels if len(levels) > 1 else levels[0]
+            limits = coarse_limits(store)
         info = result.uncertainty_info or {}
         metadata = {METADATA_KEY: {
             **result.provenance, "target": label, "uncertainty_of": map_name,
@@ -1331,19 +1367,22 @@ class GradCAMWidget(RunControlsMixin, QWidget):
             "colormap": "viridis",
             "blending": "additive",
             "opacity": float(self.form.opacity.value),
-            "contrast_limits": contrast_limits(std),
+            "contrast_limits": limits or contrast_limits(std),
             "metadata": metadata,
             **capture.placement,
         }
         name = map_name + UNCERTAINTY_SUFFIX
+        multiscale = isinstance(std, list)
+        ndim = std[0].ndim if multiscale else std.ndim
         existing = self._layer(name)
         if (isinstance(existing, Image) and self._is_result(existing)
-                and existing.ndim == std.ndim):
+                and existing.ndim == ndim and bool(existing.multiscale) == multiscale):
             self._update_layer(existing, std, kwargs)
             return existing
         if existing is not None and self._is_result(existing):
             self.viewer.layers.remove(existing)
-        return self.viewer.add_image(std, name=name, visible=False, **kwargs)
+        return self.viewer.add_image(std, name=name, visible=False, multiscale=multiscale,
+                                     **kwargs)
 
     @staticmethod
     def _update_layer(layer: Image, data: np.ndarray, kwargs: dict[str, Any]) -> None:
@@ -1369,7 +1408,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         """Index into the result layer's data under a world position (None: outside)."""
         point = np.asarray(layer.world_to_data(world), dtype=float)
         index = tuple(math.floor(p + 0.5) for p in point)
-        if all(0 <= i < s for i, s in zip(index, layer.data.shape, strict=True)):
+        if all(0 <= i < s for i, s in zip(index, full_resolution(layer).shape, strict=True)):
             return index
         return None
 
@@ -1379,7 +1418,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         index = self._result_index(layer, world)
         if result is None or index is None:
             return ""
-        value = float(layer.data[index])
+        value = float(full_resolution(layer)[index])
         source_index = tuple(i + o for i, o in zip(index, result.origin, strict=True))
         if result.class_map is not None:
             predicted = int(result.class_map[index])
@@ -1574,7 +1613,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
             return None
         record = cam_layer.metadata[METADATA_KEY]
         origin = record["options"]["origin"]
-        cam = np.asarray(cam_layer.data)
+        cam = np.asarray(full_resolution(cam_layer))  # level 0 of an on-disk pyramid
         labels_shape = tuple(labels_layer.data.shape)
         source_shape = tuple(record["options"].get("source_shape", labels_shape))
         if any(origin) and record["options"].get("explained_row_of"):

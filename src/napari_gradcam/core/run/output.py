@@ -262,6 +262,32 @@ def label_path(output: str | Path, label: str, several: bool) -> Path:
     return output.with_name(f"{stem}_{safe}{suffix or '.zarr'}")
 
 
+def store_placement(source: Any, plan: Any, stored: Sequence[int]
+                    ) -> tuple[list[float], str | None, list[float]]:
+    """Scale, unit and translation of a map store, so that re-opening it puts the map exactly
+    where the map layer sat on its source: the source layer's voxel size in micrometres when
+    it has one (and its translation converted alike), else the layer's own scale and
+    translation in its own (non-length) units, else pixels at the map's origin."""
+    origin = plan.origin(source.shape)
+    voxel = getattr(source, "voxel_size", None)
+    layer_scale = getattr(source, "scale", None)
+    layer_translate = getattr(source, "translate", None)
+    if voxel is not None:
+        scale = [float(voxel[a]) for a in stored]
+        unit: str | None = "micrometer"
+        per_unit = [scale[i] / abs(float(layer_scale[a])) if layer_scale else 1.0
+                    for i, a in enumerate(stored)]
+    elif layer_scale is not None:
+        scale = [abs(float(layer_scale[a])) for a in stored]
+        unit, per_unit = None, [1.0] * len(stored)
+    else:
+        scale, unit, per_unit = [1.0] * len(stored), None, [1.0] * len(stored)
+    shift = [float(layer_translate[a]) * per_unit[i] if layer_translate else 0.0
+             for i, a in enumerate(stored)]
+    translation = [shift[i] + origin[a] * scale[i] for i, a in enumerate(stored)]
+    return scale, unit, translation
+
+
 class DiskOutput:
     """Every on-disk array of one job: a :class:`DiskMap` per label (and per label's
     uncertainty), the class map of a segmentation model beside the first map."""
@@ -282,11 +308,7 @@ class DiskOutput:
                              f"{len(stored)}D map: leave the output empty")
         shape3 = tuple(full[a] for a in stored)
         progress = stored.index(plan.sample_axis) if plan.sample_axis in stored else 0
-        voxel = getattr(source, "voxel_size", None)
-        scale = [float(voxel[a]) for a in stored] if voxel is not None else [1.0, 1.0, 1.0]
-        unit = "micrometer" if voxel is not None else None
-        origin = plan.origin(source.shape)
-        translation = [origin[a] * s for a, s in zip(stored, scale, strict=True)]
+        scale, unit, translation = store_placement(source, plan, stored)
         inputs = [source.path] if getattr(source, "path", None) else []
         several = len(labels) > 1
         paths = {label: label_path(request.output, label, several) for label in labels}

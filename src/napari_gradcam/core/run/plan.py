@@ -117,11 +117,23 @@ def plan_explanation(loaded: Any, source: ImageSource, request: ExplainRequest) 
         plan = _plan_axes(card, source, request)
     _check_channels(loaded, source, plan)
     if request.output is not None:
-        _check_output(source, request, plan)
+        _check_output(source, request, plan, _card(loaded).class_names)
     return plan
 
 
-def _check_output(source: ImageSource, request: ExplainRequest, plan: Plan) -> None:
+def output_stores(output: str | Path, target_kind: str,
+                  class_names: Sequence[str]) -> list[Path]:
+    """Every store a run with ``output`` writes: ``output`` itself, or one per class for "all
+    classes" (:func:`~napari_gradcam.core.run.output.label_path`)."""
+    from napari_gradcam.core.run.output import label_path
+
+    if target_kind != "all":
+        return [Path(output)]
+    return [label_path(output, str(name), several=True) for name in class_names]
+
+
+def _check_output(source: ImageSource, request: ExplainRequest, plan: Plan,
+                  class_names: Sequence[str]) -> None:
     """An on-disk map is an OME-Zarr of a 3D map (volumes), never over the input, not over an
     existing store unless asked: refused here, before a worker starts."""
     from napari_gradcam.io import check_output_path, output_kind
@@ -133,8 +145,8 @@ def _check_output(source: ImageSource, request: ExplainRequest, plan: Plan) -> N
     if len(stored) != 3:
         raise ValueError(f"on-disk output is for volumes (a 3D map); this run makes a "
                          f"{len(stored)}D map of {source.name!r}: leave the output empty")
-    if request.target.kind != "all":  # one store per class otherwise, checked by the job
-        check_output_path(request.output, request.overwrite,
+    for store in output_stores(request.output, request.target.kind, class_names):
+        check_output_path(store, request.overwrite,
                           inputs=[source.path] if source.path else [])
 
 

@@ -50,6 +50,10 @@ class ImageSource:
     current_index: tuple[int, ...] | None = None
     voxel_size: tuple[float, ...] | None = None  # micrometres per non-channel axis; None: unknown
     path: str | None = None  # the file the layer was read from (never written over); None: none
+    # the layer's own placement (its units per axis, ``voxel_size`` aside): a map written to disk
+    # carries it, so re-opening the store puts the map where the layer is; None: scale 1, at 0
+    scale: tuple[float, ...] | None = None
+    translate: tuple[float, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
