@@ -17,6 +17,15 @@ from napari_gradcam.core.architectures import ResNetLike, UNet
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _own_widget_choices(tmp_path_factory: pytest.TempPathFactory,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test remembers the explainer's choices in a folder of its own: no test reads a
+    user's choices, or another test's (a restored model or mode would make tests depend on
+    their order)."""
+    monkeypatch.setenv("NAPARI_GRADCAM_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 GAP = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 

@@ -660,6 +660,8 @@ class GradCAMWidget(RunControlsMixin, QWidget):
                 number += 1
             self._suggested_output = chosen
             f.output.value = chosen
+        if chosen == self._suggested_output:  # our default folder (the cache) may not exist yet
+            chosen.parent.mkdir(parents=True, exist_ok=True)
         return chosen
 
     def _on_region_changed(self, *_args: object) -> None:

@@ -540,8 +540,7 @@ def default_output_path(name: str, source_path: str | os.PathLike | None = None,
     if folder is None:
         from platformdirs import user_cache_dir
 
-        folder = Path(user_cache_dir("napari-gradcam")) / "maps"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(user_cache_dir("napari-gradcam")) / "maps"  # made when a run writes there
     candidate = folder / f"{stem}{suffix}.zarr"
     number = 2
     while candidate.exists() or (source_path is not None
