@@ -285,3 +285,33 @@ def test_both_docks_open_from_the_plugins_menu(make_napari_viewer):
                        ("Spectrum and CAM", SpectrumPlotWidget)):
         _, widget = viewer.window.add_plugin_dock_widget("napari-gradcam", name)
         assert isinstance(widget, kind)
+
+
+def test_a_map_larger_than_the_budget_is_ranged_on_a_level_that_fits(make_napari_viewer):
+    """A map on disk is larger than memory: its whole-volume statistics come from the finest
+    pyramid level within display.STATS_BYTES, never from reading level 0 whole."""
+    import dask.array as da
+
+    from napari_gradcam.display import STATS_BYTES, stats_level
+
+    levels = [da.zeros((1024, 1024, 1024), dtype=np.float32, chunks=(16, 1024, 1024)),
+              da.zeros((512, 512, 512), dtype=np.float32, chunks=(16, 512, 512)),
+              da.ones((256, 256, 256), dtype=np.float32, chunks=(64, 256, 256))]
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(levels, multiscale=True, name="big map",
+                             contrast_limits=(0.0, 1.0), metadata={METADATA_KEY: {}})
+    chosen = stats_level(layer)
+    assert chosen is levels[2] and chosen.nbytes <= STATS_BYTES < levels[1].nbytes
+
+
+def test_leaving_3d_gives_each_map_its_own_2d_blending_back(viewer_with_map, qtbot):
+    """A signed evidence map is drawn 'translucent' in 2D; a 3D round trip must not turn it
+    into the explainer's additive overlay (it would tint the whole scan)."""
+    viewer, _, layer = viewer_with_map
+    layer.blending = "translucent"
+    viewer.dims.ndisplay = 3
+    qtbot.wait(50)
+    assert layer.blending != "translucent"  # the 3D style's blending while in 3D
+    viewer.dims.ndisplay = 2
+    qtbot.wait(50)
+    assert layer.blending == "translucent"

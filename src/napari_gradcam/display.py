@@ -123,15 +123,33 @@ def raw_limits(layer: Any) -> tuple[float, float]:
     if "raw_limits" not in state:
         limits = getattr(layer, "contrast_limits", None)
         state["raw_limits"] = ([float(v) for v in limits] if limits is not None
-                               else list(robust_limits(full_resolution(layer))))
+                               else list(robust_limits(stats_level(layer))))
     low, high = state["raw_limits"]
     return float(low), float(high)
 
 
 def full_resolution(layer: Any) -> Any:
     """The layer's full-resolution array (level 0 of a multiscale map, as our OME-Zarr reader
-    opens a pyramid), which the display ranges are computed from."""
+    opens a pyramid): what values under the cursor and label tables are read from."""
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+STATS_BYTES = 256 << 20
+"""A whole-map statistic (per-volume range, iso threshold) reads at most this much: the
+finest pyramid level that fits. A map written to disk because it is larger than memory must
+not be read whole on the GUI thread to colour it; a 2×2×2 mean level changes a range or a
+top percentile by little, and small maps are read at full resolution."""
+
+
+def stats_level(layer: Any) -> Any:
+    """The array whole-map display statistics are computed from: the full resolution when it
+    fits :data:`STATS_BYTES`, else the finest pyramid level that does (the coarsest at worst)."""
+    if not getattr(layer, "multiscale", False):
+        return layer.data
+    for level in layer.data:
+        if math.prod(level.shape) * level.dtype.itemsize <= STATS_BYTES:
+            return level
+    return layer.data[-1]
 
 
 def current_slice(viewer: Any, layer: Any) -> list[int | None]:
@@ -151,7 +169,9 @@ def set_scope(viewer: Any, layer: Any, scope: str) -> tuple[float, float]:
     check_scope(scope)
     raw = raw_limits(layer)
     current = current_slice(viewer, layer) if scope == "per slice" else None
-    limits = scope_limits(full_resolution(layer), scope, raw=raw, current=current)
+    # a slice is read at full resolution; a whole-volume range from a level that fits
+    data = full_resolution(layer) if scope == "per slice" else stats_level(layer)
+    limits = scope_limits(data, scope, raw=raw, current=current)
     state = display_state(layer)
     state.update({"scope": scope, "scope_meaning": SCOPE_MEANINGS[scope],
                   "units": CAM_UNITS, "limits": [float(v) for v in limits]})
@@ -194,6 +214,9 @@ def source_layer(viewer: Any, layer: Any) -> Any | None:
 # The layers' own opacities while the 3D style overrides them (a dimmed scan, a map drawn at
 # full opacity), to give them back as they were in 2D.
 _DIMMED: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+# The maps' own blending while a 3D style overrides it, given back in 2D (a signed evidence
+# map's "translucent", or whatever the user chose, not the explainer's default).
+_BLENDING_2D: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def apply_3d_style(viewer: Any, layer: Any, style: str | None = None) -> str:
@@ -211,10 +234,11 @@ def apply_3d_style(viewer: Any, layer: Any, style: str | None = None) -> str:
     if "attenuation" in settings:
         layer.attenuation = settings["attenuation"]
     if "percentile" in settings:
-        threshold = top_percentile(full_resolution(layer), settings["percentile"])
+        threshold = top_percentile(stats_level(layer), settings["percentile"])
         state["iso_threshold"] = threshold
         layer.iso_threshold = threshold
     if viewer.dims.ndisplay == 3:
+        _BLENDING_2D.setdefault(layer, str(layer.blending))
         layer.blending = settings["blending"]
         _set_opacity(layer, settings["opacity"])
         scan = source_layer(viewer, layer)
@@ -241,8 +265,8 @@ def leave_3d(viewer: Any) -> None:
     """Back to 2D: every map gets its 2D blending and opacity again, every dimmed scan its
     opacity."""
     for layer in list(viewer.layers):
-        if is_map_layer(layer):
-            layer.blending = MAP_BLENDING
+        if layer in _BLENDING_2D:
+            layer.blending = _BLENDING_2D.pop(layer)
         if layer in _DIMMED:
             layer.opacity = _DIMMED.pop(layer)
 
