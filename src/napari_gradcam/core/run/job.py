@@ -28,7 +28,7 @@ spatial dimensions):
     time). 1D model: every row along ``axis``.
 ``"windows"``
     3D model: overlapping, Gaussian-blended windows tile the last three axes
-    (:func:`~napari_gradcam.core.volume.volume_job`).
+    (:func:`~napari_gradcam.core.run.tiles.windows_loop`).
 
 Multi-channel data (``ExplainRequest.channel_axis``): one data axis holds the model's input
 channels, e.g. C in a (Z, C, Y, X) stack for a 2-channel model. Its length must equal the
