@@ -267,18 +267,26 @@ def run_in_thread(
     """Run ``call(progress, should_stop)`` in a helper thread; yield each ``progress(done,
     total)`` it reports; return its result (or raise its exception).
 
+    The check waits after each report until the consumer asks for the next one, so it is never
+    more than one batch ahead of what was shown: a cancel stops it there, not many batches on.
     Closing the generator (cancel) makes ``should_stop()`` true, waits for ``call`` to notice
     (it polls before each batch) and lets the generator end; ``call``'s own
     :class:`Cancelled` is then discarded.
     """
     events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
     stop = threading.Event()
+    resume = threading.Semaphore(0)
     outcome: dict[str, Any] = {}
+
+    def report(done: int, total: int) -> None:
+        events.put(("progress", (done, total)))
+        while not resume.acquire(timeout=0.05):  # the consumer took it, or a cancel came
+            if stop.is_set():
+                return
 
     def work() -> None:
         try:
-            outcome["value"] = call(lambda done, total: events.put(("progress", (done, total))),
-                                    stop.is_set)
+            outcome["value"] = call(report, stop.is_set)
         except BaseException as error:  # re-raised in the generator's thread
             outcome["error"] = error
         finally:
@@ -292,6 +300,7 @@ def run_in_thread(
             if kind == "end":
                 break
             yield value
+            resume.release()
     finally:
         if thread.is_alive():  # closed early: ask the check to stop and wait for it
             stop.set()
