@@ -218,3 +218,16 @@ def test_run_in_thread_returns_the_result_and_raises_the_error() -> None:
     with pytest.raises(ValueError, match="bad input"):
         next(job)
     assert not check_threads_alive()
+
+
+def test_a_region_null_too_small_to_reach_alpha_is_said() -> None:
+    """With n random regions the smallest p-value is 1/(n+1): at alpha 0.05 a null of 10 can
+    never let the region test pass, and the settings say so (a null of 19 can)."""
+    from napari_gradcam.evidence import EvidenceSettings
+
+    with pytest.warns(RuntimeWarning, match="can never pass.*at least 19"):
+        EvidenceSettings(region_null_samples=10, region_alpha=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EvidenceSettings(region_null_samples=19, region_alpha=0.05)
+        EvidenceSettings(region_null_samples=0)  # no null test at all: nothing to say

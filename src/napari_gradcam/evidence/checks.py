@@ -13,6 +13,7 @@ job's progress and of :func:`napari_gradcam.evidence.running.estimate_evidence`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -105,6 +106,14 @@ class EvidenceSettings:
         null = self.region_null_samples
         if isinstance(null, bool) or not isinstance(null, (int, np.integer)) or null < 0:
             raise ValueError(f"region_null_samples must be a non-negative integer, got {null!r}")
+        smallest_p = 1.0 / (int(null) + 1)  # the p-value of a region beating every random one
+        if null and smallest_p > self.region_alpha:  # allowed (quick looks), but said
+            needed = math.ceil(1.0 / self.region_alpha) - 1
+            warnings.warn(
+                f"with region_null_samples={null} the region test can never pass at "
+                f"region_alpha={self.region_alpha} (its smallest p-value is {smallest_p:.3g}): "
+                f"use at least {needed} random regions, or a larger alpha",
+                RuntimeWarning, stacklevel=3)
         if not 0.0 <= self.forbidden_threshold <= 1.0:
             raise ValueError(f"forbidden_threshold is a share in [0, 1], got "
                              f"{self.forbidden_threshold!r}")
