@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QWidget,
 )
 
 from napari_gradcam.jobs import ImageSource
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 METADATA_KEY = "napari_gradcam"
 """Result layers of both widgets keep their provenance under this metadata key; it is also how
 a widget tells its own maps from the user's images."""
+NO_MODEL = "— choose a model —"
+"""The model combo's first entry: nothing loaded yet."""
 BROWSE = "Browse card / .pt2 …"
 """The model combo's last entry: opens a file dialog."""
 MODEL_FILE_FILTER = "Models (*.yaml *.yml *.pt2 *.pt *.pth);;All files (*)"
@@ -53,6 +56,40 @@ MODEL_FILE_FILTER = "Models (*.yaml *.yml *.pt2 *.pt *.pth);;All files (*)"
 TRUST_TOOLTIP = ("Pickled models, custom architectures (a module or a .py file, bioimage.io "
                  "packages), weights outside the card's folder and .pt2 files with pickled objects "
                  "run code or read other files: only for models you trust.")
+
+
+def ask_model_file(parent: QWidget | None) -> str | None:
+    """Ask for a model card or exported model with a file dialog; None when cancelled.
+
+    The one *Browse …* dialog of both widgets. It only picks a path: whether the file may run
+    code is decided when it is loaded, by the widget's *trust model code* box.
+    """
+    path, _ = QFileDialog.getOpenFileName(
+        parent, "Open a model card or exported model", "", MODEL_FILE_FILTER)
+    return path or None
+
+
+def chosen_model_source(parent: QWidget | None, choice: object) -> str | None:
+    """What to load for a model-list entry: a demo model's name, a file's path, or, for
+    *Browse …*, the file the user picks now (:func:`ask_model_file`). None: nothing to load
+    (the placeholder entry, or the dialog was cancelled)."""
+    if choice is None:
+        return None
+    if choice == BROWSE:
+        return ask_model_file(parent)
+    return str(choice)
+
+
+def demo_model_names() -> list[str]:
+    """The shipped demo models' names for a model list; none (with a warning) when a card is
+    broken, since a broken card must not take a widget down."""
+    from napari_gradcam.core.models import list_demo_models
+
+    try:
+        return [card.name for card in list_demo_models()]
+    except Exception as error:
+        show_warning(f"napari-gradcam: could not list the demo models ({error})")
+        return []
 
 
 def refill_combo(combo: QComboBox, names: Iterable[str], keep_first: Sequence[str] = ()) -> None:
@@ -303,30 +340,16 @@ class ModelPickerMixin:
         form.addRow("", self.model_info)
 
     def _fill_models(self) -> None:
-        from napari_gradcam.core.models import list_demo_models
-
         self.model_combo.clear()
-        try:
-            names = [card.name for card in list_demo_models()]
-        except Exception as error:  # a broken card must not break the widget
-            show_warning(f"napari-gradcam: could not list the demo models ({error})")
-            names = []
-        self.model_combo.addItem("— choose a model —", None)
-        for name in names:
+        self.model_combo.addItem(NO_MODEL, None)
+        for name in demo_model_names():
             self.model_combo.addItem(name, name)
         self.model_combo.addItem(BROWSE, BROWSE)
 
     def _on_model_activated(self, *_args: object) -> None:
-        source = self.model_combo.currentData()
-        if source is None:
-            return
-        if source == BROWSE:
-            path, _ = QFileDialog.getOpenFileName(
-                self, "Open a model card or exported model", "", MODEL_FILE_FILTER)
-            if not path:
-                return
-            source = path
-        self.load_model_source(source)
+        source = chosen_model_source(self, self.model_combo.currentData())
+        if source is not None:
+            self.load_model_source(source)
 
     def _model_cache_key(self, source: str, trust: bool) -> Hashable:
         return (source, trust)

@@ -68,9 +68,11 @@ from napari_gradcam._qt_common import (
     ALL_LABELS,
     BROWSE,
     METADATA_KEY,
-    MODEL_FILE_FILTER,
+    NO_MODEL,
     TRUST_TOOLTIP,
     RunControlsMixin,
+    chosen_model_source,
+    demo_model_names,
     displayed_plane,
     image_source,
     is_result_layer,
@@ -144,7 +146,6 @@ UNCERTAINTY_CHOICES = {
 run per variant: flips 1 per axis, shifts 4 per axis, dropout 8)."""
 UNCERTAINTY_SUFFIX = " · uncertainty"
 """An uncertainty layer is named after its map with this suffix."""
-NO_MODEL = "— choose a model —"
 DISK_MAP_BYTES = 1 << 30
 """A map (float32, the source's size) larger than this goes to disk by default: above it, a
 second copy of a scan in memory is what makes a 24 GB workstation swap."""
@@ -769,14 +770,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         return [(NO_MODEL, None), *getattr(self, "_model_entries", []), (BROWSE, BROWSE)]
 
     def _fill_models(self) -> None:
-        from napari_gradcam.core.models import list_demo_models
-
-        try:
-            names = [card.name for card in list_demo_models()]
-        except Exception as error:  # a broken card must not break the widget
-            show_warning(f"napari-gradcam: could not list the demo models ({error})")
-            names = []
-        self._model_entries = [(name, name) for name in names]
+        self._model_entries = [(name, name) for name in demo_model_names()]
         with self.form.model.changed.blocked():
             self.form.model.reset_choices()
             self.form.model.value = None
@@ -784,16 +778,12 @@ class GradCAMWidget(RunControlsMixin, QWidget):
     def _on_model_chosen(self, source: Any = None) -> None:
         if self._restoring:
             return
-        source = self.form.model.value if source is None else source
+        choice = self.form.model.value if source is None else source
+        source = chosen_model_source(self, choice)
         if source is None:
-            return
-        if source == BROWSE:
-            path, _ = QFileDialog.getOpenFileName(
-                self, "Open a model card or exported model", "", MODEL_FILE_FILTER)
-            if not path:
+            if choice is not None:  # the dialog was cancelled: show the model still loaded
                 self._show_model_in_combo()
-                return
-            source = path
+            return
         self.load_model_source(source)
 
     def _on_trust_toggled(self, *_args: object) -> None:
