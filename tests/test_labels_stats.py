@@ -201,3 +201,92 @@ def test_suggested_csv_names_differ_by_model_target_method_and_time() -> None:
     odd = suggest_csv_name({"model": "my model/v2", "target": "class 1", "created": "bad"})
     assert odd.startswith("cam-labels_my-model-v2_class-1_") and odd.endswith(".csv")
     assert "/" not in odd and " " not in odd
+
+
+def _random_map_and_labels(shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cam = rng.normal(size=shape)
+    labels = rng.integers(0, 7, size=shape).astype(np.uint16)
+    labels[labels == 4] = 0  # a label value that never occurs
+    return cam, labels
+
+
+@pytest.mark.parametrize("block_bytes", [1, 40 * 7, 40 * 60, 40 * 1000])
+def test_blockwise_statistics_equal_the_whole_arrays(block_bytes: int) -> None:
+    cam, labels = _random_map_and_labels((9, 13, 11))
+    # the maximum twice, in different blocks: the first in C order is the peak (label 2)
+    cam[2, 5, 7], labels[2, 5, 7] = 9.0, 2
+    cam[6, 1, 1], labels[6, 1, 1] = 9.0, 5
+    whole = label_statistics(cam, labels)
+    blocks = label_statistics(cam, labels, block_bytes=block_bytes)
+    assert whole["label"].tolist() == [1, 2, 3, 5, 6]
+    for column in LABEL_STAT_COLUMNS:
+        if whole[column].dtype.kind == "f":
+            np.testing.assert_allclose(blocks[column], whole[column], rtol=1e-12)
+        else:
+            np.testing.assert_array_equal(blocks[column], whole[column])
+    # and each column against its definition over the whole arrays
+    for row, value in enumerate(whole["label"]):
+        inside = labels == value
+        assert blocks["voxels"][row] == inside.sum()
+        np.testing.assert_allclose(blocks["mean_cam"][row], cam[inside].mean(), rtol=1e-12)
+        assert blocks["max_cam"][row] == cam[inside].max()
+        np.testing.assert_allclose(blocks["energy_share"][row],
+                                   energy_share(cam[None], inside[None])[0], rtol=1e-12)
+        assert blocks["pointing_hit"][row] == (value == 2)
+    near = label_statistics(cam, labels, tolerance=1.5, block_bytes=block_bytes)
+    for row, value in enumerate(near["label"]):
+        assert near["pointing_hit"][row] == pointing_hits(
+            cam[None], (labels == value)[None], tolerance=1.5)[0]
+
+
+def test_chunked_maps_are_read_chunk_by_chunk_in_any_order_with_the_same_numbers() -> None:
+    da = pytest.importorskip("dask.array")
+    cam, labels = _random_map_and_labels((8, 12, 10), seed=1)
+    # equal maxima where block order and C order disagree: chunks (4, 6, 5) visit
+    # [0:4, 0:6, 5:10] before [1, ...]; (0, 0, 7) comes first in C order, so it is the peak
+    cam[0, 0, 7], labels[0, 0, 7] = 7.0, 3
+    cam[3, 0, 1], labels[3, 0, 1] = 7.0, 6
+    reads: list[tuple[int, ...]] = []
+
+    def chunk(block_info=None) -> np.ndarray:  # a map whose chunks count their reads
+        where = tuple(slice(a, b) for a, b in block_info[None]["array-location"])
+        reads.append(tuple(s.start for s in where))
+        return cam[where]
+
+    lazy = da.map_blocks(chunk, chunks=((4, 4), (6, 6), (5, 5)), dtype=np.float64,
+                         meta=np.array(()))
+    table = label_statistics(lazy, da.from_array(labels, chunks=(4, 6, 5)),
+                             block_bytes=40 * 4 * 6 * 5)
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 2 * 2 * 2  # each chunk once
+    whole = label_statistics(cam, labels)
+    np.testing.assert_allclose(table["mean_cam"], whole["mean_cam"], rtol=1e-12)
+    np.testing.assert_allclose(table["energy_share"], whole["energy_share"], rtol=1e-12)
+    assert table["pointing_hit"].tolist() == whole["pointing_hit"].tolist()
+    assert table["label"][table["pointing_hit"]].tolist() == [3]
+
+
+def test_a_lazy_map_much_larger_than_the_budget_is_never_read_whole() -> None:
+    import tracemalloc
+
+    da = pytest.importorskip("dask.array")
+    shape, chunks = (128, 128, 128), (4, 128, 128)
+    rng = da.random.default_rng(0)
+    cam = rng.standard_normal(shape, chunks=chunks)  # float64: 16 MiB whole, made per chunk
+    labels = rng.integers(0, 5, shape, chunks=chunks)  # int64: 16 MiB whole
+    budget = 4 << 20
+    label_statistics(cam[:4], labels[:4], block_bytes=budget)  # one-off imports, threads
+    tracemalloc.start()
+    try:
+        table = label_statistics(cam, labels, block_bytes=budget)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    whole_map = 8 * int(np.prod(shape))
+    assert peak < whole_map / 2, f"peak {peak / 2**20:.1f} MiB for a {whole_map >> 20} MiB map"
+    assert table["label"].tolist() == [1, 2, 3, 4]
+    expected = [int((labels == value).sum().compute()) for value in (1, 2, 3, 4)]
+    assert table["voxels"].tolist() == expected
+    mean_of_one = float(((labels == 1) * cam).sum().compute()) / expected[0]
+    np.testing.assert_allclose(table["mean_cam"][0], mean_of_one, rtol=1e-9)

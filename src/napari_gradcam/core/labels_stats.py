@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import itertools
 import json
+import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from napari_gradcam.core.metrics import energy_share_by_label, labels_near, peak_position
+from napari_gradcam.core.metrics import energy_share_by_label, labels_near
 
 LABEL_STAT_COLUMNS = (
     "label", "voxels", "mean_cam", "max_cam", "energy_share", "area_share", "pointing_hit",
@@ -37,26 +39,146 @@ LABEL_STAT_COLUMNS = (
 keep the positions they had before names existed)."""
 
 
-def _checked(cam: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
-    cam_arr = np.asarray(cam, dtype=np.float64)
-    labels_arr = np.asarray(labels)
-    if cam_arr.shape != labels_arr.shape:
+LABEL_TABLE_BYTES = 256 << 20
+"""Working memory of :func:`label_statistics`: the map and the labels are read in blocks whose
+float64/int64 copies and temporaries fit in this many bytes, so the table of a whole 1024³ scan
+whose map lies on disk (a dask array over zarr chunks) costs this much, not several GB."""
+
+_BYTES_PER_VOXEL = 40
+"""What one voxel of a block costs while it is counted: the map as float64 (8) and its positive
+part (8), the labels as int64 (8), the raw reads (up to 8 + 8) and a boolean mask."""
+
+
+def _lazy(value: object) -> Any:
+    """``value`` itself when it can be sliced without being read whole (NumPy, dask, zarr, a
+    memory map: anything with ``shape``, ``dtype`` and ``[...]``), else as a NumPy array."""
+    if all(hasattr(value, name) for name in ("shape", "dtype", "__getitem__")):
+        return value
+    return np.asarray(value)
+
+
+def _chunk_shape(array: Any) -> tuple[int, ...] | None:
+    """The storage chunks of a dask (tuple of tuples) or zarr/h5py (tuple of ints) array, so
+    that blocks are read whole chunks at a time; None for an in-memory array."""
+    chunks = getattr(array, "chunks", None)
+    if not isinstance(chunks, tuple) or len(chunks) != len(array.shape):
+        return None
+    try:
+        return tuple(max(1, int(max(c) if isinstance(c, tuple) else c)) for c in chunks)
+    except (TypeError, ValueError):
+        return None
+
+
+def _block_shape(shape: tuple[int, ...], chunks: tuple[int, ...] | None,
+                 voxels: int) -> tuple[int, ...]:
+    """A block of at most ``voxels`` voxels (unless one chunk is bigger), made of whole chunks.
+
+    Grown from the last axis: whole rows, whole planes, then as many planes as fit, so an
+    in-memory array is read in C-order slabs and a chunked one chunk by chunk (never a chunk
+    twice). Chunks bigger than the budget are cut like an in-memory array.
+    """
+    unit = [min(c, s) for c, s in zip(chunks or (1,) * len(shape), shape, strict=True)]
+    if math.prod(unit) > voxels:
+        unit = [1] * len(shape)
+    block = list(unit)
+    for axis in reversed(range(len(shape))):
+        others = math.prod(block) // block[axis]
+        fits = max(1, voxels // others)
+        if fits >= shape[axis]:
+            block[axis] = shape[axis]
+            continue
+        block[axis] = max(unit[axis], fits // unit[axis] * unit[axis])
+        break
+    return tuple(block)
+
+
+def _blocks(shape: tuple[int, ...], block: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
+    starts = [range(0, size, step) for size, step in zip(shape, block, strict=True)]
+    for corner in itertools.product(*starts):
+        yield tuple(slice(c, min(c + step, size))
+                    for c, step, size in zip(corner, block, shape, strict=True))
+
+
+def _grown(total: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """``total + part`` for per-label sums of different lengths (labels seen so far)."""
+    if len(part) > len(total):
+        total = np.concatenate([total, np.zeros(len(part) - len(total), dtype=total.dtype)])
+    total[: len(part)] += part
+    return total
+
+
+class _Accumulator:
+    """Per-label sums over the blocks, in float64/int64: what :func:`label_statistics` needs,
+    with the first-in-C-order maximum of :func:`~napari_gradcam.core.metrics.peak_position`."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.sums = np.zeros(0)
+        self.positive = np.zeros(0)  # positive map mass per label, label 0 included
+        self.maxima = np.zeros(0)
+        self.low = np.inf
+        self.high = -np.inf
+        self.peak: tuple[int, ...] | None = None
+
+    def add(self, where: tuple[slice, ...], cam: np.ndarray, labels: np.ndarray) -> None:
+        flat_labels = labels.ravel()
+        flat_cam = cam.ravel()
+        counts = np.bincount(flat_labels)
+        self.counts = _grown(self.counts, counts)
+        self.sums = _grown(self.sums, np.bincount(flat_labels, weights=flat_cam))
+        self.positive = _grown(self.positive, np.bincount(
+            flat_labels, weights=np.clip(flat_cam, 0.0, None)))
+        present = np.flatnonzero(counts)
+        if len(self.maxima) < len(counts):
+            self.maxima = np.concatenate([self.maxima,
+                                          np.full(len(counts) - len(self.maxima), -np.inf)])
+        self.maxima[present] = np.maximum(self.maxima[present], np.asarray(
+            ndimage.maximum(cam, labels, index=present), dtype=np.float64))
+        index = int(np.argmax(flat_cam))
+        value = float(flat_cam[index])
+        self.low = min(self.low, float(flat_cam.min()))
+        position = tuple(int(s.start + i) for s, i in zip(
+            where, np.unravel_index(index, cam.shape), strict=True))
+        # the first maximum in C order, whatever order the blocks come in
+        if value > self.high or (value == self.high and self.peak is not None
+                                 and position < self.peak):
+            self.high, self.peak = value, position
+
+    def peak_position(self) -> tuple[int, ...] | None:
+        """The map's first maximum, None for a flat map (it points nowhere)."""
+        return None if self.high == self.low else self.peak
+
+
+def _checked(cam: object, labels: object) -> tuple[Any, Any]:
+    """Shapes and dtypes checked without reading the data (the values are checked per block)."""
+    cam_arr, labels_arr = _lazy(cam), _lazy(labels)
+    cam_shape, labels_shape = tuple(cam_arr.shape), tuple(labels_arr.shape)
+    if cam_shape != labels_shape:
         raise ValueError(
-            f"the CAM has shape {cam_arr.shape} but the labels {labels_arr.shape}; cut the labels "
+            f"the CAM has shape {cam_shape} but the labels {labels_shape}; cut the labels "
             "to the part of the image the CAM covers (same slice or window) first"
         )
-    if cam_arr.size == 0:
+    if math.prod(cam_shape) == 0:
         raise ValueError("the CAM is empty (no pixels)")
-    if labels_arr.dtype.kind not in "biu":
+    if np.dtype(labels_arr.dtype).kind not in "biu":
         raise TypeError(
             f"labels must be integers (a label image), got dtype {labels_arr.dtype}; convert a "
             "mask with mask.astype(int)"
         )
-    if labels_arr.dtype.kind == "i" and labels_arr.min() < 0:
+    if np.dtype(cam_arr.dtype).kind not in "biuf":
+        raise TypeError(f"the CAM must hold real numbers, got dtype {cam_arr.dtype}")
+    return cam_arr, labels_arr
+
+
+def _read_block(cam: Any, labels: Any, where: tuple[slice, ...]) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+    cam_block = np.asarray(cam[where], dtype=np.float64)
+    labels_block = np.asarray(labels[where])
+    if labels_block.dtype.kind == "i" and labels_block.size and labels_block.min() < 0:
         raise ValueError("labels must be non-negative integers (0 is background)")
-    if not np.isfinite(cam_arr).all():
+    if not np.isfinite(cam_block).all():
         raise ValueError("the CAM contains NaN or infinite values; recompute it from finite data")
-    return cam_arr, labels_arr.astype(np.int64, copy=False)
+    return cam_block, labels_block.astype(np.int64, copy=False)
 
 
 def label_statistics(
@@ -66,8 +188,15 @@ def label_statistics(
     tolerance: float = 0.0,
     spacing: Sequence[float] | None = None,
     names: Mapping[int, str] | None = None,
+    block_bytes: int = LABEL_TABLE_BYTES,
 ) -> dict[str, np.ndarray]:
     """One row per non-zero label of ``labels``: CAM statistics inside that object.
+
+    ``cam`` and ``labels`` may be NumPy arrays or arrays on disk (dask, zarr, a memory map):
+    they are read block by block (whole storage chunks where they have chunks), each block
+    within ``block_bytes`` of working memory, and summed into float64 per-label totals, so a
+    whole scan's table never holds the scan; the numbers equal those of the whole arrays to
+    float rounding.
 
     Columns (see :data:`LABEL_STAT_COLUMNS`):
 
@@ -92,33 +221,38 @@ def label_statistics(
         nothing; several labels can be hit only with a tolerance.
     """
     cam_arr, labels_arr = _checked(cam, labels)
+    shape = tuple(int(s) for s in cam_arr.shape)
     if tolerance < 0:
         raise ValueError(f"tolerance is a distance and must be >= 0, got {tolerance}")
-    steps = tuple(float(s) for s in (spacing or (1.0,) * cam_arr.ndim))
-    if len(steps) != cam_arr.ndim or min(steps) <= 0:
+    steps = tuple(float(s) for s in (spacing or (1.0,) * len(shape)))
+    if len(steps) != len(shape) or min(steps) <= 0:
         raise ValueError(
-            f"spacing needs one positive value per axis ({cam_arr.ndim}), got {spacing}"
+            f"spacing needs one positive value per axis ({len(shape)}), got {spacing}"
         )
-    ids = np.unique(labels_arr)
-    ids = ids[ids != 0]
-    flat_labels = labels_arr.ravel()
-    counts = np.bincount(flat_labels)
-    sums = np.bincount(flat_labels, weights=cam_arr.ravel())
-    maxima = (np.asarray(ndimage.maximum(cam_arr, labels_arr, index=ids), dtype=np.float64)
-              if len(ids) else np.zeros(0))
+    if block_bytes <= 0:
+        raise ValueError(f"block_bytes is a memory budget and must be > 0, got {block_bytes}")
+    block = _block_shape(shape, _chunk_shape(cam_arr), max(1, block_bytes // _BYTES_PER_VOXEL))
+    totals = _Accumulator()
+    for where in _blocks(shape, block):
+        totals.add(where, *_read_block(cam_arr, labels_arr, where))
+    ids = np.flatnonzero(totals.counts)
+    ids = ids[ids != 0].astype(np.int64)
     hit_labels: set[int] = set()
-    peak = peak_position(cam_arr)
+    peak = totals.peak_position()
     if peak is not None:
-        hit_labels = ({int(labels_arr[peak])} if tolerance == 0
+        hit_labels = ({int(np.asarray(labels_arr[peak]))} if tolerance == 0
                       else labels_near(labels_arr, peak, tolerance, steps))
-    voxels = counts[ids]
+    voxels = totals.counts[ids]
+    # The energy share is additive over pixels, so the map collapsed to one value per label
+    # (its positive mass; label 0 holds the rest) has the same shares as the map itself.
+    every_label = np.arange(len(totals.positive))
     return {
-        "label": ids.astype(np.int64),
+        "label": ids,
         "voxels": voxels.astype(np.int64),
-        "mean_cam": sums[ids] / np.maximum(voxels, 1),
-        "max_cam": maxima,
-        "energy_share": energy_share_by_label(cam_arr, labels_arr, ids),
-        "area_share": voxels / cam_arr.size,
+        "mean_cam": totals.sums[ids] / np.maximum(voxels, 1),
+        "max_cam": totals.maxima[ids],
+        "energy_share": energy_share_by_label(totals.positive, every_label, ids),
+        "area_share": voxels / math.prod(shape),
         "pointing_hit": np.array([int(i) in hit_labels for i in ids], dtype=bool),
         "name": np.array([_name_of(int(i), names) for i in ids], dtype=str),
     }
