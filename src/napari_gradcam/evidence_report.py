@@ -8,54 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from napari_gradcam.evidence import (
-    ATTRIBUTION_CHECKS,
-    CHECK_TITLES,
-    CHECKS,
-    DEFAULT_CHECKS,
-    Cancelled,
-    EvidenceError,
-    EvidenceEstimate,
-    EvidenceReport,
-    EvidenceRow,
-    EvidenceSettings,
-    Job,
-    RegionKind,
-    StopCallback,
-    estimate_evidence,
-    evidence_job,
-    evidence_summary,
-    format_value,
-    plot_deletion_insertion,
-    plot_maps,
-    plot_randomisation,
-    run_evidence,
-)
+from napari_gradcam import evidence as _evidence
+from napari_gradcam.evidence import *  # noqa: F403  (every name of the package's __all__)
 
 ProgressCallback = Callable[[int, int, str], None]
 """What :func:`run_evidence` calls with each ``(done, total, stage)`` the job yields."""
 
-__all__ = [
-    "ATTRIBUTION_CHECKS",
-    "CHECKS",
-    "CHECK_TITLES",
-    "DEFAULT_CHECKS",
-    "Cancelled",
-    "EvidenceError",
-    "EvidenceEstimate",
-    "EvidenceReport",
-    "EvidenceRow",
-    "EvidenceSettings",
-    "Job",
-    "ProgressCallback",
-    "RegionKind",
-    "StopCallback",
-    "estimate_evidence",
-    "evidence_job",
-    "evidence_summary",
-    "format_value",
-    "plot_deletion_insertion",
-    "plot_maps",
-    "plot_randomisation",
-    "run_evidence",
-]
+__all__ = [*_evidence.__all__, "ProgressCallback"]

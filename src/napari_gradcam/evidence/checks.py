@@ -195,6 +195,56 @@ def _randomisation_blocks(model: nn.Module, depth: int | None) -> int:
     return max(1, len({".".join(name.split(".")[:depth]) for name in owners}))
 
 
+def layer_channels(model: nn.Module, layer: str, inputs: torch.Tensor) -> int:
+    """Feature channels of ``layer`` (summed over its layers, when it names several) for
+    ``inputs``: the number of masked inputs Score-CAM scores, one per channel.
+
+    Read from one forward pass with a hook (no gradients, the model left as found), because a
+    module's own attributes do not say it for every layer (a block, a token layer, a ReLU).
+    """
+    from napari_gradcam.core.engine import (
+        model_dtype_device,
+        preserved_model_state,
+        resolve_layers,
+    )
+    from napari_gradcam.core.tokens import feature_map_view
+
+    resolved = resolve_layers(model, layer)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                shapes.setdefault(name, tuple(output.shape))
+
+        return hook
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in resolved]
+    try:
+        with preserved_model_state(model), torch.no_grad():
+            dtype, device = model_dtype_device(model)
+            model(inputs.to(device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    channels = 0
+    for name, module in resolved:
+        if name not in shapes:
+            raise EvidenceError(f"layer {name!r} made no feature map in the forward pass; "
+                                "choose a layer that outputs (N, C, *spatial)")
+        shape = shapes[name]
+        view = feature_map_view(name, shape, tuple(inputs.shape), model, None, module)
+        channels += int(shape[1] if view is None or view.kind == "channels_first"
+                        else shape[-1])
+    return channels
+
+
+def _score_cam_cost(context: CheckContext) -> int:
+    """One forward pass that records the layer, then one per channel (the check runs the
+    softmax weighting, which needs no baseline pass)."""
+    return 1 + layer_channels(context.model, context.layer, context.inputs)
+
+
 def _curve_cost(context: CheckContext) -> int:
     return (1 + context.settings.n_random) * (context.settings.steps + 1)
 
@@ -272,7 +322,7 @@ def _check_list() -> list[Check]:
         Check("integrated_gradients", "Integrated Gradients",
               lambda c: 2 * (c.settings.ig_steps + 1), _attribution("integrated_gradients"),
               compares_maps=True),
-        Check("score_cam", "Score-CAM", lambda c: 66, _attribution("score_cam"), default=False,
+        Check("score_cam", "Score-CAM", _score_cam_cost, _attribution("score_cam"), default=False,
               compares_maps=True,
               notes="off by default: one forward pass per feature channel"),
         Check("region", "Region", lambda c: 2 + c.settings.region_null_samples, _region,

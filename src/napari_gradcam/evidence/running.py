@@ -636,30 +636,24 @@ def run_evidence(
     model: LoadedModel | nn.Module,
     x: object,
     *,
-    layer: str | None = None,
-    target: object = None,
-    checks: Iterable[str] | str = DEFAULT_CHECKS,
-    region_mask: object = None,
-    region_kind: RegionKind = "evidence",
-    method: str = "gradcam",
-    settings: EvidenceSettings | None = None,
-    source: str | None = None,
     export_folder: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    **job_options: Any,
 ) -> EvidenceReport:
     """:func:`evidence_job`, drained (scripts, command line, tests).
 
-    ``progress(done, total, stage)`` is called for every item the job yields; when
-    ``should_stop()`` turns true the job is closed (the running check stops before its next
-    batch) and :class:`Cancelled` is raised. With ``export_folder`` the report is written there
-    (:meth:`EvidenceReport.export`) only when every check finished, so a cancelled or failed
-    run writes nothing.
+    ``job_options`` are :func:`evidence_job`'s keyword arguments (``layer``, ``target``,
+    ``checks``, ``region_mask``, ``region_kind``, ``method``, ``settings``, ``source``),
+    passed on as they are so that the two never disagree on a name or a default; a misspelt
+    one is refused by :func:`evidence_job` before anything runs. ``progress(done, total,
+    stage)`` is called for every item the job yields; when ``should_stop()`` turns true the job
+    is closed (the running check stops before its next batch) and :class:`Cancelled` is
+    raised. With ``export_folder`` the report is written there (:meth:`EvidenceReport.export`)
+    only when every check finished, so a cancelled or failed run writes nothing.
     """
-    job = evidence_job(model, x, layer=layer, target=target, checks=checks,
-                       region_mask=region_mask, region_kind=region_kind, method=method,
-                       settings=settings, source=source)
+    job = evidence_job(model, x, **job_options)
     report: EvidenceReport = run_job(job, progress, should_stop)
     if export_folder is not None:
         report.export(export_folder, overwrite=overwrite)
