@@ -297,8 +297,10 @@ def _warn_if_probabilities(outputs: torch.Tensor) -> None:
 
 
 def _warn_if_zero_gradient(layers: list[LayerGradients]) -> None:
-    per_sample = layers[0].gradients.flatten(2).abs().amax(-1)  # (K, N)
-    if bool((per_sample == 0).any()):
+    # any() is one pass without a temporary (abs().amax() made a copy of the gradients); a
+    # sample whose gradient holds a NaN counts as non-zero, as it did
+    all_zero = ~layers[0].gradients.flatten(2).any(-1)  # (K, N)
+    if bool(all_zero.any()):
         warnings.warn(
             f"the gradient of the target with respect to layer {layers[0].name!r} is exactly zero"
             " for some samples, so their maps are zero. The score is saturated or does not depend"
