@@ -59,3 +59,25 @@ def test_a_class_result_still_gives_a_softmax() -> None:
     assert not result.is_regression
     expected = torch.softmax(torch.from_numpy(closed_form(model, x)), 1).numpy()
     np.testing.assert_allclose(result.probabilities, expected, rtol=1e-5)
+
+
+def test_a_segmentation_result_gives_the_cores_one_definition_of_class_probabilities() -> None:
+    """A U-Net's outputs (N, K, H, W): the per-pixel softmax averaged over the pixels, the
+    numbers :func:`~napari_gradcam.core.metrics.class_probabilities` gives (and a map's
+    provenance records), not a second per-pixel table."""
+    from napari_gradcam.core.metrics import class_probabilities
+    from napari_gradcam.core.targets import SegmentationRegion
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 1))
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    result = GradCAM(model, "0").explain(x, SegmentationRegion(1))
+    with torch.no_grad():
+        logits = model(x).numpy().astype(np.float64)
+    per_pixel = np.exp(logits - logits.max(1, keepdims=True))
+    per_pixel /= per_pixel.sum(1, keepdims=True)
+    expected = per_pixel.mean((2, 3))  # (N, K): each class's share of the image
+    assert result.probabilities.shape == (2, 3)
+    np.testing.assert_allclose(result.probabilities, expected, rtol=1e-5)
+    np.testing.assert_allclose(result.probabilities.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(result.probabilities, class_probabilities(result.outputs))

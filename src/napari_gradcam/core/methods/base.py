@@ -27,6 +27,7 @@ from napari_gradcam.core.engine import (
     forward_backward,
     resolve_layers,
 )
+from napari_gradcam.core.metrics import class_probabilities
 from napari_gradcam.core.outputs import OutputSpec
 from napari_gradcam.core.targets import (
     AllClasses,
@@ -93,13 +94,14 @@ class CAMResult:
 
     @property
     def probabilities(self) -> np.ndarray:
-        """Softmax over the class axis of the model outputs (for classifiers and U-Nets); for
-        a regression target the outputs as they are (predicted values, not class scores: a
-        softmax would turn a single predicted porosity into 1.0)."""
+        """The class probabilities of the outputs, by the core's one definition
+        (:func:`~napari_gradcam.core.metrics.class_probabilities`, the numbers a map's
+        provenance records): softmax over the classes, for a U-Net averaged over the pixels;
+        for a regression target the outputs as they are (predicted values, not class scores:
+        a softmax would turn a single predicted porosity into 1.0)."""
         if self.is_regression:
             return np.asarray(self.outputs)
-        logits = torch.from_numpy(self.outputs)
-        return torch.softmax(logits, dim=1).numpy() if logits.ndim >= 2 else self.outputs
+        return class_probabilities(self.outputs)
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
