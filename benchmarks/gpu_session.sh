@@ -36,14 +36,24 @@ if [ "${SMOKE:-0}" = 1 ]; then
         --window 16 --repeats 1
     step 300 bench_widget_volume $PY benchmarks/bench_widget_volume.py --device "$DEVICE" \
         --size 64 --batch 8 --workdir "$OUT/widget"
+    step 300 profile_explain $PY benchmarks/profile_explain.py --device "$DEVICE" --window 16 \
+        --batch 2 --rows 5
 else
-    step 120 gpu_check $PY benchmarks/gpu_check.py --device "$DEVICE"
-    step 150 bench_gradcam $PY benchmarks/bench_gradcam.py --device "$DEVICE"
-    step 60 bench_windows_96 $PY benchmarks/bench_windows.py --device "$DEVICE" --size 96 \
-        --repeats 5
-    step 60 bench_windows_256 $PY benchmarks/bench_windows.py --device "$DEVICE" --size 256 \
-        --window 64 --batch 16 --repeats 3
-    step 150 bench_widget_volume $PY benchmarks/bench_widget_volume.py --device "$DEVICE" \
-        --size 512 --batch 16 --threads 8 --workdir /tmp/widget
+    STEPS=${STEPS:-check gradcam windows profile widget}  # a subset reruns only those
+    for name in $STEPS; do
+        case $name in
+        check) step 120 gpu_check $PY benchmarks/gpu_check.py --device "$DEVICE" ;;
+        gradcam) step 150 bench_gradcam $PY benchmarks/bench_gradcam.py --device "$DEVICE" ;;
+        windows)
+            step 60 bench_windows_96 $PY benchmarks/bench_windows.py --device "$DEVICE" \
+                --size 96 --repeats 5
+            step 60 bench_windows_256 $PY benchmarks/bench_windows.py --device "$DEVICE" \
+                --size 256 --window 64 --batch 16 --repeats 3 ;;
+        profile) step 60 profile_explain $PY benchmarks/profile_explain.py --device "$DEVICE" ;;
+        widget) step 150 bench_widget_volume $PY benchmarks/bench_widget_volume.py \
+            --device "$DEVICE" --size 512 --batch 16 --threads 8 --workdir /tmp/widget ;;
+        *) echo "unknown step $name" | tee -a "$LOG" ;;
+        esac
+    done
 fi
 echo "=== done $(date -u +%H:%M:%S)" | tee -a "$LOG"
