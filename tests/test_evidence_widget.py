@@ -322,6 +322,53 @@ def test_cancel_adds_nothing(make_widget, qtbot, messages) -> None:
     assert widget.run_button.text() == "Run" and widget.run_button.isEnabled()
 
 
+def test_cancel_never_holds_the_gui_thread_for_a_batch(make_widget, qtbot) -> None:
+    """Cancel only asks the worker to stop; closing the job afterwards (on the GUI thread)
+    finds its check waiting at a batch boundary, so the event loop never waits for a batch,
+    even when one batch takes 0.5 s (a model slowed by a real forward hook, like a slow
+    device)."""
+    import threading
+    import time
+
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = make_widget()
+    viewer.add_image(image((64, 64)), name="micro")
+    widget.steps_spin.setValue(200)
+    widget.random_spin.setValue(10)
+    batch_seconds = 0.5
+
+    def slow_batches(module, args) -> None:
+        if args[0].shape[0] > 1:  # the checks' batches, not the single map pass
+            time.sleep(batch_seconds)
+
+    handle = widget.loaded.model.register_forward_pre_hook(slow_batches)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    try:
+        assert widget.run() is not None
+        qtbot.waitUntil(lambda: widget.stage_label.text().startswith("Deletion ("),
+                        timeout=30000)
+        qtbot.waitUntil(lambda: widget.progress_bar.value() > 20, timeout=30000)
+        timer.start()
+        qtbot.wait(50)
+        started = time.perf_counter()
+        widget.run()  # the same button now cancels
+        cancel_seconds = time.perf_counter() - started
+        finish(qtbot, widget)
+        qtbot.wait(50)
+    finally:
+        timer.stop()
+        handle.remove()
+    assert cancel_seconds < 0.1
+    gaps = np.diff(ticks)
+    assert len(gaps) > 5 and gaps.max() < 0.6 * batch_seconds, gaps.max()
+    assert not [t for t in threading.enumerate() if t.name == "napari-gradcam-evidence-check"]
+    assert widget.report is None and widget.run_button.isEnabled()
+
+
 def test_demo_micrograph_model_on_a_crack(make_widget, qtbot) -> None:
     assert any(c.name == "micrograph-classifier" for c in list_demo_models())
     from napari_gradcam.samples import make_micrograph
