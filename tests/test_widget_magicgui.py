@@ -104,6 +104,37 @@ def test_the_form_is_magicgui_and_its_pickers_follow_insert_remove_reorder_renam
     assert widget.form.region.choices == ("none", labels)
 
 
+def test_the_model_description_is_shown_whole_and_wrapped_in_a_short_dock(
+        make_widget, qtbot, tmp_path) -> None:
+    """The label under the model picker shows the model's summary and its card's whole
+    description, word-wrapped, with every line it needs even when the window is too short for
+    the form (the form scrolls instead of squeezing the label to its first line), and the
+    whole text on hover."""
+    card = write_card(tmp_path, "described")
+    description = ("Steel micrograph patches (64x64, grey): clean / precipitates / crack. "
+                   "Trained on domain-randomised synthetic patches (grain size, contrast, "
+                   "noise, etching artefacts); a map on other data needs the domain check.")
+    card.write_text(card.read_text(encoding="utf-8") + f"description: '{description}'\n",
+                    encoding="utf-8")
+    viewer, widget = make_widget(card)
+    widget.setFixedHeight(420)  # a dock far shorter than the form (a laptop's screen)
+    viewer.window.show()  # layouts place their rows only in a shown window
+    label = widget.form.model_info.native
+    qtbot.waitUntil(label.isVisible)
+    qtbot.wait(50)
+    text = label.text()
+    assert text.splitlines()[0].startswith("described: classification, 2D, 1 channel(s)")
+    assert description in text and len(text.splitlines()) == 2
+    assert description in label.toolTip() and text.splitlines()[0] in label.toolTip()
+    assert label.wordWrap()
+    needed = label.heightForWidth(label.width())
+    line = label.fontMetrics().lineSpacing()
+    assert needed >= 3 * line  # the text does wrap onto several lines at the dock's width
+    row = label.parentWidget()  # the form's row holding the label
+    assert label.height() >= needed and row.height() >= label.geometry().bottom() + 1
+    assert label.geometry().right() < row.width()
+
+
 def test_the_slice_axis_is_chosen_by_the_layers_axis_labels(make_widget, qtbot, cards) -> None:
     viewer, widget = make_widget(cards["c2"])
     viewer.add_image(volume((4, 16, 12)), name="ct", axis_labels=("z", "y", "x"))

@@ -48,13 +48,15 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtWidgets import (
     QBoxLayout,
     QFileDialog,
+    QFrame,
     QGroupBox,
     QHeaderView,
     QLabel,
+    QScrollArea,
     QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
@@ -175,6 +177,45 @@ def regression_entries(card: Any) -> list[tuple[str, tuple[object, ...]]]:
         for sign, word in ((1, "increases"), (-1, "decreases")):
             entries.append((f"{word} {shown}", ("regression", index, sign, shown)))
     return entries
+
+
+def model_summary(card: Any) -> str:
+    """What the model is (task, dimensions, channels, classes) and, on a line of its own, the
+    card's description: what the model was trained on, which says what data it fits."""
+    summary = (f"{card.name}: {card.task}, {card.spatial_dims}D, {card.in_channels} "
+               f"channel(s), classes {', '.join(card.class_names)}.")
+    description = " ".join(str(card.description or "").split())
+    return f"{summary}\n{description}" if description else summary
+
+
+class _VerticalScrollArea(QScrollArea):
+    """A scroll area as wide as its page needs: it scrolls up and down only."""
+
+    def _with_page_width(self, hint: QSize, page_width: int) -> QSize:
+        bar = self.verticalScrollBar().sizeHint().width()
+        return QSize(max(hint.width(), page_width + bar + 2 * self.frameWidth()), hint.height())
+
+    def minimumSizeHint(self) -> QSize:
+        page = self.widget()
+        hint = super().minimumSizeHint()
+        return hint if page is None else self._with_page_width(
+            hint, page.minimumSizeHint().width())
+
+    def sizeHint(self) -> QSize:
+        page = self.widget()
+        hint = super().sizeHint()
+        return hint if page is None else self._with_page_width(hint, page.sizeHint().width())
+
+
+def scrolled(page: QWidget) -> QScrollArea:
+    """``page`` in a vertical scroll area, so a dock shorter than the form scrolls instead
+    of squeezing every row below its height (which cut wrapped labels to their first line)."""
+    area = _VerticalScrollArea()
+    area.setWidget(page)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    return area
 
 
 def axis_name(labels: Sequence[str], axis: int) -> str:
@@ -404,12 +445,10 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         f = self.form
         f.voxel_note.visible = False
         f.apply_scale.visible = False
-        f.voxel_note.native.setWordWrap(True)
-        f.model_info.native.setWordWrap(True)
-        # a form row does not grow for wrapped text: room for two lines, so the model's
-        # description is not cut in half under the next row
         for label in (f.model_info.native, f.voxel_note.native):
-            label.setMinimumHeight(2 * label.fontMetrics().lineSpacing() + 4)
+            # magicgui's labels are one fixed-size line; these wrap and take the height
+            # their text needs at the dock's width (the scroll area below never squeezes them)
+            label.setWordWrap(True)
             label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
         f.window.native.layout().setContentsMargins(0, 0, 0, 0)  # the three spins' row
         f.window.native.setMinimumHeight(f.batch_size.native.sizeHint().height())
@@ -439,7 +478,7 @@ class GradCAMWidget(RunControlsMixin, QWidget):
         predictions_layout.addWidget(self.predictions_table)
         layout.addWidget(predictions_box)
         layout.addStretch(1)
-        self.tabs.addTab(explain_tab, "Explain")
+        self.tabs.addTab(scrolled(explain_tab), "Explain")
 
         self.labels_form = Container(labels=True, widgets=[
             Label(name="intro", label=" ", value="Per-label statistics of a CAM inside a Labels "
@@ -866,10 +905,8 @@ class GradCAMWidget(RunControlsMixin, QWidget):
             f.mode.value = "current"
         self._enable_mode_options()
         self._refresh_channel_axes()
-        f.model_info.value = (
-            f"{card.name}: {card.task}, {card.spatial_dims}D, {card.in_channels} channel(s), "
-            f"classes {', '.join(card.class_names)}.")
-        f.model_info.tooltip = card.description or None  # the full text, on hover
+        f.model_info.value = model_summary(card)
+        f.model_info.tooltip = model_summary(card)  # the whole text also on hover
 
     def _target_layer_choices(self, _widget: Any = None) -> list[tuple[str, str]]:
         """The model's feature-map blocks (or all its layers), with their output shapes."""
