@@ -290,3 +290,13 @@ def test_a_lazy_map_much_larger_than_the_budget_is_never_read_whole() -> None:
     assert table["voxels"].tolist() == expected
     mean_of_one = float(((labels == 1) * cam).sum().compute()) / expected[0]
     np.testing.assert_allclose(table["mean_cam"][0], mean_of_one, rtol=1e-9)
+
+
+def test_lists_and_tensors_are_read_as_arrays() -> None:
+    torch = pytest.importorskip("torch")
+    cam, labels = _toy()
+    expected = label_statistics(cam, labels)
+    for table in (label_statistics(cam.tolist(), labels.tolist()),
+                  label_statistics(torch.from_numpy(cam), torch.from_numpy(labels))):
+        np.testing.assert_allclose(table["mean_cam"], expected["mean_cam"])
+        assert table["pointing_hit"].tolist() == expected["pointing_hit"].tolist()

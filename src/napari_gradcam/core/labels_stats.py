@@ -51,9 +51,15 @@ part (8), the labels as int64 (8), the raw reads (up to 8 + 8) and a boolean mas
 
 def _lazy(value: object) -> Any:
     """``value`` itself when it can be sliced without being read whole (NumPy, dask, zarr, a
-    memory map: anything with ``shape``, ``dtype`` and ``[...]``), else as a NumPy array."""
+    memory map: anything with ``shape``, a NumPy ``dtype`` and ``[...]``), else as a NumPy
+    array (lists, tensors)."""
     if all(hasattr(value, name) for name in ("shape", "dtype", "__getitem__")):
-        return value
+        try:
+            np.dtype(value.dtype)  # type: ignore[attr-defined]
+        except TypeError:
+            pass
+        else:
+            return value
     return np.asarray(value)
 
 
