@@ -306,7 +306,7 @@ def test_cancel_stops_between_batches(models) -> None:
     [
         ("c3", volume((16, 16)), ExplainRequest(), "explains 3D data"),
         ("c2", volume((16, 16)), ExplainRequest(mode="slices"), "needs a stack"),
-        ("c2", volume((4, 16, 16)), ExplainRequest(mode="windows"), "for 3D models"),
+        ("c2", volume((4, 16, 16)), ExplainRequest(mode="windows"), "needs a 3D model"),
         ("c3", volume((12, 16, 16)), ExplainRequest(mode="slices"), "is 3D"),
         ("two_channels", volume((16, 16)), ExplainRequest(), "channel"),
         ("unet", volume((16, 16)), ExplainRequest(), "segments"),
@@ -646,7 +646,7 @@ def test_domain_report_flags_a_large_image_and_passes_a_training_like_one(models
     flagged = [f["check"] for f in result.domain["findings"] if f["flagged"]]
     assert flagged == ["input_size"]
     assert "256×256" in result.domain["message"]
-    assert result.provenance["options"]["domain_check"] == result.domain
+    assert result.provenance["domain_check"] == result.domain
     alike = explain(loaded, ImageSource("patches", training_patches(4, 64, seed=11)),
                     ExplainRequest(mode="slices", axis=0))
     assert alike.domain["checked"] and not alike.domain["out_of_domain"]

@@ -53,7 +53,8 @@ shell places it exactly on the source with the source's own scale and translate.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+import time
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,17 +65,14 @@ from scipy import ndimage
 from napari_gradcam.core.domain import DomainReport, check_domain
 from napari_gradcam.core.engine import preserved_model_state
 from napari_gradcam.core.normalise import robust_limits
-from napari_gradcam.core.run.output import DiskOutput
-from napari_gradcam.core.run.plan import (
-    Plan,
-    model_window,
-    plan_explanation,
-)
+from napari_gradcam.core.run.output import job_output
+from napari_gradcam.core.run.plan import Plan, model_window, plan_explanation
 from napari_gradcam.core.run.request import (
     ExplainRequest,
     ImageSource,
     build_explainer,
     run_provenance,
+    uncertainty_record,
 )
 from napari_gradcam.core.run.tiles import (
     Batch,
@@ -92,8 +90,8 @@ from napari_gradcam.core.targets import (
     PredictedClass,
     SegmentationRegion,
 )
-from napari_gradcam.core.uncertainty import MEANINGS
 from napari_gradcam.core.volume import Cancelled, run_job
+from napari_gradcam.io import OutputError
 
 
 class Progress(tuple):
@@ -220,21 +218,24 @@ class ExplainResult:
 # The job
 
 
-def explain_job(loaded: Any, source: ImageSource, request: ExplainRequest) -> Job:
+def explain_job(loaded: Any, source: ImageSource, request: ExplainRequest, *,
+                notify: Callable[[str], None] | None = None) -> Job:
     """Explain ``source`` with ``loaded`` (a :class:`~napari_gradcam.core.models.LoadedModel`).
 
     Yields a :class:`Progress` (``done, total`` and its ``stage``) between batches and returns
     an :class:`ExplainResult`; with ``request.output`` the maps are written to disk as they are
     made (:mod:`napari_gradcam.core.run.output`) and the result's maps read them lazily. Any
     failure is raised as :class:`JobError` (out of memory, NaN in the data, a model that
-    fails on the input), with the original exception chained.
+    fails on the input), with the original exception chained; an output that cannot be
+    written stays an :class:`~napari_gradcam.io.OutputError` (it names the file).
+    ``notify(message)`` hears what a user should know while the run goes on: the domain
+    check's finding when the input looks unlike the training data (or cannot be checked),
+    out-of-memory retries with a smaller batch, leftovers of killed runs cleaned up.
     """
     plan = plan_explanation(loaded, source, request)
     try:
-        return (yield from _explain(loaded, source, request, plan))
-    except (GeneratorExit, Cancelled):
-        raise
-    except JobError:
+        return (yield from _explain(loaded, source, request, plan, notify))
+    except (GeneratorExit, Cancelled, JobError, OutputError):
         raise
     except MemoryError as error:
         raise JobError(f"out of memory while explaining {source.name!r}: {error}. Use a "
@@ -246,60 +247,59 @@ def explain_job(loaded: Any, source: ImageSource, request: ExplainRequest) -> Jo
                        f"({type(error).__name__}: {error})") from error
 
 
-def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Plan) -> Job:
+def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Plan,
+             notify: Callable[[str], None] | None) -> Job:
+    started = time.perf_counter()
     card = loaded.card
     layer = request.layer or card.target_layer
     explainer = build_explainer(loaded, request.method, layer, device=request.device,
-                                uncertainty=request.uncertainty, n_dropout=request.n_dropout)
-    domain = domain_report(loaded, source, request, plan) if request.domain_check else None
+                                uncertainty=request.uncertainty, n_dropout=request.n_dropout,
+                                model_options=request.model_options)
+    domain = domain_report(loaded, source, plan) if request.domain_check else None
+    if notify is not None and domain is not None and (domain["out_of_domain"]
+                                                      or not domain["checked"]):
+        notify(f"domain check: {domain['message']}")
     class_names = tuple(card.class_names)
     if request.target.kind == "all":
         labels = list(class_names)
     else:
         labels = [request.target.label(class_names)]
-    shape = source.shape
-    out_shape = plan.out_shape(shape)
-    origin = plan.origin(shape)
-    disk = None
-    if request.output is not None:
-        disk = DiskOutput(request, source, plan, labels, card.task == "segmentation",
-                          _provenance(loaded, source, request, plan, labels, layer, None, domain))
-        maps, spreads = disk.maps, disk.spreads
-    else:
-        maps = {label: np.zeros(out_shape, dtype=np.float32) for label in labels}
-        spreads = ({label: np.zeros(out_shape, dtype=np.float32) for label in labels}
-                   if request.uncertainty else {})
-    messages: list[str] = []
-    if plan.mode == "windows":
-        result = yield from _staged(_windows(loaded, explainer, source, request, plan, maps,
-                                             labels, spreads), "windows")
-        predictions, positions, indices, class_map, window = result
-    else:
-        result = yield from _staged(_samples(loaded, explainer, source, request, plan, maps,
-                                             labels, spreads,
-                                             None if disk is None else disk.class_map),
-                                    plan.mode)
-        predictions, positions, indices, class_map = result
-        window = None
-    uncertainty_info = None
-    if request.uncertainty:
-        uncertainty_info = {
-            "sources": list(request.uncertainty),
-            "n_dropout": request.n_dropout if "dropout" in request.uncertainty else None,
-            "meaning": {s: MEANINGS[s] for s in request.uncertainty},
-        }
-        last = getattr(explainer, "last_info", None)
-        if last is not None:  # e.g. dropout not applicable: the model has no dropout layers
-            uncertainty_info["applicable"] = {
-                name: {"applicable": info.applicable, "reason": info.reason}
-                for name, info in last.sources.items()}
-    provenance = _provenance(loaded, source, request, plan, labels, layer, uncertainty_info,
-                             domain)
-    if disk is not None:
-        maps, spreads, class_map, limits = disk.finish(provenance, predictions, positions)
-    else:
-        limits = {label: contrast_limits(array) for label, array in maps.items()}
-    explained = ExplainResult(
+    origin = plan.origin(source.shape)
+    # the loops write into this output, on disk or in memory; one ``finish`` completes it
+    output = job_output(request, source, plan, labels,
+                        card.task == "segmentation" and plan.mode != "windows",
+                        _provenance(loaded, source, request, plan, labels, layer, None, domain),
+                        notify)
+    try:
+        if plan.mode == "windows":
+            result = yield from _staged(_windows(loaded, explainer, source, request, plan,
+                                                 output.maps, labels, output.spreads, notify),
+                                        "windows")
+            predictions, positions, indices, class_map, window = result
+        else:
+            result = yield from _staged(_samples(loaded, explainer, source, request, plan,
+                                                 output.maps, labels, output.spreads,
+                                                 output.class_map, notify), plan.mode)
+            predictions, positions, indices, class_map = result
+            window = None
+        uncertainty_info = None
+        if request.uncertainty:
+            uncertainty_info = uncertainty_record(request.uncertainty, request.n_dropout)
+            last = getattr(explainer, "last_info", None)
+            if last is not None:  # e.g. dropout not applicable: the model has no dropout layers
+                uncertainty_info["applicable"] = {
+                    name: {"applicable": info.applicable, "reason": info.reason}
+                    for name, info in last.sources.items()}
+        provenance = _provenance(loaded, source, request, plan, labels, layer,
+                                 uncertainty_info, domain)
+        regression = request.target.kind == "regression"
+        maps, spreads, class_map, limits = output.finish(
+            provenance, predictions, positions, regression=regression,
+            seconds=time.perf_counter() - started)
+    except BaseException:
+        output.abort()  # a store that only appears when complete is removed
+        raise
+    return ExplainResult(
         source_name=source.name,
         method=request.method,
         maps=maps,
@@ -314,26 +314,25 @@ def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Pl
         class_map=class_map,
         mode=plan.mode,
         window=window,
-        messages=messages,
+        messages=[],
         uncertainty=spreads,
         uncertainty_info=uncertainty_info,
         domain=domain,
-        regression=request.target.kind == "regression",
+        regression=regression,
     )
-    return explained
 
 
 def _provenance(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Plan,
                 labels: list[str], layer: str, uncertainty_info: dict[str, Any] | None,
                 domain: dict[str, Any] | None) -> dict[str, Any]:
     """The job's provenance record (the one builder, :func:`run_provenance`, with the
-    widget's options: where the map sits on its source, which axes, which window)."""
+    job's options: where the map sits on its source, which axes, which window), and what the
+    calling shell adds (``request.provenance``)."""
     card = loaded.card
     class_names = tuple(card.class_names)
     shape = source.shape
     origin = plan.origin(shape)
-    window = (model_window(card, request, tuple(shape[a] for a in plan.spatial_axes))
-              if plan.mode == "windows" else None)
+    window = plan.window if plan.mode == "windows" else None
     target_text = labels[0] if len(labels) == 1 else "all classes"
     provenance = run_provenance(
         loaded,
@@ -357,11 +356,17 @@ def _provenance(loaded: Any, source: ImageSource, request: ExplainRequest, plan:
             "device": request.device,
             "rgb": source.rgb,
             "uncertainty": uncertainty_info,
-            "domain_check": domain,
         },
     )
+    if domain is not None:  # top level, as every map file has it (absent: not checked)
+        provenance["domain_check"] = domain
     if request.output is not None:
         provenance["options"]["output"] = str(request.output)
+    for key, value in dict(request.provenance).items():
+        if key == "options":
+            provenance["options"].update(value)
+        else:
+            provenance[key] = value
     return provenance
 
 
@@ -382,15 +387,17 @@ class _SampleView:
         return read_slab(self.source, self.plan, int(k), int(k) + 1)[0][tuple(block)]
 
 
-def domain_report(loaded: Any, source: ImageSource, request: ExplainRequest,
-                  plan: Plan) -> dict[str, Any] | None:
-    """The out-of-domain report of what this run explains, as plain data.
+def domain_report(loaded: Any, source: ImageSource, plan: Plan) -> dict[str, Any] | None:
+    """The out-of-domain report of what this run explains, as plain data: the one wrapper of
+    :func:`~napari_gradcam.core.domain.check_domain` (the widget's job, the command line and
+    the dask runner's driver all call it, so they record the same report).
 
-    Reads a seeded sample of the planes or windows (bounded memory, see
-    :mod:`napari_gradcam.core.domain`); nothing is read when the card has no training
-    statistics. RGB and multi-channel input are not checked (None): the statistics are of
-    grey data. The voxel size is the source's, when it is known. A check that fails (odd
-    data) says so in the report instead of stopping the run.
+    Reads a seeded sample of the planes or the plan's windows (bounded memory, see
+    :mod:`napari_gradcam.core.domain`), as the model sees them; nothing is read when the card
+    has no training statistics. RGB and multi-channel input are not checked (None): the
+    statistics are of grey data. The voxel size is the source's, when it is known (a file
+    without a length unit has none: its pixels are not compared with micrometres). A check
+    that fails (odd data) says so in the report instead of stopping the run.
     """
     if source.rgb or plan.channel_axis is not None:
         return None
@@ -399,10 +406,8 @@ def domain_report(loaded: Any, source: ImageSource, request: ExplainRequest,
         voxel = [float(source.voxel_size[a]) for a in plan.spatial_axes]
     try:
         if plan.mode == "windows":
-            window = model_window(loaded.card, request, tuple(source.shape[a]
-                                                          for a in plan.spatial_axes))
             report = check_domain(BlockView(source, plan), loaded, voxel_size=voxel,
-                                  input_size=window)
+                                  input_size=plan.window)
         else:
             report = check_domain(_SampleView(source, plan), loaded, voxel_size=voxel)
     except (ValueError, TypeError) as error:
@@ -437,17 +442,12 @@ def _write(plan: Plan, array: np.ndarray, start: int, stop: int, maps: np.ndarra
     array[key] = np.moveaxis(maps, 0, position)
 
 
-def _samples(loaded, explainer, source, request, plan, maps, labels, spreads,
-             class_map_out=None) -> Generator:
+def _samples(loaded, explainer, source, request, plan, maps, labels, spreads, class_map,
+             notify=None) -> Generator:
     """Current plane/window, every slice, or every row: batches along the sample axis, through
     the one slice loop (:func:`~napari_gradcam.core.run.tiles.slices_loop`)."""
     card = loaded.card
     count = 1 if plan.sample_axis is None else source.shape[plan.sample_axis]
-    segmentation = card.task == "segmentation"
-    class_map = None
-    if segmentation:
-        class_map = (class_map_out if class_map_out is not None
-                     else np.zeros(next(iter(maps.values())).shape, dtype=np.int16))
     device = getattr(explainer, "device", torch.device("cpu"))
     where = "the image" if plan.sample_axis is None else "slices"
 
@@ -483,7 +483,7 @@ def _samples(loaded, explainer, source, request, plan, maps, labels, spreads,
     outcome = yield from slices_loop(
         explainer, count, request.batch_size, read, write, spatial_dims=card.spatial_dims,
         per_class=request.target.kind == "all",
-        method=getattr(explainer, "name", request.method))
+        method=getattr(explainer, "name", request.method), notify=notify)
     sample_positions = [tuple(_position(plan, source, i)) for i in range(count)]
     return outcome.predictions, sample_positions, outcome.target_indices, class_map
 
@@ -533,7 +533,8 @@ def _batch_target(loaded, source, request, plan, tensor, start, stop, device):
     return SegmentationRegion(clicked_class, mask), mask
 
 
-def _windows(loaded, explainer, source, request, plan, maps, labels, spreads) -> Generator:
+def _windows(loaded, explainer, source, request, plan, maps, labels, spreads,
+             notify=None) -> Generator:
     """Windows mode through the one window loop. "All classes" is one forward pass per batch
     of windows (one backward per class from it), each class blended into its own map."""
     card = loaded.card
@@ -557,7 +558,7 @@ def _windows(loaded, explainer, source, request, plan, maps, labels, spreads) ->
     outcome = yield from windows_loop(
         explainer, view, outs, window=window, overlap=request.overlap,
         batch_size=request.batch_size, target=target, preprocess=checked,
-        uncertainty_outs=spread_outs)
+        uncertainty_outs=spread_outs, notify=notify)
     offset = [plan.fixed[a] for a in range(source.ndim - 3)]
     positions = [tuple(offset + list(corner)) for corner in outcome.positions]
     return outcome.predictions, positions, None, None, outcome.window

@@ -18,8 +18,10 @@ leaves the part done on disk and says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +74,16 @@ class DiskMap:
                  stored_axes: Sequence[int], progress_axis: int, *,
                  scale: Sequence[float], unit: str | None,
                  translation: Sequence[float] | None, attrs: Mapping[str, Any],
-                 chunks: Sequence[int] | None = None) -> None:
+                 chunks: Sequence[int] | None = None, dtype: object = "float32") -> None:
         import zarr
 
         self.path = Path(path)
         self.shape3 = tuple(int(s) for s in shape3)
         self.shape = tuple(int(s) for s in full_shape)
         self.ndim = len(self.shape)
-        self.dtype = np.dtype(np.float32)
+        self.dtype = np.dtype(dtype)  # float32, or float16 (half the file)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+            raise ValueError(f"a map is stored as float32 or float16, not {self.dtype}")
         self.progress_axis = int(progress_axis)
         self.levels = pyramid_shapes(self.shape3)
         chunks = tuple(chunks or _chunks(self.shape3, self.progress_axis))
@@ -89,7 +93,7 @@ class DiskMap:
                   "planes_total": self.shape3[self.progress_axis],
                   "progress_axis": self.progress_axis}
         create_ome_zarr(self.path, self.shape3, scale=scale, unit=unit, chunks=chunks,
-                        attrs=record, name=str(attrs.get("target", "gradcam")))
+                        dtype=self.dtype, attrs=record, name=str(attrs.get("target", "gradcam")))
         group = zarr.open_group(str(self.path), mode="r+")
         multiscales = group.attrs["multiscales"]
         datasets = []
@@ -98,7 +102,7 @@ class DiskMap:
             if level:
                 add_zarr_array(group, str(level), level_shape,
                                tuple(min(c, s) for c, s in zip(chunks, level_shape, strict=True)),
-                               np.dtype("f4"))
+                               self.dtype)
             transforms: list[dict[str, Any]] = [{
                 "type": "scale", "scale": [float(s) * f for s, f in zip(scale, factor,
                                                                         strict=True)]}]
@@ -187,7 +191,11 @@ class DiskMap:
 
     @property
     def value_range(self) -> tuple[float, float]:
-        return (self.low, self.high) if self.low <= self.high else (0.0, 0.0)
+        """The lowest and highest value written, as the store holds them (rounded to its
+        dtype), tracked while writing: no second pass over a map larger than memory."""
+        if self.low > self.high:
+            return (0.0, 0.0)
+        return (float(self.dtype.type(self.low)), float(self.dtype.type(self.high)))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -288,15 +296,76 @@ def store_placement(source: Any, plan: Any, stored: Sequence[int]
     return scale, unit, translation
 
 
+PREDICTIONS_KEPT = 10_000
+"""Per-sample probabilities are stored in a map's provenance up to this many samples."""
+
+
+def prediction_attrs(predictions: np.ndarray, positions: Sequence[Sequence[int]],
+                     class_names: Sequence[str], regression: bool = False) -> dict[str, Any]:
+    """What a map's record says about the model's predictions (every writer of a map file:
+    the job's on-disk output and the dask runner): how many samples each class won, and the
+    per-sample probabilities with their positions (up to :data:`PREDICTIONS_KEPT`). A
+    regression head's predictions are values, not classes: only a note is kept, since counted
+    as "predicted classes" they would read as class probabilities."""
+    if regression:
+        return {"predictions_note": "regression head: predicted values are not recorded"}
+    predictions = np.asarray(predictions)
+    counts = {}
+    if predictions.size:
+        winners = np.bincount(np.argmax(predictions, 1), minlength=len(class_names))
+        counts = {name: int(n) for name, n in zip(class_names, winners, strict=False)}
+    attrs: dict[str, Any] = {"predicted_counts": counts}
+    if len(positions) <= PREDICTIONS_KEPT:
+        attrs["predictions"] = {
+            "positions": [[int(i) for i in p] for p in positions],
+            "probabilities": np.round(predictions, 6).tolist(),
+        }
+    return attrs
+
+
+class MemoryOutput:
+    """The maps of a job held in memory (small images): zero-filled arrays of the map's shape,
+    one per label (and per label's uncertainty), the class map of a segmentation model."""
+
+    def __init__(self, shape: Sequence[int], labels: Sequence[str], uncertainty: bool,
+                 class_map: bool) -> None:
+        shape = tuple(int(s) for s in shape)
+        self.maps = {label: np.zeros(shape, dtype=np.float32) for label in labels}
+        self.spreads = ({label: np.zeros(shape, dtype=np.float32) for label in labels}
+                        if uncertainty else {})
+        self.class_map = np.zeros(shape, dtype=np.int16) if class_map else None
+
+    def finish(self, provenance: Mapping[str, Any], predictions: Any, positions: Any, *,
+               regression: bool = False, seconds: float | None = None
+               ) -> tuple[dict[str, Any], dict[str, Any], Any, dict[str, tuple[float, float]]]:
+        """The maps, spreads and class map, and each map's contrast limits."""
+        limits = {label: robust_limits(array) for label, array in self.maps.items()}
+        return self.maps, self.spreads, self.class_map, limits
+
+    def abort(self) -> None:
+        """Nothing to undo: the arrays go with the job."""
+
+
 class DiskOutput:
     """Every on-disk array of one job: a :class:`DiskMap` per label (and per label's
-    uncertainty), the class map of a segmentation model beside the first map."""
+    uncertainty), the class map of a segmentation model beside the first map.
+
+    ``request.keep_partial`` False: each store is written under a temporary name
+    (:func:`napari_gradcam.io.atomic_path`) and renamed to its path by :meth:`finish`;
+    :meth:`abort` removes them (the command line's "a file that exists is a finished map").
+    ``notify`` hears about leftovers of killed runs that were cleaned up."""
 
     def __init__(self, request: Any, source: Any, plan: Any, labels: Sequence[str],
-                 segmentation: bool, record: Mapping[str, Any]) -> None:
+                 class_map: bool, record: Mapping[str, Any],
+                 notify: Callable[[str], None] | None = None) -> None:
         import zarr
 
-        from napari_gradcam.io import check_output_path, output_kind, uncertainty_path
+        from napari_gradcam.io import (
+            atomic_path,
+            check_output_path,
+            output_kind,
+            uncertainty_path,
+        )
 
         if output_kind(request.output) != "zarr":
             raise ValueError(f"the map is written as OME-Zarr: name the output *.zarr, not "
@@ -314,56 +383,104 @@ class DiskOutput:
         paths = {label: label_path(request.output, label, several) for label in labels}
         spread_paths = ({label: uncertainty_path(path) for label, path in paths.items()}
                         if request.uncertainty else {})
+        self._publish = contextlib.ExitStack()
+        self.final_paths: dict[Path, Path] = {}  # where each store is written -> its path
         for path in [*paths.values(), *spread_paths.values()]:
             check_output_path(path, request.overwrite, inputs=inputs)
-            if request.overwrite and path.exists():
-                import shutil
+            if request.keep_partial:
+                if request.overwrite and path.exists():
+                    import shutil
 
-                shutil.rmtree(path)
+                    shutil.rmtree(path)
+                self.final_paths[path] = path
+            else:
+                partial = self._publish.enter_context(atomic_path(
+                    path, overwrite=request.overwrite, inputs=inputs, notify=notify))
+                self.final_paths[partial] = path
+        written = {final: where for where, final in self.final_paths.items()}
         options = dict(stored_axes=stored, progress_axis=progress, scale=scale, unit=unit,
-                       translation=translation)
-        self.maps = {label: DiskMap(path, shape3, full, attrs={**record, "target": label},
-                                    **options) for label, path in paths.items()}
-        self.spreads = {label: DiskMap(path, shape3, full, attrs={
-            **record, "target": label, "kind": "uncertainty"}, **options)
+                       translation=translation, chunks=request.chunks, dtype=request.dtype)
+        # one label: the record's own wording of the target (a shell may word it); several:
+        # each store names its class
+        self.maps = {label: DiskMap(written[path], shape3, full, attrs=_target_attrs(
+            record, label, several), **options) for label, path in paths.items()}
+        self.spreads = {label: DiskMap(written[path], shape3, full, attrs={
+            **_target_attrs(record, label, several), "kind": "uncertainty"}, **options)
             for label, path in spread_paths.items()}
+        self.several = several
         self.class_map = None
-        if segmentation:
+        if class_map:
             first = self.maps[labels[0]]
             group = zarr.open_group(str(first.path), mode="r+")
             array = add_zarr_array(group, "class_map", shape3, first.arrays[0].chunks, "int16")
             self.class_map = _PlainWriter(array, full)
         self.stored = stored
 
-    def finish(self, provenance: Mapping[str, Any], predictions: Any, positions: Any
+    def finish(self, provenance: Mapping[str, Any], predictions: Any, positions: Any, *,
+               regression: bool = False, seconds: float | None = None
                ) -> tuple[dict[str, Any], dict[str, Any], Any, dict[str, tuple[float, float]]]:
-        """Complete every store; the lazy maps, spreads and class map, and contrast limits
-        read from the coarsest level (never the whole map)."""
+        """Complete every store (the record with the predictions, ``seconds`` the run took,
+        each store's value range) and publish it; the lazy maps, spreads and class map, and
+        contrast limits read from the coarsest level (never the whole map)."""
         from napari_gradcam.io import set_display_window
 
+        summary = prediction_attrs(predictions, positions, provenance.get("class_names", ()),
+                                   regression)
+        if seconds is not None:
+            summary["seconds"] = round(float(seconds), 3)
         limits = {}
         for label, store in self.maps.items():
             low, high = store.value_range
-            store.finish({**provenance, "target": label, "value_range": [low, high],
+            store.finish({**_target_attrs(provenance, label, self.several), **summary,
+                          "value_range": [low, high],
                           "class_map": "class_map" if self.class_map is not None else None})
             set_display_window(store.path, low, high)
             limits[label] = coarse_limits(store.path)
+        uncertainty = dict(provenance.get("options", {})).get("uncertainty")
         for label, store in self.spreads.items():
-            store.finish({**provenance, "target": label, "kind": "uncertainty",
-                          "value_range": list(store.value_range)})
-        maps = {label: store.lazy() for label, store in self.maps.items()}
-        spreads = {label: store.lazy() for label, store in self.spreads.items()}
+            low, high = store.value_range
+            store.finish({**_target_attrs(provenance, label, self.several), "kind": "uncertainty",
+                          "uncertainty": uncertainty, "value_range": [low, high],
+                          **{k: v for k, v in summary.items() if k != "predictions"}})
+            set_display_window(store.path, low, high)
+        self._publish.close()  # temporary names -> the outputs' paths (keep_partial False)
+        maps = {label: map_layer_data(self.final_paths[store.path])[0]
+                for label, store in self.maps.items()}
+        spreads = {label: map_layer_data(self.final_paths[store.path])[0]
+                   for label, store in self.spreads.items()}
         class_map = None
         if self.class_map is not None:
             import dask.array as da
+            import zarr
 
-            lazy = da.from_zarr(self.class_map.array)
+            first = self.final_paths[next(iter(self.maps.values())).path]
+            lazy = da.from_zarr(zarr.open_array(str(first / "class_map"), mode="r"))
             full = self.class_map.shape
             if len(full) != 3:
                 lazy = lazy[tuple(slice(None) if a in self.stored else None
                                   for a in range(len(full)))]
             class_map = lazy
         return maps, spreads, class_map, limits
+
+    def abort(self) -> None:
+        """The run failed or stopped: stores written under temporary names are removed (their
+        outputs never appear); stores written in place stay, marked incomplete."""
+        self._publish.__exit__(*sys.exc_info())
+
+
+def _target_attrs(record: Mapping[str, Any], label: str, several: bool) -> dict[str, Any]:
+    return {**record, "target": label} if several else dict(record)
+
+
+def job_output(request: Any, source: Any, plan: Any, labels: Sequence[str], class_map: bool,
+               record: Mapping[str, Any], notify: Callable[[str], None] | None = None
+               ) -> DiskOutput | MemoryOutput:
+    """Where a job's maps go: on disk with ``request.output``, else in memory. Both take the
+    loops' writes the same way and are completed by one ``finish`` call."""
+    if request.output is not None:
+        return DiskOutput(request, source, plan, labels, class_map, record, notify)
+    return MemoryOutput(plan.out_shape(source.shape), labels, bool(request.uncertainty),
+                        class_map)
 
 
 def coarse_limits(path: str | Path) -> tuple[float, float]:
@@ -377,14 +494,18 @@ def coarse_limits(path: str | Path) -> tuple[float, float]:
 
 
 __all__ = [
+    "PREDICTIONS_KEPT",
     "DiskMap",
     "DiskOutput",
+    "MemoryOutput",
     "coarse_limits",
     "downsample_mean",
+    "job_output",
     "jsonable",
     "label_path",
     "lazy_level",
     "map_layer_data",
+    "prediction_attrs",
     "pyramid_shapes",
     "store_state",
 ]

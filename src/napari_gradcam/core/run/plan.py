@@ -6,7 +6,8 @@ channels) and says which axes a run explains; every shell calls it before a work
 a misfit is reported at once. The job (:mod:`napari_gradcam.core.run.job`) then runs the tiles
 (:mod:`napari_gradcam.core.run.tiles`) the plan names. The dask runner's chunking
 (:func:`napari_gradcam.distributed.make_plan`) cuts the same kind of volume along one axis
-and uses the same window check (:func:`~napari_gradcam.core.run.tiles.check_window`).
+and uses the same checks (:func:`check_mode_fits_model`,
+:func:`~napari_gradcam.core.run.tiles.check_window`).
 """
 
 from __future__ import annotations
@@ -150,13 +151,28 @@ def _check_output(source: ImageSource, request: ExplainRequest, plan: Plan,
                           inputs=[source.path] if source.path else [])
 
 
+def check_mode_fits_model(card: Any, mode: str, *, slices: str = "'slices' mode",
+                          windows: str = "'windows' mode", whole: str = "the whole volume, or "
+                          "'current' for one window around the current position",
+                          rows: bool = True) -> None:
+    """The one check that a mode fits the model's dimensions: slices need a 2D model (or a 1D
+    one, explained row by row, when ``rows``), windows a 3D model. ``slices``/``windows``:
+    how the calling shell names the modes (the command line says ``--mode volume``);
+    ``whole``: what a 3D model's user should pick instead of slices."""
+    d = int(card.spatial_dims)
+    if mode == "slices" and not (d == 2 or (rows and d == 1)):
+        raise ValueError(f"the model {card.name!r} is {d}D; {slices} (slice-wise explanation) "
+                         f"needs a 2D model: use {windows} for {whole}")
+    if mode == "windows" and d != 3:
+        raise ValueError(f"the model {card.name!r} is {d}D; {windows} needs a 3D model: use "
+                         f"{slices} for a {d}D model")
+
+
 def _plan_axes(card: Any, source: ImageSource, request: ExplainRequest) -> Plan:
     d, index = int(card.spatial_dims), source.index()
+    check_mode_fits_model(card, request.mode)
     if d == 3:
         return _plan_3d(card, source, request, index)
-    if request.mode == "windows":
-        raise ValueError(f"'windows' mode is for 3D models; the model {card.name!r} is {d}D: "
-                         "use 'current' or 'slices'")
     if d == 2:
         return _plan_2d(source, request, index)
     return _plan_1d(source, request, index)
@@ -319,9 +335,6 @@ def _plan_3d(card: Any, source: ImageSource, request: ExplainRequest,
     spatial = (n - 3, n - 2, n - 1)
     fixed = {a: index[a] for a in range(n - 3)}
     window = model_window(card, request, tuple(source.shape[a] for a in spatial))
-    if request.mode == "slices":
-        raise ValueError(f"the model {card.name!r} is 3D: use 'windows' (the whole volume) or "
-                         "'current' (one window around the current position)")
     if request.mode == "windows":  # window and overlap checked by model_window above
         return Plan(spatial, None, fixed, {}, "windows", window=window)
     centre = request.target.point or index

@@ -162,6 +162,21 @@ class ExplainRequest:
     domain_check: bool = True  # compare the input with the card's training statistics
     output: str | Path | None = None  # an OME-Zarr path: the maps are written there, lazily
     overwrite: bool = False  # replace an existing output (never the input)
+    # what the on-disk map is while it is written: True, a store at ``output`` from the start,
+    # readable while it fills and kept (marked incomplete) when the run stops (the widget shows
+    # it growing); False, written under a temporary name and renamed to ``output`` only when
+    # complete, removed when the run fails or stops (the command line: a file that exists is a
+    # finished map)
+    keep_partial: bool = True
+    dtype: str = "float32"  # precision of the on-disk map (float16 halves the file)
+    chunks: tuple[int, ...] | None = None  # zarr chunks of the on-disk map; None: automatic
+    # the method's model options (``output``, ``patch_grid``, ``class_token``; see
+    # :func:`build_explainer`): only those set are passed
+    model_options: Mapping[str, Any] = field(default_factory=dict)
+    # what the calling shell adds to the provenance record: its own options (under
+    # ``"options"``, merged with the job's) and top-level entries (e.g. the command line's
+    # wording of the target), so a file says which shell wrote it and how
+    provenance: Mapping[str, Any] = field(default_factory=dict)
 
 
 def check_uncertainty(sources: Sequence[str], windows_mode: bool, n_dropout: object, *,
@@ -200,6 +215,18 @@ def build_explainer(loaded: Any, method: str, layer: Any, *, device: str | None 
     if sources:
         built = UncertaintyExplainer(built, sources=sources, n_dropout=n_dropout)
     return built
+
+
+def uncertainty_record(sources: Sequence[str], n_dropout: int) -> dict[str, Any]:
+    """What an uncertainty map holds, as the provenance says it (the widget's job, one
+    process and dask chunks alike): its sources, the MC-dropout samples, the statistic and
+    what each source means."""
+    from napari_gradcam.core.uncertainty import MEANINGS
+
+    sources = list(dict.fromkeys(sources))
+    return {"sources": sources, "n_dropout": n_dropout if "dropout" in sources else None,
+            "statistic": "standard deviation of the map, in the map's units",
+            "meaning": {s: MEANINGS[s] for s in sources}}
 
 
 def run_provenance(loaded: Any, *, method: str, layer: str, target: str, mode: str,
