@@ -245,3 +245,58 @@ def test_the_widget_job_and_the_command_line_write_identical_maps(tmp_path, card
     cli_map, _ = read_volume(cli_out)
     assert np.asarray(cli_map).max() > 0  # two empty maps would be "identical" too
     np.testing.assert_array_equal(np.asarray(widget.maps["predicted"]), np.asarray(cli_map))
+
+
+def test_the_command_line_drains_the_widgets_job_into_the_same_store(tmp_path, capsys) -> None:
+    """The command line runs the widget's job (one pipeline): its OME-Zarr has the job's
+    pyramid, the same levels, the job's record (complete, planes, map layout) and the maps of
+    the widget bit for bit; only the command line's own options are added."""
+    from napari_gradcam.cli import main
+
+    folder = tmp_path / "cards"
+    folder.mkdir()
+    card = write_card(folder, "spine")
+    scan, scan_path = lazy_scan(tmp_path, (12, 130, 40), seed=6)
+    cli_out = tmp_path / "cli.zarr"
+    assert main(["explain", str(scan_path), "--model", str(card), "--out", str(cli_out),
+                 "--device", "cpu", "--batch-size", "4"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("explain: 12/12")
+    widget_out = tmp_path / "widget.zarr"
+    explain(load_model(card), ImageSource(str(scan_path), scan, path=str(scan_path)),
+            ExplainRequest(mode="slices", batch_size=4, output=widget_out))
+    assert store_state(cli_out) == store_state(widget_out) == {
+        "complete": True, "planes_done": 12, "planes_total": 12, "progress_axis": 0}
+    cli_levels, widget_levels = map_layer_data(cli_out), map_layer_data(widget_out)
+    assert [level.shape for level in cli_levels] == [(12, 130, 40), (6, 65, 20)]
+    assert [level.shape for level in widget_levels] == [level.shape for level in cli_levels]
+    for cli_level, widget_level in zip(cli_levels, widget_levels, strict=True):
+        np.testing.assert_array_equal(cli_level.compute(), widget_level.compute())
+    assert cli_levels[0].compute().max() > 0
+    cli_record = zarr.open_group(str(cli_out), mode="r").attrs[ATTRS_KEY]
+    widget_record = zarr.open_group(str(widget_out), mode="r").attrs[ATTRS_KEY]
+    for key in ("map_shape", "stored_axes", "value_range", "predicted_counts", "predictions",
+                "method", "layers", "source", "class_names"):
+        assert cli_record[key] == widget_record[key], key
+    job_options = {"origin", "source_shape", "sample_axis", "spatial_axes", "batch_size"}
+    assert job_options <= set(cli_record["options"])
+    assert cli_record["options"]["scheduler"] == "single process"  # the shell's own
+    assert cli_record["target"] == "predicted class"  # in the command line's words
+
+
+def test_a_store_published_when_complete_appears_only_then_and_is_removed_on_cancel(
+        models, tmp_path) -> None:
+    scan, _ = lazy_scan(tmp_path, (12, 24, 20))
+    out = tmp_path / "atomic.zarr"
+    request = ExplainRequest(mode="slices", batch_size=4, output=out, keep_partial=False)
+    job = explain_job(models["c2"], ImageSource("scan", scan), request)
+    assert next(job)[:2] == (4, 12)
+    (partial,) = tmp_path.glob("atomic.zarr.partial-*")  # written under a temporary name
+    assert not out.exists() and store_state(partial)["planes_done"] == 4
+    job.close()  # the user cancels: nothing is left
+    assert not out.exists() and not list(tmp_path.glob("atomic.zarr*"))
+    result = explain(models["c2"], ImageSource("scan", scan), request)
+    assert store_state(out)["complete"] is True and not list(tmp_path.glob("*.partial-*"))
+    np.testing.assert_array_equal(
+        result.maps["predicted"].compute(),
+        explain(models["c2"], ImageSource("scan", scan),
+                ExplainRequest(mode="slices", batch_size=4)).maps["predicted"])

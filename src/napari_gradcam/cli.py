@@ -422,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or argparse's own usage errors
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
+    from napari_gradcam.core.run.job import JobError
     from napari_gradcam.core.volume import Cancelled
     from napari_gradcam.io import OutputError
 
@@ -437,6 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(str(error))
         return EXIT_FAILURE
+    except JobError as error:  # the job's words; bad input (a model option, data) is usage
+        if args.debug:
+            raise
+        _error(str(error))
+        return EXIT_USAGE if isinstance(error.__cause__, USAGE_ERRORS) else EXIT_FAILURE
     except USAGE_ERRORS as error:
         if args.debug:
             raise

@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from napari_gradcam.core.methods import canonical_name
-from napari_gradcam.core.run.plan import Plan
+from napari_gradcam.core.run.output import prediction_attrs
+from napari_gradcam.core.run.plan import Plan, check_mode_fits_model
 from napari_gradcam.core.targets import RegressionTarget, Target
 from napari_gradcam.core.uncertainty import SOURCES as UNCERTAINTY_SOURCES
 from napari_gradcam.core.uncertainty import dropout_modules
@@ -60,7 +61,6 @@ ProgressCallback = Callable[[int, int], None]
 #: Modes as the command line spells them, mapped to the engine's names.
 MODE_ALIASES = {"slices": "slices", "volume": "windows", "windows": "windows"}
 DEFAULT_WINDOW = (64, 64, 64)
-_PREDICTIONS_KEPT = 10_000  # per-slice/window probabilities stored in the provenance up to this
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,8 @@ class RunSummary:
             f"  predicted ({items}): {counts or 'n/a'}",
         ]
         if self.uncertainty_output is not None:
-            sources = ", ".join(prov.get("uncertainty", {}).get("sources", []))
+            info = prov.get("uncertainty") or prov.get("options", {}).get("uncertainty") or {}
+            sources = ", ".join(info.get("sources", []))
             lines.append(f"wrote {self.uncertainty_output} (uncertainty: {sources})")
         domain = prov.get("domain_check")
         if domain:
@@ -235,12 +236,9 @@ def make_plan(loaded: Any, shape: Sequence[int], options: ExplainOptions) -> Pla
         raise ValueError(f"uncertainty source 'dropout': model {card.name!r} has no dropout "
                          "layers (torch.nn.Dropout*; a torch.export program keeps none), so "
                          "Monte-Carlo dropout would vary nothing; leave 'dropout' out")
-    if mode == "slices" and card.spatial_dims != 2:
-        raise ValueError(f"model {card.name!r} takes {card.spatial_dims}D input; slice-wise "
-                         "explanation needs a 2D model (use --mode volume for a 3D model)")
-    if mode == "windows" and card.spatial_dims != 3:
-        raise ValueError(f"model {card.name!r} takes {card.spatial_dims}D input; --mode volume "
-                         "needs a 3D model (use --mode slices for a 2D model)")
+    # a volume file is explained by planes of a 2D model (no rows of a 1D one), or windows
+    check_mode_fits_model(card, mode, slices="--mode slices", windows="--mode volume",
+                          whole="a 3D model", rows=False)
     if options.batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {options.batch_size}")
     if not -3 <= options.axis < 3:
@@ -321,36 +319,18 @@ def uncertainty_sources(options: ExplainOptions, plan: Plan) -> list[str]:
 
 def uncertainty_attrs(record: dict[str, Any], options: ExplainOptions, plan: Plan
                       ) -> dict[str, Any]:
-    """The uncertainty output's provenance: the map's, plus what its values mean."""
-    from napari_gradcam.core.uncertainty import MEANINGS
+    """The uncertainty output's provenance: the map's, plus what its values mean (the one
+    record, :func:`~napari_gradcam.core.run.request.uncertainty_record`)."""
+    from napari_gradcam.core.run.request import uncertainty_record
 
-    sources = uncertainty_sources(options, plan)
-    return {**record, "kind": "uncertainty", "uncertainty": {
-        "sources": sources, "n_dropout": options.n_dropout if "dropout" in sources else None,
-        "statistic": "standard deviation of the map, in the map's units",
-        "meaning": {s: MEANINGS[s] for s in sources}}}
-
-
-def domain_report(volume: Any, loaded: Any, plan: Plan, scale: Sequence[float] | None) -> Any:
-    """The input against the card's training statistics, as the model sees it: slices along
-    the plan's axis for a 2D model, windows of the plan's size for a 3D one. ``scale`` is the
-    voxel size in µm, ``None`` when the file declares no length unit (then the voxel-size check
-    says it cannot tell instead of comparing pixels with micrometres). A check that fails on
-    odd data becomes a report that says so, as in the widget: it must never stop the run."""
-    from napari_gradcam.core.domain import DomainReport, check_domain
-
-    try:
-        return check_domain(volume, loaded, voxel_size=None if scale is None else tuple(scale),
-                            input_size=plan.window if plan.mode == "windows" else None,
-                            axis=plan.axis if plan.mode == "slices" else None)
-    except (ValueError, TypeError) as error:
-        return DomainReport(checked=False, reason=f"the domain check failed: {error}")
+    return {**record, "kind": "uncertainty",
+            "uncertainty": uncertainty_record(uncertainty_sources(options, plan),
+                                              options.n_dropout)}
 
 
-def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_path: Path,
-                     scale: Sequence[float], unit: str | None,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    card = loaded.card
+def file_run_options(plan: Plan, options: ExplainOptions, scale: Sequence[float],
+                     unit: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options a volume file's map records (one process and dask workers alike)."""
     run_options: dict[str, Any] = {
         "batch_size": options.batch_size, "dtype": options.dtype, "device": options.device,
         "chunk": plan.chunk, "voxel_size": list(scale), "unit": unit,
@@ -362,36 +342,50 @@ def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_pat
         run_options.update(window=list(plan.window or ()), overlap=options.overlap,
                            blend="gaussian")
     run_options.update(extra or {})
+    return run_options
+
+
+def build_provenance(loaded: Any, plan: Plan, options: ExplainOptions, input_path: Path,
+                     scale: Sequence[float], unit: str | None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dask runner's record (the one builder,
+    :func:`~napari_gradcam.core.run.request.run_provenance`, with the file's options)."""
     from napari_gradcam.core.run.request import run_provenance
 
     return run_provenance(loaded, method=canonical_name(options.method), layer=plan.layer,
-                          target=describe_target(plan.target, card.class_names),
-                          mode=plan.mode, source=str(input_path), options=run_options)
+                          target=describe_target(plan.target, loaded.card.class_names),
+                          mode=plan.mode, source=str(input_path),
+                          options=file_run_options(plan, options, scale, unit, extra))
+
+
+def _record_domain_check(record: dict[str, Any], volume: Any, loaded: Any, plan: Plan,
+                         scale: Sequence[float] | None, options: ExplainOptions,
+                         notify: Callable[[str], None] | None) -> None:
+    """The driver's domain check (the job's own, :func:`~napari_gradcam.core.run.job.
+    domain_report`, on the plan's slices or windows): kept in the provenance, and said when
+    the input is out of domain or cannot be checked."""
+    from napari_gradcam.core.run.job import domain_report
+    from napari_gradcam.core.run.request import ImageSource
+
+    if not options.domain_check:
+        return
+    report = domain_report(loaded, ImageSource("volume", volume, voxel_size=scale), plan)
+    if report is None:
+        return
+    record["domain_check"] = report
+    if notify is not None and (report["out_of_domain"] or not report["checked"]):
+        notify(f"domain check: {report['message']}")
 
 
 def _prediction_attrs(predictions: np.ndarray, positions: list[tuple[int, ...]],
                       class_names: Sequence[str], value_range: tuple[float, float],
                       seconds: float, target: int | Target | None = None) -> dict[str, Any]:
-    if isinstance(target, RegressionTarget):
-        # a regression head's per-item predictions are its predicted values, not classes:
-        # counted as "predicted classes" they would read as class probabilities
-        return {"value_range": [float(value_range[0]), float(value_range[1])],
-                "seconds": round(seconds, 3),
-                "predictions_note": "regression head: predicted values are not recorded"}
-    counts = {}
-    if predictions.size:
-        winners = np.bincount(np.argmax(predictions, 1), minlength=len(class_names))
-        counts = {name: int(n) for name, n in zip(class_names, winners, strict=False)}
-    attrs: dict[str, Any] = {
-        "predicted_counts": counts,
-        "value_range": [float(value_range[0]), float(value_range[1])],
-        "seconds": round(seconds, 3),
-    }
-    if len(positions) <= _PREDICTIONS_KEPT:
-        attrs["predictions"] = {
-            "positions": [list(p) for p in positions],
-            "probabilities": np.round(predictions, 6).tolist(),
-        }
+    """The run's summary in the record: the predictions (the one record,
+    :func:`~napari_gradcam.core.run.output.prediction_attrs`), the value range and time."""
+    attrs = prediction_attrs(predictions, positions, class_names,
+                             isinstance(target, RegressionTarget))
+    attrs.update(value_range=[float(value_range[0]), float(value_range[1])],
+                 seconds=round(seconds, 3))
     return attrs
 
 
@@ -408,30 +402,6 @@ def _finish_output(output: Any, summary_attrs: dict[str, Any]) -> None:
     if output.kind == "zarr":
         low, high = summary_attrs["value_range"]
         set_display_window(output.partial, low, high)
-
-
-class RangeTrackingArray:
-    """Pass writes through to ``array`` and remember the lowest and highest value written,
-    so the map's range (for the reader's contrast limits) costs no second pass over a
-    volume that may be larger than memory."""
-
-    def __init__(self, array: Any) -> None:
-        self.array = array
-        self.low, self.high = np.inf, -np.inf
-
-    def __getattr__(self, name: str) -> Any:  # shape, dtype, chunks, ...
-        return getattr(self.array, name)
-
-    def __setitem__(self, key: Any, value: np.ndarray) -> None:
-        value = np.asarray(value)
-        if value.size:
-            self.low = min(self.low, float(np.nanmin(value)))
-            self.high = max(self.high, float(np.nanmax(value)))
-        self.array[key] = value
-
-    @property
-    def value_range(self) -> tuple[float, float]:
-        return (self.low, self.high) if self.low <= self.high else (0.0, 0.0)
 
 
 def _as_input_path(input_path: str | os.PathLike) -> Path:
@@ -470,20 +440,33 @@ def explain_file(
 ) -> RunSummary:
     """Explain a volume file into an output file (``.zarr`` recommended) in this process.
 
+    The command line's options become an :class:`~napari_gradcam.core.run.request.
+    ExplainRequest` and the run drains the widget's job
+    (:func:`~napari_gradcam.core.run.job.explain_job`): the same plan, loops, on-disk output
+    (an OME-Zarr with its pyramid, :class:`~napari_gradcam.core.run.output.DiskOutput`),
+    provenance and domain check, so the widget and the command line give the same file.
+    ``progress(done, total)`` hears the job's :class:`~napari_gradcam.core.run.job.Progress`.
+
     ``model_source`` is anything :func:`napari_gradcam.core.models.load_model` takes (a demo
-    name, a card path, a live module). The output appears only when the run has finished;
+    name, a card path, a live module). The output appears only when the run has finished
+    (it is written under a temporary name, removed if the run fails);
     :class:`napari_gradcam.Cancelled` is raised when ``should_stop()`` turns true. The output
     is never the input (refused even with ``overwrite``); ``notify(message)`` hears about the
     engine's retries and about leftovers of killed runs that were cleaned up, and the domain
-    check's message when the input looks unlike the training data or cannot be checked.
+    check's message when the input looks unlike the training data or cannot be checked. A
+    ``.tif`` or ``.npy`` output is the same map, copied from the job's OME-Zarr (written in a
+    temporary folder beside it) slab by slab.
 
     With ``options.uncertainty`` a second output, :func:`~napari_gradcam.io.uncertainty_path`
     of ``out_path`` (``maps.zarr`` → ``maps_uncertainty.zarr``), receives the standard
     deviation map under the same rules (never over the input, ``overwrite``, appears only
     when the run has finished).
     """
-    from napari_gradcam.core.volume import explain_volume
-    from napari_gradcam.io import check_output_path, uncertainty_path
+    import tempfile
+
+    from napari_gradcam.core.run.job import explain_job
+    from napari_gradcam.core.volume import run_job
+    from napari_gradcam.io import check_output_path, output_kind, read_attrs, uncertainty_path
 
     options = options or ExplainOptions()
     input_path = _as_input_path(input_path)
@@ -495,66 +478,96 @@ def explain_file(
     loaded = get_model(_model_source(model_source), options.device, options.trust,
                        options.torch_threads)
     plan = make_plan(loaded, volume.shape, options)
-    explainer = make_explainer_for(loaded, plan, options.method, options)
-    record = build_provenance(loaded, plan, options, input_path, voxel.scale, voxel.unit,
-                              {"scheduler": "single process"})
-    _record_domain_check(record, volume, loaded, plan,
-                         voxel.scale if voxel.unit else None, options, notify)
+    source = file_source(input_path, volume, voxel)
+    request = file_request(loaded, plan, options, voxel.scale, voxel.unit,
+                           {"scheduler": "single process"})
+    out_path = Path(out_path).expanduser()
     started = time.perf_counter()
-    output_options: dict[str, Any] = {
-        "scale": voxel.scale, "unit": voxel.unit, "dtype": options.dtype,
-        "chunks": plan.chunks, "overwrite": overwrite, "inputs": [input_path],
-        "notify": notify}
-    with contextlib.ExitStack() as outputs:
-        output = outputs.enter_context(open_output(out_path, volume.shape, attrs=record,
-                                                   **output_options))
-        extra = None if extra_path is None else outputs.enter_context(open_output(
-            extra_path, volume.shape, attrs=uncertainty_attrs(record, options, plan),
-            **output_options))
-        place_like_input(input_path, output, extra)
-        tracked = RangeTrackingArray(output.array)
-        extra_tracked = None if extra is None else RangeTrackingArray(extra.array)
-        engine_options: dict[str, Any] = {"mode": plan.mode, "batch_size": options.batch_size,
-                                          "target": plan.target,
-                                          "preprocess": loaded.preprocess,
-                                          "out": tracked, "notify": notify,
-                                          "uncertainty_out": extra_tracked}
-        if plan.mode == "slices":
-            engine_options["axis"] = plan.axis
-        else:
-            engine_options.update(window=plan.window, overlap=options.overlap)
-        with _model_lock(loaded):
-            result = explain_volume(explainer, volume, progress=progress,
-                                    should_stop=should_stop, **engine_options)
-        value_range = tracked.value_range
-        seconds = time.perf_counter() - started
-        attrs = _prediction_attrs(result.predictions, result.positions,
-                                  loaded.card.class_names, value_range, seconds, plan.target)
-        if extra is not None:
-            assert extra_tracked is not None
-            _finish_output(extra, {**_without_predictions(attrs),
-                                   "value_range": list(extra_tracked.value_range)})
-        _finish_output(output, attrs)
-    record.update(attrs)
-    return RunSummary(Path(out_path).expanduser(), tuple(volume.shape), voxel.scale, voxel.unit,
-                      seconds, plan.mode, plan.axis if plan.mode == "slices" else None,
-                      plan.window, tuple(loaded.card.class_names), result.predictions,
-                      list(result.positions), value_range, record,
+    with contextlib.ExitStack() as scratch, _model_lock(loaded):
+        if output_kind(out_path) == "zarr":
+            store = out_path
+            request = replace(request, output=out_path, overwrite=overwrite)
+        else:  # the job writes its OME-Zarr in a temporary folder; copied out at the end
+            folder = scratch.enter_context(tempfile.TemporaryDirectory(
+                prefix=f".{out_path.name}.explaining-", dir=out_path.parent))
+            store = Path(folder) / "map.zarr"
+            request = replace(request, output=store)
+        job = explain_job(loaded, source, request, notify=notify)
+        result = run_job(job, progress, should_stop)
+        record = read_attrs(store)
+        if store != out_path:
+            _copy_store(store, out_path, record, options.dtype, overwrite, input_path, notify)
+            if extra_path is not None:
+                spread = uncertainty_path(store)
+                _copy_store(spread, extra_path, read_attrs(spread), options.dtype, overwrite,
+                            input_path, notify)
+    seconds = time.perf_counter() - started
+    positions = [(p[plan.axis],) if plan.mode == "slices" else tuple(p)
+                 for p in result.positions]
+    return RunSummary(out_path, tuple(volume.shape), voxel.scale, voxel.unit, seconds,
+                      plan.mode, plan.axis if plan.mode == "slices" else None, plan.window,
+                      tuple(loaded.card.class_names), result.predictions, positions,
+                      tuple(record["value_range"]), record,
                       None if extra_path is None else Path(extra_path).expanduser())
 
 
-def _record_domain_check(record: dict[str, Any], volume: Any, loaded: Any, plan: Plan,
-                         scale: Sequence[float] | None, options: ExplainOptions,
-                         notify: Callable[[str], None] | None) -> None:
-    """Check the input against the card's training statistics (unless switched off), keep the
-    report in the provenance, and say it when the input is out of domain or cannot be
-    checked: a tidy map of an input the model was never meant for is the worst kind."""
-    if not options.domain_check:
-        return
-    report = domain_report(volume, loaded, plan, scale)
-    record["domain_check"] = report.to_dict()
-    if notify is not None and (report.out_of_domain or not report.checked):
-        notify(f"domain check: {report.message()}")
+def file_source(input_path: Path, volume: Any, voxel: Any) -> Any:
+    """A volume file as the job's :class:`~napari_gradcam.core.run.request.ImageSource`: its
+    voxel size when the file gives a length unit (else its scale stays in pixels, never
+    compared with micrometres), and its origin (a crop's map lands on the crop)."""
+    from napari_gradcam.core.run.request import ImageSource
+    from napari_gradcam.placement import input_origin
+
+    return ImageSource(str(input_path), volume, path=str(input_path),
+                       voxel_size=tuple(voxel.scale) if voxel.unit else None,
+                       scale=tuple(voxel.scale), translate=input_origin(input_path, 3))
+
+
+def file_request(loaded: Any, plan: Plan, options: ExplainOptions, scale: Sequence[float],
+                 unit: str | None, extra: dict[str, Any] | None = None) -> Any:
+    """The command line's options, checked and resolved by :func:`make_plan`, as the job's
+    :class:`~napari_gradcam.core.run.request.ExplainRequest`: the map is published only when
+    complete, and the record carries the file's options and the command line's wording of
+    the target (as the dask runner's record)."""
+    from napari_gradcam.core.run.request import ExplainRequest, TargetChoice
+
+    target = plan.target
+    if isinstance(target, RegressionTarget):
+        choice = TargetChoice("regression", output_index=target.output_index, sign=target.sign)
+    elif isinstance(target, Target):
+        raise TypeError(f"a volume file is explained for a class or a regression head, not "
+                        f"{type(target).__name__}")
+    elif target is None:
+        choice = TargetChoice("predicted")
+    else:
+        choice = TargetChoice("class", class_index=int(target))
+    return ExplainRequest(
+        method=canonical_name(options.method), layer=plan.layer, target=choice,
+        mode=plan.mode, axis=plan.axis if plan.mode == "slices" else None, window=plan.window,
+        overlap=options.overlap, batch_size=options.batch_size, device=options.device,
+        uncertainty=tuple(uncertainty_sources(options, plan)) if options.uncertainty else (),
+        n_dropout=options.n_dropout, domain_check=options.domain_check, keep_partial=False,
+        dtype=options.dtype, chunks=plan.chunks, model_options=explainer_options(options),
+        provenance={"target": describe_target(plan.target, loaded.card.class_names),
+                    "options": file_run_options(plan, options, scale, unit, extra)})
+
+
+def _copy_store(store: Path, out_path: str | os.PathLike, record: dict[str, Any], dtype: str,
+                overwrite: bool, input_path: Path, notify: Callable[[str], None] | None
+                ) -> None:
+    """A finished map store copied into a ``.tif`` or ``.npy`` output, a slab of planes at a
+    time (bounded memory), with its scale and record; the output appears only when done."""
+    import zarr
+
+    from napari_gradcam.io import open_output
+
+    array = zarr.open_array(str(store / "0"), mode="r")
+    scale, unit = read_volume(store, lazy=True)[1].scale, record.get("options", {}).get("unit")
+    with open_output(out_path, array.shape, scale=scale, unit=unit, dtype=dtype, attrs=record,
+                     overwrite=overwrite, inputs=[input_path], notify=notify) as output:
+        step = max(1, int(array.chunks[0]))
+        for start in range(0, array.shape[0], step):
+            output.array[start:start + step] = array[start:start + step]
 
 
 # --------------------------------------------------------------------------- per-process cache
@@ -840,7 +853,10 @@ def run_distributed(
         if np.dtype(options.dtype) == np.float16:  # what the file holds after rounding
             value_range = tuple(float(np.float16(v)) for v in value_range)
         seconds = time.perf_counter() - started
-        attrs = _prediction_attrs(stacked, positions, loaded.card.class_names, value_range,
+        # the record names each slice by its full index, as the job's record does
+        recorded = [tuple(p[0] if a == plan.axis else 0 for a in range(3))
+                    if plan.mode == "slices" else p for p in positions]
+        attrs = _prediction_attrs(stacked, recorded, loaded.card.class_names, value_range,
                                   seconds, plan.target)
         attrs["workers_used"] = len({r.worker_pid for r in results})
         if extra is not None:
