@@ -176,3 +176,27 @@ def test_bf16_on_cuda_autocasts_the_forward_and_stays_close_to_float32(model3d, 
     scale = float(reference.maps.max())
     assert scale > 0
     np.testing.assert_allclose(mixed.maps, reference.maps, atol=0.05 * scale)
+
+
+def test_results_come_to_the_host_as_arrays_equal_to_the_tensor():
+    """to_numpy: what every explanation's maps, outputs and scores pass through. On the CPU a
+    view of the tensor; on a CUDA GPU (checked in benchmarks/gpu_check.py) a page-locked copy."""
+    from napari_gradcam.core.device import to_numpy
+
+    tensor = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    array = to_numpy(tensor)
+    assert isinstance(array, np.ndarray)
+    assert array.dtype == np.float32
+    np.testing.assert_array_equal(array, tensor.numpy())
+    needs_grad = torch.ones(3, requires_grad=True) * 2  # a result still in the graph
+    np.testing.assert_array_equal(to_numpy(needs_grad), [2.0, 2.0, 2.0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_results_from_a_gpu_are_staged_through_page_locked_memory_and_equal():
+    from napari_gradcam.core.device import to_numpy
+
+    tensor = torch.randn(4, 64, 64, device="cuda")
+    array = to_numpy(tensor)
+    np.testing.assert_array_equal(array, tensor.cpu().numpy())
+    assert torch.from_numpy(array).is_pinned()

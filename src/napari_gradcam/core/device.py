@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 T = TypeVar("T")
@@ -65,6 +66,30 @@ def autocast_context(device: torch.device, amp: str | None) -> contextlib.Abstra
                       f"{device.type}", stacklevel=3)
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+
+
+#: Largest result staged through page-locked memory on its way to the host (bytes). Above it
+#: a plain copy: pinning gigabytes takes long and locks RAM that the rest of the machine needs.
+PINNED_STAGING_LIMIT = 256 * 2**20
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor`` on the host as a NumPy array, copied fast when it lies on a CUDA GPU.
+
+    Profiled on an H200 (``benchmarks/profile_explain.py``), copying a batch's maps and outputs
+    into ordinary (pageable) host memory took 84 % of a Seg-Grad-CAM's time: 10 ms per 16 MiB,
+    against 3 ms for the model's forward pass. A copy into page-locked memory runs at the bus's
+    speed, and PyTorch's caching host allocator reuses those buffers from batch to batch. The
+    array keeps its page-locked buffer (no second copy); results above
+    :data:`PINNED_STAGING_LIMIT` take the plain path.
+    """
+    tensor = tensor.detach()
+    if tensor.device.type != "cuda" or tensor.numel() * tensor.element_size() > (
+            PINNED_STAGING_LIMIT):
+        return tensor.cpu().numpy()
+    staging = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    staging.copy_(tensor)  # synchronous: the array is complete when it is returned
+    return staging.numpy()
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_gradcam.core.device import resolve_device
+from napari_gradcam.core.device import resolve_device, to_numpy
 from napari_gradcam.core.engine import (
     ForwardBackward,
     LayerGradients,
@@ -242,10 +242,10 @@ class BaseCAM(MethodTraits):
         maps = normalize_maps(maps, self.normalize, spatial_dims)
         maps = maps.transpose(0, 1) if isinstance(resolved, AllClasses) else maps[0]
         return CAMResult(
-            maps=maps.detach().cpu().float().numpy(),
-            outputs=passes.outputs.cpu().numpy(),
+            maps=to_numpy(maps.float()),
+            outputs=to_numpy(passes.outputs),
             target_indices=passes.class_indices,
-            scores=None if passes.scores is None else passes.scores.cpu().numpy(),
+            scores=None if passes.scores is None else to_numpy(passes.scores),
             method=self.name,
             layers=self.layer_names,
             feature_shapes=[tuple(layer.activations.shape[1:]) for layer in passes.layers],

@@ -312,8 +312,9 @@ class BlendSums:
         """Add windows' maps ``(n, d, h, w)``, the planes ``depth_part`` of each window, with
         those planes of the blending weights, at ``regions`` (one per window) of the buffers."""
         weights = self.weights[depth_part]
+        # a blocking upload: the maps' host buffer may be freed as soon as this returns
         weighted = torch.as_tensor(np.ascontiguousarray(maps, dtype=np.float32)).to(
-            self.device, non_blocking=True) * weights
+            self.device) * weights
         for number, region in enumerate(regions):
             self.weight[region] += weights
             self.total[region] += weighted[number]
