@@ -110,10 +110,13 @@ def make_scan(path: Path, size: int) -> None:
     for z0 in range(0, size, 16):
         planes = np.where(inside, 30000.0, 8000.0)[None].repeat(min(16, size - z0), 0)
         planes += rng.normal(0, 1500, planes.shape)
+        radius2 = (size / 64) ** 2
         for pz, py, px in pores:
             for k in range(planes.shape[0]):
+                if (z0 + k - pz) ** 2 >= radius2:  # the pore does not reach this plane
+                    continue
                 d2 = (z0 + k - pz) ** 2 + (yy - py) ** 2 + (xx - px) ** 2
-                planes[k][d2 < (size / 64) ** 2] = 9000.0
+                planes[k][d2 < radius2] = 9000.0
         array[z0:z0 + planes.shape[0]] = np.clip(planes, 0, 65535).astype(np.uint16)
 
 
