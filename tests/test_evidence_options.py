@@ -80,6 +80,13 @@ def test_run_evidence_passes_the_jobs_options_on_and_refuses_a_misspelt_one(tmp_
     assert seen[-1][2] == "done" and (tmp_path / "r").is_dir()
     with pytest.raises(TypeError, match="layr"):
         run_evidence(model, sample(), layr="features.2")
+    # the estimate takes the very same options (those that do not change the cost included)
+    options = {"layer": "features.2", "target": 1, "checks": ("saliency",),
+               "settings": SETTINGS, "source": "a test image"}
+    estimate = estimate_evidence(model, sample(), samples=3, **options)
+    assert estimate.per_check == {"map": 2, "saliency": 2} and estimate.samples == 3
+    with pytest.raises(TypeError, match="chekcs"):
+        estimate_evidence(model, sample(), chekcs=("saliency",))
 
 
 def test_the_old_evidence_report_address_still_exports_every_name() -> None:

@@ -25,6 +25,7 @@ at most one check runs at a time and the model is never used by two threads.
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -608,24 +609,25 @@ def estimate_evidence(
     model: LoadedModel | nn.Module,
     x: object,
     *,
-    layer: str | None = None,
-    checks: Iterable[str] | str = DEFAULT_CHECKS,
-    region_mask: object = None,
-    method: str = "gradcam",
-    settings: EvidenceSettings | None = None,
     samples: int = 1,
+    **job_options: Any,
 ) -> EvidenceEstimate:
     """How long :func:`run_evidence` with these arguments will take, from a timed forward pass.
 
-    Takes the same arguments (and validates them the same way), times one forward pass of a
-    batch of ``settings.batch_size`` copies of ``x`` (the checks run in such batches; a lone
-    sample is several times slower per sample on a CPU) and multiplies by the forward-pass
+    Takes :func:`evidence_job`'s arguments (``job_options``: the same names and defaults, a
+    misspelt one refused) and validates them the same way, times one forward pass of a batch
+    of ``settings.batch_size`` copies of ``x`` (the checks run in such batches; a lone sample
+    is several times slower per sample on a CPU) and multiplies by the forward-pass
     equivalents of the chosen checks. ``samples`` multiplies it for a run over many slices or
     windows.
     """
-    settings = settings or EvidenceSettings()
-    chosen = checked_checks(checks, region_mask)
-    subject = _prepare(model, x, layer, method)
+    options = inspect.signature(evidence_job).bind(model, x, **job_options)
+    options.apply_defaults()
+    chosen_options = options.arguments
+    settings = chosen_options["settings"] or EvidenceSettings()
+    region_mask = chosen_options["region_mask"]
+    chosen = checked_checks(chosen_options["checks"], region_mask)
+    subject = _prepare(model, x, chosen_options["layer"], chosen_options["method"])
     mask = _region_mask(region_mask, tuple(subject.inputs.shape[2:]))
     per_check = dict(_stage_costs(chosen, _context(subject, None, settings, mask, None)))
     return EvidenceEstimate(per_check, _timed_forward(subject, settings.batch_size),
