@@ -1,10 +1,13 @@
 """Explaining volume files, in one process or chunk by chunk on dask workers.
 
 Two entry points share every decision (model, layer, target, mode, window, output layout,
-provenance), so a run on a cluster writes the same file as a run on a laptop:
+provenance), so a run on a cluster writes the same map as a run on a laptop:
 
-* :func:`explain_file`: one process; the engine streams slabs from the input and writes the
-  maps straight into the output store.
+* :func:`explain_file`: one process; the options become the job's
+  :class:`~napari_gradcam.core.run.request.ExplainRequest` and the run drains the widget's own
+  job (:func:`~napari_gradcam.core.run.job.explain_job`), which streams slabs from the input
+  and writes the maps straight into its on-disk OME-Zarr (with a pyramid), published when
+  complete: the command line and the widget run one code path and write the same store.
 * :func:`run_distributed`: the volume is cut into chunks along one axis; each dask task explains
   one chunk and writes its own region of the output zarr. Output chunks are aligned with the
   task chunks, so two tasks never write the same zarr chunk (no locks, and a retried task just
@@ -20,7 +23,8 @@ Results are **identical** to the single-process engine, not just close:
   margins, :func:`~napari_gradcam.core.volume.edge_pads`) that touches it, in the engine's
   order and batches, adds their Gaussian-weighted maps restricted to the chunk and divides by
   the summed weights, so each voxel sees the same terms in the same order as in
-  :func:`napari_gradcam.explain_volume`. Windows that straddle a chunk border are computed by
+  one process (the one window loop, :func:`~napari_gradcam.core.run.tiles.windows_loop`).
+  Windows that straddle a chunk border are computed by
   both chunks (the "halo"); larger chunks waste less.
 
 Memory per worker is bounded by the chunk, not the volume: a *slices* task holds its input slab

@@ -14,6 +14,8 @@
   they are made.
 
 The shells: :mod:`napari_gradcam.jobs` (the widget's imports), :mod:`napari_gradcam.core.volume`
-(arrays), :mod:`napari_gradcam.distributed` (files, the command line, dask workers). Nothing
-here imports Qt or napari.
+(arrays), :mod:`napari_gradcam.distributed` (files, the command line, dask workers). The widget
+and the command line (``napari-gradcam explain``, :func:`napari_gradcam.distributed.explain_file`)
+both build an ``ExplainRequest`` and drain ``explain_job``; the dask runner cuts the same plan
+into chunks and runs each through the same loops. Nothing here imports Qt or napari.
 """
