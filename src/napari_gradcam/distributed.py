@@ -447,8 +447,9 @@ def explain_file(
     The command line's options become an :class:`~napari_gradcam.core.run.request.
     ExplainRequest` and the run drains the widget's job
     (:func:`~napari_gradcam.core.run.job.explain_job`): the same plan, loops, on-disk output
-    (an OME-Zarr with its pyramid, :class:`~napari_gradcam.core.run.output.DiskOutput`),
-    provenance and domain check, so the widget and the command line give the same file.
+    (an OME-Zarr with its pyramid, :class:`~napari_gradcam.core.run.output.DiskOutput`; or a
+    ``.tif``/``.npy`` file, memory-mapped), provenance and domain check, so the widget and the
+    command line give the same file.
     ``progress(done, total)`` hears the job's :class:`~napari_gradcam.core.run.job.Progress`.
 
     ``model_source`` is anything :func:`napari_gradcam.core.models.load_model` takes (a demo
@@ -457,20 +458,16 @@ def explain_file(
     :class:`napari_gradcam.Cancelled` is raised when ``should_stop()`` turns true. The output
     is never the input (refused even with ``overwrite``); ``notify(message)`` hears about the
     engine's retries and about leftovers of killed runs that were cleaned up, and the domain
-    check's message when the input looks unlike the training data or cannot be checked. A
-    ``.tif`` or ``.npy`` output is the same map, copied from the job's OME-Zarr (written in a
-    temporary folder beside it) slab by slab.
+    check's message when the input looks unlike the training data or cannot be checked.
 
     With ``options.uncertainty`` a second output, :func:`~napari_gradcam.io.uncertainty_path`
     of ``out_path`` (``maps.zarr`` → ``maps_uncertainty.zarr``), receives the standard
     deviation map under the same rules (never over the input, ``overwrite``, appears only
     when the run has finished).
     """
-    import tempfile
-
     from napari_gradcam.core.run.job import explain_job
     from napari_gradcam.core.volume import run_job
-    from napari_gradcam.io import check_output_path, output_kind, read_attrs, uncertainty_path
+    from napari_gradcam.io import check_output_path, read_attrs, uncertainty_path
 
     options = options or ExplainOptions()
     input_path = _as_input_path(input_path)
@@ -485,33 +482,22 @@ def explain_file(
     source = file_source(input_path, volume, voxel)
     request = file_request(loaded, plan, options, voxel.scale, voxel.unit,
                            {"scheduler": "single process"})
-    out_path = Path(out_path).expanduser()
+    request = replace(request, output=Path(out_path).expanduser(), overwrite=overwrite)
     started = time.perf_counter()
-    with contextlib.ExitStack() as scratch, _model_lock(loaded):
-        if output_kind(out_path) == "zarr":
-            store = out_path
-            request = replace(request, output=out_path, overwrite=overwrite)
-        else:  # the job writes its OME-Zarr in a temporary folder; copied out at the end
-            folder = scratch.enter_context(tempfile.TemporaryDirectory(
-                prefix=f".{out_path.name}.explaining-", dir=out_path.parent))
-            store = Path(folder) / "map.zarr"
-            request = replace(request, output=store)
-        job = explain_job(loaded, source, request, notify=notify)
-        result = run_job(job, progress, should_stop)
-        record = read_attrs(store)
-        if store != out_path:
-            _copy_store(store, out_path, record, options.dtype, overwrite, input_path, notify)
-            if extra_path is not None:
-                spread = uncertainty_path(store)
-                _copy_store(spread, extra_path, read_attrs(spread), options.dtype, overwrite,
-                            input_path, notify)
+    with _model_lock(loaded):
+        result = run_job(explain_job(loaded, source, request, notify=notify), progress,
+                         should_stop)
+    record = read_attrs(out_path)
+    # a TIFF keeps the record it was created with (its header comes first): its value range
+    # is the job's, the limits a file map reports
+    value_range = record.get("value_range") or result.contrast_limits[next(iter(result.maps))]
     seconds = time.perf_counter() - started
     positions = [(p[plan.axis],) if plan.mode == "slices" else tuple(p)
                  for p in result.positions]
     return RunSummary(out_path, tuple(volume.shape), voxel.scale, voxel.unit, seconds,
                       plan.mode, plan.axis if plan.mode == "slices" else None, plan.window,
                       tuple(loaded.card.class_names), result.predictions, positions,
-                      tuple(record["value_range"]), record,
+                      tuple(value_range), record,
                       None if extra_path is None else Path(extra_path).expanduser())
 
 
@@ -554,24 +540,6 @@ def file_request(loaded: Any, plan: Plan, options: ExplainOptions, scale: Sequen
         dtype=options.dtype, chunks=plan.chunks, model_options=explainer_options(options),
         provenance={"target": describe_target(plan.target, loaded.card.class_names),
                     "options": file_run_options(plan, options, scale, unit, extra)})
-
-
-def _copy_store(store: Path, out_path: str | os.PathLike, record: dict[str, Any], dtype: str,
-                overwrite: bool, input_path: Path, notify: Callable[[str], None] | None
-                ) -> None:
-    """A finished map store copied into a ``.tif`` or ``.npy`` output, a slab of planes at a
-    time (bounded memory), with its scale and record; the output appears only when done."""
-    import zarr
-
-    from napari_gradcam.io import open_output
-
-    array = zarr.open_array(str(store / "0"), mode="r")
-    scale, unit = read_volume(store, lazy=True)[1].scale, record.get("options", {}).get("unit")
-    with open_output(out_path, array.shape, scale=scale, unit=unit, dtype=dtype, attrs=record,
-                     overwrite=overwrite, inputs=[input_path], notify=notify) as output:
-        step = max(1, int(array.chunks[0]))
-        for start in range(0, array.shape[0], step):
-            output.array[start:start + step] = array[start:start + step]
 
 
 # --------------------------------------------------------------------------- per-process cache

@@ -61,7 +61,79 @@ def downsample_mean(block: np.ndarray) -> np.ndarray:
         np.float32)
 
 
-class DiskMap:
+class _StoredMap:
+    """What every map written to a file shares: slice assignment with keys of the map's full
+    shape (``shape``, the source's number of axes, length 1 along collapsed axes given as
+    integers) or of its three stored axes (``shape3``), and the value range tracked while
+    writing (no second pass over a map larger than memory)."""
+
+    shape: tuple[int, ...]
+    shape3: tuple[int, ...]
+    ndim: int
+    dtype: np.dtype
+    low: float = np.inf
+    high: float = -np.inf
+
+    def _key3(self, key: Any) -> tuple[Any, ...]:
+        parts = list(key) if isinstance(key, tuple) else [key]
+        if len(parts) == self.ndim and self.ndim != 3:
+            parts = [p for p in parts if not isinstance(p, (int, np.integer))]
+        parts += [slice(None)] * (3 - len(parts))
+        if len(parts) != 3:
+            raise IndexError(f"cannot index a 3D on-disk map with {key!r}")
+        return tuple(parts)
+
+    def _write(self, array: Any, key: Any, value: Any) -> tuple[Any, ...]:
+        """Write ``value`` at ``key`` into ``array`` (the stored three axes); the stored key."""
+        key3 = self._key3(key)
+        target = tuple(len(range(*part.indices(size))) for part, size
+                       in zip(key3, self.shape3, strict=True) if isinstance(part, slice))
+        value = np.asarray(value, dtype=np.float32).reshape(target)
+        array[key3] = value
+        if value.size:
+            finite = value[np.isfinite(value)]
+            if finite.size:
+                self.low = min(self.low, float(finite.min()))
+                self.high = max(self.high, float(finite.max()))
+        return key3
+
+    def reshape(self, shape: Sequence[int]) -> _StoredMap:
+        """The same map seen with the stored three axes (the window loop's view)."""
+        if tuple(shape) != self.shape3:
+            raise ValueError(f"an on-disk map of shape {self.shape3} cannot take shape {shape}")
+        return self
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The lowest and highest value written, as the file holds them (rounded to its
+        dtype)."""
+        if self.low > self.high:
+            return (0.0, 0.0)
+        return (float(self.dtype.type(self.low)), float(self.dtype.type(self.high)))
+
+
+class FileMap(_StoredMap):
+    """One map written into a ``.tif`` or ``.npy`` output: an
+    :func:`~napari_gradcam.io.open_output` volume (memory-mapped, its whole size reserved
+    first, so a full disk stops the run at once); one level, no pyramid."""
+
+    def __init__(self, volume: Any, full_shape: Sequence[int]) -> None:
+        self.volume, self.path = volume, Path(volume.partial)
+        self.shape = tuple(int(s) for s in full_shape)
+        self.ndim = len(self.shape)
+        self.shape3 = tuple(int(s) for s in volume.array.shape)
+        self.dtype = np.dtype(volume.array.dtype)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._write(self.volume.array, key, value)
+
+    def finish(self, updates: Mapping[str, Any] | None = None) -> None:
+        """Add to the record (a TIFF keeps the one it was created with: its header comes
+        first)."""
+        self.volume.update_attrs(dict(updates or {}))
+
+
+class DiskMap(_StoredMap):
     """One map being written into an OME-Zarr at ``path``, with its pyramid.
 
     Takes slice assignment like the in-memory map it replaces: keys of the map's full shape
@@ -124,37 +196,13 @@ class DiskMap:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _key3(self, key: Any) -> tuple[Any, ...]:
-        parts = list(key) if isinstance(key, tuple) else [key]
-        if len(parts) == self.ndim and self.ndim != 3:
-            parts = [p for p in parts if not isinstance(p, (int, np.integer))]
-        parts += [slice(None)] * (3 - len(parts))
-        if len(parts) != 3:
-            raise IndexError(f"cannot index a 3D on-disk map with {key!r}")
-        return tuple(parts)
-
     def __setitem__(self, key: Any, value: Any) -> None:
-        key3 = self._key3(key)
-        target = tuple(len(range(*part.indices(size))) for part, size
-                       in zip(key3, self.shape3, strict=True) if isinstance(part, slice))
-        value = np.asarray(value, dtype=np.float32).reshape(target)
-        self.arrays[0][key3] = value
-        if value.size:
-            finite = value[np.isfinite(value)]
-            if finite.size:
-                self.low = min(self.low, float(finite.min()))
-                self.high = max(self.high, float(finite.max()))
+        key3 = self._write(self.arrays[0], key, value)
         planes = key3[self.progress_axis]
         start, stop, _ = planes.indices(self.shape3[self.progress_axis]) if isinstance(
             planes, slice) else (int(planes), int(planes) + 1, 1)
         self._done[start:stop] = True
         self._advance()
-
-    def reshape(self, shape: Sequence[int]) -> DiskMap:
-        """The same map seen with the stored three axes (the window loop's view)."""
-        if tuple(shape) != self.shape3:
-            raise ValueError(f"an on-disk map of shape {self.shape3} cannot take shape {shape}")
-        return self
 
     def _advance(self, final: bool = False) -> None:
         done = int(np.argmin(self._done)) if not self._done.all() else len(self._done)
@@ -188,14 +236,6 @@ class DiskMap:
                                "planes were written; the map is incomplete")
         update_zarr_attrs(self.path, {**dict(updates or {}), "complete": True,
                                       "planes_done": len(self._done)})
-
-    @property
-    def value_range(self) -> tuple[float, float]:
-        """The lowest and highest value written, as the store holds them (rounded to its
-        dtype), tracked while writing: no second pass over a map larger than memory."""
-        if self.low > self.high:
-            return (0.0, 0.0)
-        return (float(self.dtype.type(self.low)), float(self.dtype.type(self.high)))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -353,21 +393,17 @@ class DiskOutput:
     ``request.keep_partial`` False: each store is written under a temporary name
     (:func:`napari_gradcam.io.atomic_path`) and renamed to its path by :meth:`finish`;
     :meth:`abort` removes them (the command line's "a file that exists is a finished map").
-    ``notify`` hears about leftovers of killed runs that were cleaned up."""
+    Such an output may also be a ``.tif`` or ``.npy`` file (:class:`FileMap`: one level, no
+    class map), as the command line offers. ``notify`` hears about leftovers of killed runs
+    that were cleaned up."""
 
     def __init__(self, request: Any, source: Any, plan: Any, labels: Sequence[str],
                  class_map: bool, record: Mapping[str, Any],
                  notify: Callable[[str], None] | None = None) -> None:
-        import zarr
+        from napari_gradcam.io import output_kind, uncertainty_path
 
-        from napari_gradcam.io import (
-            atomic_path,
-            check_output_path,
-            output_kind,
-            uncertainty_path,
-        )
-
-        if output_kind(request.output) != "zarr":
+        kind = output_kind(request.output)
+        if kind != "zarr" and request.keep_partial:
             raise ValueError(f"the map is written as OME-Zarr: name the output *.zarr, not "
                              f"{Path(request.output).name!r}")
         full = plan.out_shape(source.shape)
@@ -375,46 +411,67 @@ class DiskOutput:
         if len(stored) != 3:
             raise ValueError(f"on-disk output is for volumes (a 3D map); this run makes a "
                              f"{len(stored)}D map: leave the output empty")
-        shape3 = tuple(full[a] for a in stored)
-        progress = stored.index(plan.sample_axis) if plan.sample_axis in stored else 0
-        scale, unit, translation = store_placement(source, plan, stored)
-        inputs = [source.path] if getattr(source, "path", None) else []
         several = len(labels) > 1
         paths = {label: label_path(request.output, label, several) for label in labels}
         spread_paths = ({label: uncertainty_path(path) for label, path in paths.items()}
                         if request.uncertainty else {})
+        self.several, self.stored = several, stored
         self._publish = contextlib.ExitStack()
         self.final_paths: dict[Path, Path] = {}  # where each store is written -> its path
-        for path in [*paths.values(), *spread_paths.values()]:
+        try:
+            open_map = self._opener(request, source, plan, kind, full, notify)
+            self.maps = {label: open_map(path, _target_attrs(record, label, several))
+                         for label, path in paths.items()}
+            self.spreads = {label: open_map(path, {**_target_attrs(record, label, several),
+                                                   "kind": "uncertainty"})
+                            for label, path in spread_paths.items()}
+            self.class_map = None
+            if class_map and kind == "zarr":
+                import zarr
+
+                first = self.maps[labels[0]]
+                group = zarr.open_group(str(first.path), mode="r+")
+                array = add_zarr_array(group, "class_map", first.shape3,
+                                       first.arrays[0].chunks, "int16")
+                self.class_map = _PlainWriter(array, full)
+        except BaseException:
+            self.abort()  # what was already created under a temporary name goes
+            raise
+
+    def _opener(self, request: Any, source: Any, plan: Any, kind: str, full: Sequence[int],
+                notify: Callable[[str], None] | None) -> Callable[..., _StoredMap]:
+        """``open_map(path, attrs)``: one map file, in place or under a temporary name."""
+        from napari_gradcam.io import atomic_path, check_output_path, open_output
+
+        shape3 = tuple(full[a] for a in self.stored)
+        progress = self.stored.index(plan.sample_axis) if plan.sample_axis in self.stored else 0
+        scale, unit, translation = store_placement(source, plan, self.stored)
+        inputs = [source.path] if getattr(source, "path", None) else []
+
+        def open_map(path: Path, attrs: dict[str, Any]) -> _StoredMap:
             check_output_path(path, request.overwrite, inputs=inputs)
+            if kind != "zarr":  # a TIFF or .npy file: io's memory-mapped output
+                volume = self._publish.enter_context(open_output(
+                    path, shape3, scale=scale, unit=unit, dtype=request.dtype, attrs=attrs,
+                    overwrite=request.overwrite, inputs=inputs, notify=notify))
+                self.final_paths[volume.partial] = path
+                return FileMap(volume, full)
             if request.keep_partial:
                 if request.overwrite and path.exists():
                     import shutil
 
                     shutil.rmtree(path)
-                self.final_paths[path] = path
+                where = path
             else:
-                partial = self._publish.enter_context(atomic_path(
+                where = self._publish.enter_context(atomic_path(
                     path, overwrite=request.overwrite, inputs=inputs, notify=notify))
-                self.final_paths[partial] = path
-        written = {final: where for where, final in self.final_paths.items()}
-        options = dict(stored_axes=stored, progress_axis=progress, scale=scale, unit=unit,
-                       translation=translation, chunks=request.chunks, dtype=request.dtype)
-        # one label: the record's own wording of the target (a shell may word it); several:
-        # each store names its class
-        self.maps = {label: DiskMap(written[path], shape3, full, attrs=_target_attrs(
-            record, label, several), **options) for label, path in paths.items()}
-        self.spreads = {label: DiskMap(written[path], shape3, full, attrs={
-            **_target_attrs(record, label, several), "kind": "uncertainty"}, **options)
-            for label, path in spread_paths.items()}
-        self.several = several
-        self.class_map = None
-        if class_map:
-            first = self.maps[labels[0]]
-            group = zarr.open_group(str(first.path), mode="r+")
-            array = add_zarr_array(group, "class_map", shape3, first.arrays[0].chunks, "int16")
-            self.class_map = _PlainWriter(array, full)
-        self.stored = stored
+            self.final_paths[where] = path
+            return DiskMap(where, shape3, full, stored_axes=self.stored,
+                           progress_axis=progress, scale=scale, unit=unit,
+                           translation=translation, attrs=attrs, chunks=request.chunks,
+                           dtype=request.dtype)
+
+        return open_map
 
     def finish(self, provenance: Mapping[str, Any], predictions: Any, positions: Any, *,
                regression: bool = False, seconds: float | None = None
@@ -428,26 +485,28 @@ class DiskOutput:
                                    regression)
         if seconds is not None:
             summary["seconds"] = round(float(seconds), 3)
-        limits = {}
-        for label, store in self.maps.items():
-            low, high = store.value_range
-            store.finish({**_target_attrs(provenance, label, self.several), **summary,
-                          "value_range": [low, high],
-                          "class_map": "class_map" if self.class_map is not None else None})
-            set_display_window(store.path, low, high)
-            limits[label] = coarse_limits(store.path)
         uncertainty = dict(provenance.get("options", {})).get("uncertainty")
-        for label, store in self.spreads.items():
+        limits = {}
+        for label, store in [*self.maps.items(), *self.spreads.items()]:
+            spread = store in self.spreads.values()
             low, high = store.value_range
-            store.finish({**_target_attrs(provenance, label, self.several), "kind": "uncertainty",
-                          "uncertainty": uncertainty, "value_range": [low, high],
-                          **{k: v for k, v in summary.items() if k != "predictions"}})
-            set_display_window(store.path, low, high)
+            attrs = {**_target_attrs(provenance, label, self.several), **summary,
+                     "value_range": [low, high]}
+            if spread:
+                attrs.pop("predictions", None)  # kept once, with the map
+                attrs.update(kind="uncertainty", uncertainty=uncertainty)
+            elif isinstance(store, DiskMap):
+                attrs["class_map"] = "class_map" if self.class_map is not None else None
+            store.finish(attrs)
+            if isinstance(store, DiskMap):
+                set_display_window(store.path, low, high)
+                if not spread:
+                    limits[label] = coarse_limits(store.path)
+            elif not spread:
+                limits[label] = (low, high)
         self._publish.close()  # temporary names -> the outputs' paths (keep_partial False)
-        maps = {label: map_layer_data(self.final_paths[store.path])[0]
-                for label, store in self.maps.items()}
-        spreads = {label: map_layer_data(self.final_paths[store.path])[0]
-                   for label, store in self.spreads.items()}
+        maps = {label: self._lazy(store) for label, store in self.maps.items()}
+        spreads = {label: self._lazy(store) for label, store in self.spreads.items()}
         class_map = None
         if self.class_map is not None:
             import dask.array as da
@@ -461,6 +520,19 @@ class DiskOutput:
                                   for a in range(len(full)))]
             class_map = lazy
         return maps, spreads, class_map, limits
+
+    def _lazy(self, store: _StoredMap) -> Any:
+        """A finished map read lazily from where it now is (never read whole)."""
+        path = self.final_paths[store.path]
+        if isinstance(store, DiskMap):
+            return map_layer_data(path)[0]
+        import dask.array as da
+
+        from napari_gradcam.io import read_volume
+
+        array = da.asarray(read_volume(path, lazy=True)[0])
+        return array[tuple(slice(None) if a in self.stored else None
+                           for a in range(len(store.shape)))]
 
     def abort(self) -> None:
         """The run failed or stopped: stores written under temporary names are removed (their
@@ -497,6 +569,7 @@ __all__ = [
     "PREDICTIONS_KEPT",
     "DiskMap",
     "DiskOutput",
+    "FileMap",
     "MemoryOutput",
     "coarse_limits",
     "downsample_mean",

@@ -135,11 +135,12 @@ def output_stores(output: str | Path, target_kind: str,
 
 def _check_output(source: ImageSource, request: ExplainRequest, plan: Plan,
                   class_names: Sequence[str]) -> None:
-    """An on-disk map is an OME-Zarr of a 3D map (volumes), never over the input, not over an
-    existing store unless asked: refused here, before a worker starts."""
+    """An on-disk map is an OME-Zarr of a 3D map (volumes; a map published only when complete
+    may also be a ``.tif`` or ``.npy`` file), never over the input, not over an existing store
+    unless asked: refused here, before a worker starts."""
     from napari_gradcam.io import check_output_path, output_kind
 
-    if output_kind(request.output) != "zarr":
+    if output_kind(request.output) != "zarr" and request.keep_partial:
         raise ValueError(f"the map is written as OME-Zarr: name the output *.zarr, not "
                          f"{Path(request.output).name!r}")
     stored = [a for a in range(source.ndim) if not plan.collapsed(a)]
