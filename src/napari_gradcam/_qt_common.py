@@ -92,6 +92,16 @@ def demo_model_names() -> list[str]:
         return []
 
 
+def model_summary(card: Any) -> str:
+    """What the model is (task, dimensions, channels, classes) and, on a line of its own, the
+    card's description: what the model was trained on, which says what data it fits. The text
+    under a widget's model list."""
+    summary = (f"{card.name}: {card.task}, {card.spatial_dims}D, {card.in_channels} "
+               f"channel(s), classes {', '.join(card.class_names)}.")
+    description = " ".join(str(card.description or "").split())
+    return f"{summary}\n{description}" if description else summary
+
+
 def refill_combo(combo: QComboBox, names: Iterable[str], keep_first: Sequence[str] = ()) -> None:
     """Replace a combo's items with ``keep_first + names``, keeping the chosen text if present.
 

@@ -58,6 +58,7 @@ from napari_gradcam._qt_common import (
     RunControlsMixin,
     displayed_plane,
     image_source,
+    model_summary,
     placement,
     region_mask,
 )
@@ -85,7 +86,7 @@ from napari_gradcam._widget_layers import (
     ResultLayersMixin,
     _Capture,
 )
-from napari_gradcam._widget_models import ModelChoiceMixin, model_summary
+from napari_gradcam._widget_models import ModelChoiceMixin
 from napari_gradcam._widget_predictions import PredictionsMixin
 from napari_gradcam._widget_settings import RememberedChoicesMixin
 from napari_gradcam.jobs import (

@@ -14,22 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from napari.utils.notifications import show_error, show_info
 
-from napari_gradcam._qt_common import BROWSE, NO_MODEL, chosen_model_source, demo_model_names
+from napari_gradcam._qt_common import (
+    BROWSE,
+    NO_MODEL,
+    chosen_model_source,
+    demo_model_names,
+    model_summary,
+)
 
 if TYPE_CHECKING:
     from magicgui.widgets import Container
 
     from napari_gradcam.core.layer_discovery import LayerInfo
     from napari_gradcam.core.models import LoadedModel
-
-
-def model_summary(card: Any) -> str:
-    """What the model is (task, dimensions, channels, classes) and, on a line of its own, the
-    card's description: what the model was trained on, which says what data it fits."""
-    summary = (f"{card.name}: {card.task}, {card.spatial_dims}D, {card.in_channels} "
-               f"channel(s), classes {', '.join(card.class_names)}.")
-    description = " ".join(str(card.description or "").split())
-    return f"{summary}\n{description}" if description else summary
 
 
 class ModelChoiceMixin:
