@@ -252,3 +252,41 @@ def test_a_second_all_classes_run_takes_new_names_for_every_class(make_widget, q
     assert len(list(first.parent.glob("*.zarr"))) == 6
     maps = [layer for layer in viewer.layers if METADATA_KEY in layer.metadata]
     assert maps and all(layer.data is not None for layer in maps)
+
+
+def test_the_label_table_of_an_on_disk_map_is_read_in_blocks_and_equals_the_whole(
+        make_widget, qtbot, tmp_path, monkeypatch) -> None:
+    """The label table of a map on disk, with lazy labels: the widget hands both to the core as
+    they are, which reads them block by block within its budget (here far smaller than the map),
+    and the table equals the one computed from the whole arrays in memory."""
+    from napari_gradcam.core import labels_stats
+
+    viewer, widget = make_widget()
+    viewer.add_image(lazy_scan(tmp_path, (24, 32, 32)), name="scan")
+    slices_to_disk(widget, tmp_path / "maps.zarr")
+    widget.run()
+    finish(qtbot, widget, timeout=60000)
+    made = next(layer for layer in viewer.layers if METADATA_KEY in layer.metadata)
+    labels = np.zeros((24, 32, 32), dtype=np.uint8)
+    labels[2:10, 4:12, 4:12] = 1
+    labels[12:22, 16:30, 10:28] = 2
+    lazy_labels = da.from_array(labels, chunks=(4, 32, 32))
+    layer = viewer.add_labels(lazy_labels, name="defects")
+    widget.labels_form.cam.value = made
+    widget.labels_form.labels_layer.value = layer
+    reads: list[int] = []
+    whole_read = labels_stats.label_statistics
+
+    def counting(cam, labels_in, **options):
+        assert not isinstance(cam, np.ndarray), "the widget loaded the whole map"
+        reads.append(1)
+        return whole_read(cam, labels_in, block_bytes=4 * 32 * 32 * 8, **options)
+
+    monkeypatch.setattr("napari_gradcam._widget_label_table.label_statistics", counting)
+    table = widget.compute_label_table()
+    assert table is not None and reads == [1]
+    full = made.data[0] if made.multiscale else made.data
+    expected = whole_read(np.asarray(full), labels, tolerance=widget.labels_form.tolerance.value,
+                          spacing=tuple(abs(float(s)) for s in made.scale))
+    for column in ("mean_cam", "max_cam"):
+        np.testing.assert_allclose(table[column], expected[column], rtol=1e-6)

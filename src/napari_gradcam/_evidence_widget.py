@@ -54,6 +54,7 @@ from napari_gradcam._qt_common import (
     displayed_plane,
     fill_layer_combo,
     image_source,
+    model_summary,
     placement,
     refill_combo,
     region_mask,
@@ -244,9 +245,8 @@ class EvidenceWidget(ChoiceFormMixin, RunControlsMixin, QWidget):
             self.target_combo.addItem(PREDICTED, None)
         for index, name in enumerate(card.class_names):
             self.target_combo.addItem(name, index)
-        self.model_info.setText(
-            f"{card.name}: {card.task}, {card.spatial_dims}D, classes "
-            f"{', '.join(card.class_names)}. {card.description}".strip())
+        self.model_info.setText(model_summary(card))
+        self.model_info.setToolTip(model_summary(card))
 
     # ---------------------------------------------------------------------------------------
     # Capturing the sample

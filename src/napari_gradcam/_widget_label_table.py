@@ -125,7 +125,9 @@ class LabelTableMixin:
             return None
         record = cam_layer.metadata[METADATA_KEY]
         origin = record["options"]["origin"]
-        cam = np.asarray(full_resolution(cam_layer))  # level 0 of an on-disk pyramid
+        # level 0 of an on-disk pyramid, as it is (lazy): label_statistics reads it block by
+        # block within a memory budget, never the whole map
+        cam = full_resolution(cam_layer)
         labels_shape = tuple(labels_layer.data.shape)
         source_shape = tuple(record["options"].get("source_shape", labels_shape))
         if any(origin) and record["options"].get("explained_row_of"):
@@ -135,7 +137,7 @@ class LabelTableMixin:
                        f"CAM was computed on an image of shape {source_shape}; they must match.")
             return None
         box = tuple(slice(o, o + s) for o, s in zip(origin, cam.shape, strict=True))
-        labels = np.asarray(labels_layer.data[box])
+        labels = labels_layer.data[box]
         spacing = tuple(abs(float(s)) for s in cam_layer.scale)
         try:
             table = label_statistics(cam, labels, tolerance=self.labels_form.tolerance.value,
