@@ -244,12 +244,25 @@ def test_sigterm_mid_run_exits_130_and_leaves_nothing(files, tmp_path, signals):
 
 @pytest.mark.slow
 def test_workers_flag_gives_the_same_file_as_one_process(files, tmp_path):
+    """The same map store: level 0, the pyramid (130 planes high: two levels) and the state."""
+    from napari_gradcam.core.run.output import map_layer_data, store_state
+
+    tall = (np.random.default_rng(2).random((8, 130, 24)) * 1000).astype(np.uint16)
+    scan = write_tiff_volume(tmp_path / "tall.tif", tall, scale=SCALE)
     single, spread = tmp_path / "single.zarr", tmp_path / "spread.zarr"
-    assert main(explain_args(files, single)) == 0
-    assert main(explain_args(files, spread, "--workers", "2", "--chunk", "4")) == 0
-    np.testing.assert_array_equal(read_volume(single)[0][:], read_volume(spread)[0][:])
+    args = ["--model", str(files["card"]), "--device", "cpu", "--batch-size", "4", "--quiet"]
+    assert main(["explain", str(scan), "--out", str(single), *args]) == 0
+    assert main(["explain", str(scan), "--out", str(spread), *args, "--workers", "2",
+                 "--chunk", "4"]) == 0
+    single_levels, spread_levels = map_layer_data(single), map_layer_data(spread)
+    assert len(single_levels) == len(spread_levels) == 2
+    for one, other in zip(single_levels, spread_levels, strict=True):
+        np.testing.assert_array_equal(np.asarray(one), np.asarray(other))
+    assert store_state(spread) == store_state(single) == {
+        "complete": True, "planes_done": 8, "planes_total": 8, "progress_axis": 0}
     record = read_volume(spread)[1].metadata
     assert record["options"]["scheduler"] == "local cluster of 2 processes"
+    assert record["predictions"] == read_volume(single)[1].metadata["predictions"]
 
 
 # ----------------------------------------------------------------------------- napari reader

@@ -1,7 +1,7 @@
 """Explaining volume files, in one process or chunk by chunk on dask workers.
 
 Two entry points share every decision (model, layer, target, mode, window, output layout,
-provenance), so a run on a cluster writes the same map as a run on a laptop:
+provenance), so a run on a cluster writes the same map store as a run on a laptop:
 
 * :func:`explain_file`: one process; the options become the job's
   :class:`~napari_gradcam.core.run.request.ExplainRequest` and the run drains the widget's own
@@ -9,9 +9,10 @@ provenance), so a run on a cluster writes the same map as a run on a laptop:
   and writes the maps straight into its on-disk OME-Zarr (with a pyramid), published when
   complete: the command line and the widget run one code path and write the same store.
 * :func:`run_distributed`: the volume is cut into chunks along one axis; each dask task explains
-  one chunk and writes its own region of the output zarr. Output chunks are aligned with the
-  task chunks, so two tasks never write the same zarr chunk (no locks, and a retried task just
-  rewrites its region).
+  one chunk and writes its own region of the output zarr's level 0 (the job's
+  :class:`~napari_gradcam.core.run.output.DiskMap`; the driver fills its pyramid a chunk at a
+  time and marks it complete). Output chunks are aligned with the task chunks, so two tasks
+  never write the same zarr chunk (no locks, and a retried task just rewrites its region).
 
 Results are **identical** to the single-process engine, not just close:
 
@@ -58,7 +59,7 @@ from napari_gradcam.core.run.plan import Plan, check_mode_fits_model
 from napari_gradcam.core.targets import RegressionTarget, Target
 from napari_gradcam.core.uncertainty import SOURCES as UNCERTAINTY_SOURCES
 from napari_gradcam.core.uncertainty import dropout_modules
-from napari_gradcam.io import ATTRS_KEY, default_chunks, open_output, read_volume
+from napari_gradcam.io import ATTRS_KEY, default_chunks, read_volume
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -399,13 +400,14 @@ def _without_predictions(attrs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in attrs.items() if key != "predictions"}
 
 
-def _finish_output(output: Any, summary_attrs: dict[str, Any]) -> None:
+def _finish_store(store: Any, summary_attrs: dict[str, Any]) -> None:
+    """Complete a map store (its pyramid, ``complete``) with the run's summary, and give
+    napari its display window."""
     from napari_gradcam.io import set_display_window
 
-    output.update_attrs(summary_attrs)
-    if output.kind == "zarr":
-        low, high = summary_attrs["value_range"]
-        set_display_window(output.partial, low, high)
+    store.finish(summary_attrs)
+    low, high = summary_attrs["value_range"]
+    set_display_window(store.path, low, high)
 
 
 def _as_input_path(input_path: str | os.PathLike) -> Path:
@@ -793,19 +795,25 @@ def run_distributed(
                          voxel.scale if voxel.unit else None, options, notify)
     del volume
     started = time.perf_counter()
-    output_options: dict[str, Any] = {
-        "scale": voxel.scale, "unit": voxel.unit, "dtype": options.dtype,
-        "chunks": plan.chunks, "overwrite": overwrite, "inputs": [input_path],
-        "notify": notify}
     with contextlib.ExitStack() as outputs:
-        output = outputs.enter_context(open_output(out_path, shape, attrs=record,
-                                                   **output_options))
-        extra = None if extra_path is None else outputs.enter_context(open_output(
-            extra_path, shape, attrs=uncertainty_attrs(record, options, plan),
-            **output_options))
-        place_like_input(input_path, output, extra)
-        array_path = str(output.partial / "0")
-        extra_array = None if extra is None else str(extra.partial / "0")
+        def open_store(path: str | os.PathLike, attrs: dict[str, Any]) -> Any:
+            """The job's on-disk map (OME-Zarr with its pyramid) under a temporary name, its
+            level 0 chunked like the tasks: workers write level 0, the driver the rest."""
+            from napari_gradcam.core.run.output import DiskMap
+            from napari_gradcam.io import atomic_path
+            from napari_gradcam.placement import input_origin
+
+            partial = outputs.enter_context(atomic_path(path, overwrite=overwrite,
+                                                        inputs=[input_path], notify=notify))
+            return DiskMap(partial, shape, shape, (0, 1, 2), plan.axis, scale=voxel.scale,
+                           unit=voxel.unit, translation=input_origin(input_path, 3),
+                           attrs=attrs, chunks=plan.chunks, dtype=options.dtype)
+
+        output = open_store(out_path, record)
+        extra = (None if extra_path is None else
+                 open_store(extra_path, uncertainty_attrs(record, options, plan)))
+        array_path = str(output.path / "0")
+        extra_array = None if extra is None else str(extra.path / "0")
         tasks = [ChunkTask(str(input_path), source, array_path, options, plan, start, stop,
                            loaded.weights_sha256, extra_array)
                  for start, stop in plan_chunks(shape[plan.axis], plan.chunk)]
@@ -814,6 +822,10 @@ def run_distributed(
         with _connect(client, workers, scheduler_address) as dask_client:
             results = _run_tasks(dask_client, tasks, progress, should_stop)
         results.sort(key=lambda r: r.start)
+        for result in results:  # the pyramid follows, a chunk at a time
+            for store in (output, extra):
+                if store is not None:
+                    store.mark_done(result.start, result.stop)
         predictions = [r.predictions for r in results if len(r.positions)]
         stacked = (np.concatenate(predictions) if predictions
                    else np.zeros((0, len(loaded.card.class_names)), dtype=np.float32))
@@ -836,9 +848,9 @@ def run_distributed(
             spread_range = (min(low for low, _ in spreads), max(high for _, high in spreads))
             if np.dtype(options.dtype) == np.float16:
                 spread_range = tuple(float(np.float16(v)) for v in spread_range)
-            _finish_output(extra, {**_without_predictions(attrs),
-                                   "value_range": list(spread_range)})
-        _finish_output(output, attrs)
+            _finish_store(extra, {**_without_predictions(attrs),
+                                  "value_range": list(spread_range)})
+        _finish_store(output, attrs)
     record.update(attrs)
     return RunSummary(Path(out_path).expanduser(), shape, voxel.scale, voxel.unit, seconds,
                       plan.mode, plan.axis if plan.mode == "slices" else None, plan.window,
@@ -922,16 +934,3 @@ __all__ = [
     "resolve_class_target",
     "run_distributed",
 ]
-
-
-def place_like_input(input_path: str | os.PathLike, *outputs: Any) -> None:
-    """Give OME-Zarr outputs the input's origin (NGFF ``translation``; a cropped scan's map
-    then lands on the crop, not at the scan's corner). TIFF and ``.npy`` outputs keep none."""
-    from napari_gradcam.placement import input_origin, set_ngff_translation
-
-    origin = input_origin(input_path, 3)
-    if not any(origin):
-        return
-    for output in outputs:
-        if output is not None and output.kind == "zarr":
-            set_ngff_translation(output.partial, origin)

@@ -201,6 +201,11 @@ class DiskMap(_StoredMap):
         planes = key3[self.progress_axis]
         start, stop, _ = planes.indices(self.shape3[self.progress_axis]) if isinstance(
             planes, slice) else (int(planes), int(planes) + 1, 1)
+        self.mark_done(start, stop)
+
+    def mark_done(self, start: int, stop: int) -> None:
+        """Planes ``[start, stop)`` along the progress axis are written (by this map, or by
+        dask workers writing level 0 directly): the coarser levels follow as far as they can."""
         self._done[start:stop] = True
         self._advance()
 
