@@ -300,3 +300,14 @@ def test_a_store_published_when_complete_appears_only_then_and_is_removed_on_can
         result.maps["predicted"].compute(),
         explain(models["c2"], ImageSource("scan", scan),
                 ExplainRequest(mode="slices", batch_size=4)).maps["predicted"])
+
+
+def test_an_existing_uncertainty_store_is_refused_before_anything_is_written(models, tmp_path
+                                                                             ) -> None:
+    data = np.random.default_rng(7).random((4, 16, 16)).astype(np.float32)
+    out = tmp_path / "m.zarr"
+    (tmp_path / "m_uncertainty.zarr").mkdir()
+    request = ExplainRequest(mode="slices", uncertainty=("flips",), output=out)
+    with pytest.raises(FileExistsError, match=r"m_uncertainty\.zarr already exists"):
+        explain(models["c2"], ImageSource("v", data), request)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_uncertainty.zarr"]

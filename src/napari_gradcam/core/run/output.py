@@ -405,7 +405,7 @@ class DiskOutput:
     def __init__(self, request: Any, source: Any, plan: Any, labels: Sequence[str],
                  class_map: bool, record: Mapping[str, Any],
                  notify: Callable[[str], None] | None = None) -> None:
-        from napari_gradcam.io import output_kind, uncertainty_path
+        from napari_gradcam.io import check_output_path, output_kind, uncertainty_path
 
         kind = output_kind(request.output)
         if kind != "zarr" and request.keep_partial:
@@ -420,6 +420,9 @@ class DiskOutput:
         paths = {label: label_path(request.output, label, several) for label in labels}
         spread_paths = ({label: uncertainty_path(path) for label, path in paths.items()}
                         if request.uncertainty else {})
+        inputs = [source.path] if getattr(source, "path", None) else []
+        for path in [*paths.values(), *spread_paths.values()]:  # all refused before any is made
+            check_output_path(path, request.overwrite, inputs=inputs)
         self.several, self.stored = several, stored
         self._publish = contextlib.ExitStack()
         self.final_paths: dict[Path, Path] = {}  # where each store is written -> its path
@@ -446,7 +449,7 @@ class DiskOutput:
     def _opener(self, request: Any, source: Any, plan: Any, kind: str, full: Sequence[int],
                 notify: Callable[[str], None] | None) -> Callable[..., _StoredMap]:
         """``open_map(path, attrs)``: one map file, in place or under a temporary name."""
-        from napari_gradcam.io import atomic_path, check_output_path, open_output
+        from napari_gradcam.io import atomic_path, open_output
 
         shape3 = tuple(full[a] for a in self.stored)
         progress = self.stored.index(plan.sample_axis) if plan.sample_axis in self.stored else 0
@@ -454,7 +457,6 @@ class DiskOutput:
         inputs = [source.path] if getattr(source, "path", None) else []
 
         def open_map(path: Path, attrs: dict[str, Any]) -> _StoredMap:
-            check_output_path(path, request.overwrite, inputs=inputs)
             if kind != "zarr":  # a TIFF or .npy file: io's memory-mapped output
                 volume = self._publish.enter_context(open_output(
                     path, shape3, scale=scale, unit=unit, dtype=request.dtype, attrs=attrs,

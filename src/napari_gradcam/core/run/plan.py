@@ -147,9 +147,12 @@ def _check_output(source: ImageSource, request: ExplainRequest, plan: Plan,
     if len(stored) != 3:
         raise ValueError(f"on-disk output is for volumes (a 3D map); this run makes a "
                          f"{len(stored)}D map of {source.name!r}: leave the output empty")
+    from napari_gradcam.io import uncertainty_path
+
     for store in output_stores(request.output, request.target.kind, class_names):
-        check_output_path(store, request.overwrite,
-                          inputs=[source.path] if source.path else [])
+        for path in [store, uncertainty_path(store)] if request.uncertainty else [store]:
+            check_output_path(path, request.overwrite,
+                              inputs=[source.path] if source.path else [])
 
 
 def check_mode_fits_model(card: Any, mode: str, *, slices: str = "'slices' mode",
