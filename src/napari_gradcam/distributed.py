@@ -928,6 +928,8 @@ __all__ = [
     "describe_target",
     "explain_chunk",
     "explain_file",
+    "file_request",
+    "file_source",
     "get_model",
     "make_plan",
     "plan_chunks",
