@@ -1,5 +1,6 @@
 """One prepared check of the GPU path: correctness on CUDA against the CPU, mixed precision,
-the out-of-memory back-off, and peak device memory of a volume run.
+results copied off the GPU, the windows loop's sums on the GPU, and peak device memory of a
+volume run.
 
     python benchmarks/gpu_check.py            # on a machine with a CUDA GPU
     python benchmarks/gpu_check.py --device cpu   # a smoke run of the script itself
@@ -115,6 +116,55 @@ def check_mixed_precision(device: str, failures: list[str]) -> None:
         model.to("cpu")
 
 
+def check_host_copies_and_window_sums(device: str, failures: list[str]) -> None:
+    """Results staged through page-locked memory keep their values while the caching host
+    allocator reuses its blocks, and the windows loop's blending sums on the GPU give the CPU's
+    maps, for one target and for all classes at once."""
+    from napari_gradcam.core.device import to_numpy
+    from napari_gradcam.core.run.tiles import windows_loop
+    from napari_gradcam.core.targets import AllClasses
+    from napari_gradcam.core.volume import run_job
+
+    tensor = torch.randn(4, 64, 64, device=device)
+    expected = tensor.cpu().numpy().copy()
+    kept = to_numpy(tensor)
+    del tensor
+    for _ in range(50):
+        to_numpy(torch.randn(4, 64, 64, device=device))
+    pinned = torch.from_numpy(kept).is_pinned() if device.startswith("cuda") else "n/a"
+    ok = np.array_equal(kept, expected)
+    print(f"{'ok ' if ok else 'BAD'} results from the device keep their values (pinned: {pinned})")
+    if not ok:
+        failures.append("to_numpy")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 8, 3, padding=1),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 3)).eval()
+    volume = np.random.default_rng(0).random((40, 48, 48)).astype(np.float32)
+
+    def blend(on: str, target: object, classes: int) -> list[np.ndarray]:
+        explainer = GradCAM(model.to(on), "2", device=on)
+        outs = [np.zeros(volume.shape, np.float32) for _ in range(classes)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_job(windows_loop(explainer, volume, outs, window=(16, 16, 16), overlap=0.5,
+                                 batch_size=8, target=target,
+                                 preprocess=lambda x: torch.from_numpy(x[:, None])))
+        return outs
+
+    for target, classes in ((1, 1), (AllClasses(), 3)):
+        reference, on_device = blend("cpu", target, classes), blend(device, target, classes)
+        error = max(float(np.abs(a - b).max()) / max(float(np.abs(a).max()), 1e-12)
+                    for a, b in zip(reference, on_device, strict=True))
+        ok = error < 1e-3
+        print(f"{'ok ' if ok else 'BAD'} windows, target {target!r}: blended on the device vs "
+              f"the CPU, max rel. error {error:.2e}")
+        if not ok:
+            failures.append(f"windows {target!r}")
+    model.to("cpu")
+
+
 def check_volume_memory(device: str, failures: list[str]) -> None:
     torch.manual_seed(0)
     model = ResNetLike(2, 1, 3).eval().to(device)
@@ -152,6 +202,7 @@ def main() -> int:
     check_segmentation_region(args.device, failures)
     if args.device.startswith("cuda") or args.amp_on_cpu:
         check_mixed_precision(args.device, failures)
+    check_host_copies_and_window_sums(args.device, failures)
     check_volume_memory(args.device, failures)
     print("FAILED: " + ", ".join(failures) if failures else "all GPU-path checks passed")
     return 1 if failures else 0

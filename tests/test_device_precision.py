@@ -180,7 +180,8 @@ def test_bf16_on_cuda_autocasts_the_forward_and_stays_close_to_float32(model3d, 
 
 def test_results_come_to_the_host_as_arrays_equal_to_the_tensor():
     """to_numpy: what every explanation's maps, outputs and scores pass through. On the CPU a
-    view of the tensor; on a CUDA GPU (checked in benchmarks/gpu_check.py) a page-locked copy."""
+    view of the tensor; on a CUDA GPU a page-locked copy (the test below, and
+    benchmarks/gpu_check.py on a lent GPU)."""
     from napari_gradcam.core.device import to_numpy
 
     tensor = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)

@@ -289,48 +289,68 @@ def padded_window(slab: np.ndarray, y0: int, x0: int, window: tuple[int, ...]) -
 # The window loop
 
 
+#: The blending sums stay on a GPU only while they take at most this share of its free memory;
+#: wider scans keep them in host RAM (the same numbers) and leave the GPU to the batches.
+DEVICE_SUMS_SHARE = 0.25
+
+
+def sums_device(device: torch.device, classes: int, shape: Sequence[int]) -> torch.device:
+    """Where :class:`BlendSums` of ``classes`` maps over ``shape`` should live: the explainer's
+    GPU when they fit in :data:`DEVICE_SUMS_SHARE` of its free memory, else the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    needed = (classes + 1) * int(np.prod(shape)) * 4 * 2  # W, S per class, and a flush's copy
+    free, _total = torch.cuda.mem_get_info(device)
+    return device if needed <= DEVICE_SUMS_SHARE * free else torch.device("cpu")
+
+
 class BlendSums:
-    """``W = Σw`` and ``S = Σw·cam`` of the windows loop, float32, on the explainer's device.
+    """``W = Σw`` and ``S_k = Σw·cam_k`` of the windows loop (float32) for every class at once.
 
     The same sums as :class:`~napari_gradcam.core.uncertainty.WeightedMoments` with
     ``variance=False`` (each window's ``w·cam`` is rounded to float32 and added in window order,
-    so the blended map is the same number whatever the device), kept where the maps are made:
-    a batch is weighted in one multiplication and each window added by one in-place slice
-    addition, which on a GPU replaces three NumPy passes per window on the host. The blending
-    weights are uploaded once; :meth:`mean` brings back only the planes that are finished.
+    so the blended map is the same number wherever the sums live; ``W`` is shared by the
+    classes). On a GPU (:func:`sums_device`) a batch is weighted by one multiplication and each
+    window added by one in-place slice addition, instead of NumPy passes over every window on
+    the host; only finished planes come back. :meth:`add_windows` allocates everything it needs
+    before it changes a sum, so an out-of-memory error leaves the sums as they were and the
+    loop's back-off can run the batch again at a smaller size without counting a window twice.
     """
 
-    def __init__(self, weights: np.ndarray, shape: Sequence[int],
+    def __init__(self, weights: np.ndarray, shape: Sequence[int], classes: int,
                  device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.weight = torch.zeros(tuple(shape), dtype=torch.float32, device=self.device)
-        self.total = torch.zeros_like(self.weight)
+        self.total = torch.zeros((classes, *shape), dtype=torch.float32, device=self.device)
         self.weights = torch.from_numpy(np.asarray(weights, np.float32)).to(self.device)
 
     def add_windows(self, maps: np.ndarray, depth_part: slice,
                     regions: Sequence[tuple[slice, ...]]) -> None:
-        """Add windows' maps ``(n, d, h, w)``, the planes ``depth_part`` of each window, with
-        those planes of the blending weights, at ``regions`` (one per window) of the buffers."""
+        """Add windows' maps ``(n, classes, d, h, w)``, the planes ``depth_part`` of each
+        window, with those planes of the blending weights, at ``regions`` (one per window)."""
         weights = self.weights[depth_part]
-        # a blocking upload: the maps' host buffer may be freed as soon as this returns
+        # a blocking upload (the maps' host buffer may be freed as soon as this returns), and
+        # the only allocation: the additions below are in place
         weighted = torch.as_tensor(np.ascontiguousarray(maps, dtype=np.float32)).to(
             self.device) * weights
         for number, region in enumerate(regions):
             self.weight[region] += weights
-            self.total[region] += weighted[number]
+            self.total[(slice(None), *region)] += weighted[number]
 
-    def mean(self, index: tuple[slice, ...] | slice = ...) -> np.ndarray:
-        """``S / W`` at ``index`` (0 where no window reached), on the host."""
+    def mean(self, index: tuple[slice, ...]) -> np.ndarray:
+        """``S_k / W`` at ``index`` for every class ``(classes, ...)`` (0 where no window
+        reached), on the host."""
         weight = self.weight[index]
-        mean = torch.where(weight > 0, self.total[index] / weight.clamp_min(1e-30),
+        total = self.total[(slice(None), *index)]
+        mean = torch.where(weight > 0, total / weight.clamp_min(1e-30),
                            torch.zeros((), device=self.device))
         return mean.cpu().numpy()
 
     def drop_leading(self, planes: int) -> None:
-        """Shift the buffers ``planes`` along axis 0 and zero the freed end, in place."""
+        """Shift the sums ``planes`` along the depth axis and zero the freed end, in place."""
         if planes <= 0:
             return
-        for buffer in (self.weight, self.total):
+        for buffer in (self.weight, self.total.transpose(0, 1)):  # depth first for both
             kept = len(buffer) - planes
             if kept > 0:
                 buffer[:kept] = buffer[planes:].clone()
@@ -402,9 +422,10 @@ def windows_loop(
     # weighting and accumulation of a batch are a few kernels instead of NumPy passes over
     # every window on the host, and only finished planes come back.
     buffer_shape = (depth, padded[1], padded[2])
-    moments: list[WeightedMoments | BlendSums] = [
-        WeightedMoments(buffer_shape, np.float64, variance=True) if with_variance
-        else BlendSums(weights, buffer_shape, device) for _ in range(classes)]
+    moments = [WeightedMoments(buffer_shape, np.float64, variance=True)
+               for _ in range(classes)] if with_variance else []
+    sums = None if with_variance else BlendSums(
+        weights, buffer_shape, classes, sums_device(device, classes, buffer_shape))
     crop = (slice(y_pad, y_pad + shape[1]), slice(x_pad, x_pad + shape[2]))
     buffer_start = first
     predictions: list[list[float]] = []
@@ -418,11 +439,14 @@ def windows_loop(
             return
         index = (slice(0, count), *crop)
         where = slice(buffer_start - first, until - first)
+        if sums is not None:
+            for k, blended in enumerate(sums.mean(index)):
+                outs[k][where] = blended
+            sums.drop_leading(count)  # shift in place: no new volume-wide buffers
         for k, accumulated in enumerate(moments):
             outs[k][where] = accumulated.mean(index)
-            if with_variance:
-                uncertainty_outs[k][where] = accumulated.std(index)  # type: ignore[index]
-            accumulated.drop_leading(count)  # shift in place: no new volume-wide buffers
+            uncertainty_outs[k][where] = accumulated.std(index)  # type: ignore[index]
+            accumulated.drop_leading(count)
         buffer_start = until
 
     done = 0
@@ -452,10 +476,9 @@ def windows_loop(
                 variances = np.asarray(variances)[:, None]
             regions = [(region_rows, slice(y0, y0 + height), slice(x0, x0 + width))
                        for y0, x0 in chunk]
+            if sums is not None:
+                sums.add_windows(maps[:, :, depth_part], depth_part, regions)
             for k, accumulated in enumerate(moments):
-                if isinstance(accumulated, BlendSums):
-                    accumulated.add_windows(maps[:, k, depth_part], depth_part, regions)
-                    continue
                 for number, region in enumerate(regions):
                     within = None if variances is None else variances[number, k, depth_part]
                     accumulated.add(maps[number, k, depth_part], weights[depth_part],
