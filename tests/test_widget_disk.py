@@ -254,8 +254,9 @@ def test_a_second_all_classes_run_takes_new_names_for_every_class(make_widget, q
     assert maps and all(layer.data is not None for layer in maps)
 
 
+@pytest.mark.parametrize("labels_on_disk", ["dask", "zarr"])
 def test_the_label_table_of_an_on_disk_map_is_read_in_blocks_and_equals_the_whole(
-        make_widget, qtbot, tmp_path, monkeypatch) -> None:
+        make_widget, qtbot, tmp_path, monkeypatch, labels_on_disk) -> None:
     """The label table of a map on disk, with lazy labels: the widget hands both to the core as
     they are, which reads them block by block within its budget (here far smaller than the map),
     and the table equals the one computed from the whole arrays in memory."""
@@ -270,7 +271,12 @@ def test_the_label_table_of_an_on_disk_map_is_read_in_blocks_and_equals_the_whol
     labels = np.zeros((24, 32, 32), dtype=np.uint8)
     labels[2:10, 4:12, 4:12] = 1
     labels[12:22, 16:30, 10:28] = 2
-    lazy_labels = da.from_array(labels, chunks=(4, 32, 32))
+    if labels_on_disk == "dask":
+        lazy_labels = da.from_array(labels, chunks=(4, 32, 32))
+    else:  # a zarr array as it is (no dask): slicing it would read the box whole
+        lazy_labels = zarr.open_array(str(tmp_path / "labels.zarr"), mode="w", shape=labels.shape,
+                                      chunks=(4, 32, 32), dtype="uint8")
+        lazy_labels[:] = labels
     layer = viewer.add_labels(lazy_labels, name="defects")
     widget.labels_form.cam.value = made
     widget.labels_form.labels_layer.value = layer
@@ -279,6 +285,7 @@ def test_the_label_table_of_an_on_disk_map_is_read_in_blocks_and_equals_the_whol
 
     def counting(cam, labels_in, **options):
         assert not isinstance(cam, np.ndarray), "the widget loaded the whole map"
+        assert not isinstance(labels_in, np.ndarray), "the widget loaded the whole labels"
         reads.append(1)
         return whole_read(cam, labels_in, block_bytes=4 * 32 * 32 * 8, **options)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import dask.array as da
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
 from napari.layers import Labels
@@ -137,7 +138,13 @@ class LabelTableMixin:
                        f"CAM was computed on an image of shape {source_shape}; they must match.")
             return None
         box = tuple(slice(o, o + s) for o, s in zip(origin, cam.shape, strict=True))
-        labels = labels_layer.data[box]
+        labels_data = labels_layer.data
+        if not isinstance(labels_data, np.ndarray) and not hasattr(labels_data, "dask"):
+            # a zarr array (or other on-disk array) sliced directly would be read whole: cut the
+            # box lazily so the core reads it chunk by chunk
+            labels_data = da.from_array(labels_data,
+                                        chunks=getattr(labels_data, "chunks", None) or "auto")
+        labels = labels_data[box]
         spacing = tuple(abs(float(s)) for s in cam_layer.scale)
         try:
             table = label_statistics(cam, labels, tolerance=self.labels_form.tolerance.value,

@@ -115,7 +115,7 @@ class ResultLayersMixin:
                                else [int(i) for i in result.target_indices]),
         }
         layers = []
-        output = (result.provenance.get("options") or {}).get("output")
+        output = (result.provenance.get("options") or {}).get("map_store")
         for label, data in result.maps.items():
             if output:  # on disk: the store's pyramid, read lazily
                 data = map_layer_data(label_path(output, label, several=len(result.maps) > 1))
@@ -198,7 +198,7 @@ class ResultLayersMixin:
         """
         std: Any = result.uncertainty[label]
         limits: tuple[float, float] | None = None
-        output = (result.provenance.get("options") or {}).get("output")
+        output = (result.provenance.get("options") or {}).get("map_store")
         if output:  # on disk: its pyramid, its range from the coarsest level (never all of it)
             store = uncertainty_path(label_path(output, label, several=len(result.maps) > 1))
             levels = map_layer_data(store)

@@ -361,7 +361,7 @@ def _provenance(loaded: Any, source: ImageSource, request: ExplainRequest, plan:
     if domain is not None:  # top level, as every map file has it (absent: not checked)
         provenance["domain_check"] = domain
     if request.output is not None:
-        provenance["options"]["output"] = str(request.output)
+        provenance["options"]["map_store"] = str(request.output)  # "output" is a model head
     for key, value in dict(request.provenance).items():
         if key == "options":
             provenance["options"].update(value)
