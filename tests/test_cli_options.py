@@ -478,3 +478,17 @@ def test_transformer_tokens_with_patch_grid_and_class_token(files, tmp_path, cap
                "--patch-grid", "4", "4", "--no-class-token", "--no-domain-check") == 2
     assert "17 tokens" in capsys.readouterr().err
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_a_tiff_uncertainty_map_records_what_it_holds(files, tmp_path):
+    """A TIFF keeps only the record it was created with: the uncertainty map's sources and
+    their meanings must be in it from the start, as in a .zarr."""
+    from napari_gradcam.io import read_attrs
+
+    out = tmp_path / "maps.tif"
+    assert run(files["scan16"], files["symmetric"], out, "--layer", "act",
+               "--uncertainty", "flips", "--no-domain-check") == 0
+    for path in (out, uncertainty_path(out)):
+        record = read_attrs(path)["options"]["uncertainty"]
+        assert record["sources"] == ["flips"]
+        assert record["meaning"] == {"flips": MEANINGS["flips"]}

@@ -473,6 +473,7 @@ def explain_file(
 
     options = options or ExplainOptions()
     input_path = _as_input_path(input_path)
+    out_path = Path(out_path).expanduser()  # "~/maps.zarr" as a shell would have expanded it
     check_output_path(out_path, overwrite, inputs=[input_path])
     extra_path = uncertainty_path(out_path) if options.uncertainty else None
     if extra_path is not None:
@@ -484,7 +485,7 @@ def explain_file(
     source = file_source(input_path, volume, voxel)
     request = file_request(loaded, plan, options, voxel.scale, voxel.unit,
                            {"scheduler": "single process"})
-    request = replace(request, output=Path(out_path).expanduser(), overwrite=overwrite)
+    request = replace(request, output=out_path, overwrite=overwrite)
     started = time.perf_counter()
     with _model_lock(loaded):
         result = run_job(explain_job(loaded, source, request, notify=notify), progress,
@@ -497,7 +498,8 @@ def explain_file(
     positions = [(p[plan.axis],) if plan.mode == "slices" else tuple(p)
                  for p in result.positions]
     return RunSummary(out_path, tuple(volume.shape), voxel.scale, voxel.unit, seconds,
-                      plan.mode, plan.axis if plan.mode == "slices" else None, plan.window,
+                      plan.mode,
+                      plan.axis if plan.mode == "slices" else None, plan.window,
                       tuple(loaded.card.class_names), result.predictions, positions,
                       tuple(value_range), record,
                       None if extra_path is None else Path(extra_path).expanduser())

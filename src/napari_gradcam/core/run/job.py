@@ -266,9 +266,14 @@ def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Pl
         labels = [request.target.label(class_names)]
     origin = plan.origin(source.shape)
     # the loops write into this output, on disk or in memory; one ``finish`` completes it
+    # what the uncertainty map holds is known now (a TIFF keeps only the record it is made
+    # with); whether each source applied is added when the run is done
+    planned_uncertainty = (uncertainty_record(request.uncertainty, request.n_dropout)
+                           if request.uncertainty else None)
     output = job_output(request, source, plan, labels,
                         card.task == "segmentation" and plan.mode != "windows",
-                        _provenance(loaded, source, request, plan, labels, layer, None, domain),
+                        _provenance(loaded, source, request, plan, labels, layer,
+                                    planned_uncertainty, domain),
                         notify)
     try:
         if plan.mode == "windows":
