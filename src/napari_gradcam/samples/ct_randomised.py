@@ -200,7 +200,7 @@ def surface_crack_object(
 
 def _randomised_patch(
     rng: np.random.Generator, kind: int, size: tuple[int, int, int], extent: int,
-    worm_share: float = 0.0, surface_share: float = 0.0,
+    worm_share: float = 0.0, surface_share: float = 0.0, surface_kinds: tuple[int, ...] = (2,),
 ) -> tuple[np.ndarray, np.ndarray]:
     """One box: ``kind`` 0 no defect, 1 pores, 2 a crack, 3 pores and a crack.
 
@@ -208,12 +208,15 @@ def _randomised_patch(
     (:func:`random_worm_pore`); with pores and a crack, such a worm then lies next to the
     crack (a few micrometres off its plane). ``surface_share``: the share of crack-only boxes
     that hold a crack opening at the specimen's surface (:func:`surface_crack_object`), the
-    box straddling the surface. 0 for both keeps the original draw sequence exactly.
+    box straddling the surface; ``surface_kinds`` the kinds of box that may (2: crack only;
+    (2, 3): also pores beside a surface crack). 0 for both keeps the original draw sequence
+    exactly.
     """
     for _ in range(50):
         specimen, noise, blur = random_specimen(rng, extent)
         voxel = np.asarray(specimen.voxel_um)
-        surface = bool(kind == 2 and surface_share and rng.random() < surface_share)
+        surface = bool(kind in surface_kinds and kind in (2, 3) and surface_share
+                       and rng.random() < surface_share)
         if kind == 0:
             max_r = specimen.radius + 0.25 * size[1]
         else:
@@ -285,7 +288,7 @@ def make_randomised_ct_patches(
 
 def make_randomised_ct_slice_patches(
     n: int = 100, size: int = 64, seed: int = 0, *, extent: int = 128, worm_share: float = 0.0,
-    surface_share: float = 0.0,
+    surface_share: float = 0.0, surface_kinds: tuple[int, ...] = (2,),
 ) -> PatchSet:
     """``n`` randomised single-slice patches for a 2D segmenter.
 
@@ -294,7 +297,8 @@ def make_randomised_ct_slice_patches(
     three kinds and 3 for the mixed one. ``worm_share`` > 0 draws that share of the pores as
     thin worm-like pores (:func:`random_worm_pore`), next to the crack in mixed patches;
     ``surface_share`` > 0 that share of the crack-only slices across the specimen's surface
-    with a crack opening there (:func:`surface_crack_object`).
+    with a crack opening there (:func:`surface_crack_object`); ``surface_kinds`` (2, 3) draws
+    the mixed slices' cracks at the surface with that share too.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -303,7 +307,7 @@ def make_randomised_ct_slice_patches(
     for index in range(n):
         kind = index % 4
         grey, labels = _randomised_patch(rng, kind, (1, size, size), extent, worm_share,
-                                         surface_share)
+                                         surface_share, tuple(surface_kinds))
         images.append(grey[0])
         masks.append(labels[0])
         classes.append(kind)

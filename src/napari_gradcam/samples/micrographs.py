@@ -110,7 +110,7 @@ def _voronoi_grains(
 
 
 def _crack_path(
-    shape: tuple[int, int], length: float, rng: np.random.Generator
+    shape: tuple[int, int], length: float, rng: np.random.Generator, turn: float = 0.12
 ) -> tuple[np.ndarray, float]:
     """Points (M, 2) of a wavy crack path from an image edge inwards, one pixel apart.
 
@@ -129,7 +129,7 @@ def _crack_path(
         start, angle = np.array([rng.uniform(0.2, 0.8) * height, width - 1.0]), np.pi
     angle += rng.uniform(-0.5, 0.5)
     n_steps = max(2, int(length))
-    turns = np.cumsum(rng.normal(0.0, 0.12, n_steps)) + angle
+    turns = np.cumsum(rng.normal(0.0, turn, n_steps)) + angle
     # direction (dy, dx) = (sin, cos): angle 0 points along +x
     steps = np.column_stack([np.sin(turns), np.cos(turns)])
     path = start + np.vstack([[0.0, 0.0], np.cumsum(steps, axis=0)])
@@ -174,6 +174,12 @@ def make_micrograph(
     crack_length: float | None = None,
     noise: float = 0.03,
     dtype: str = "float32",
+    crack_half_width: tuple[float, float] = (1.0, 1.5),
+    crack_turn: float = 0.12,
+    precipitate_radius: tuple[float, float] = (1.6, 3.0),
+    blur: float = 0.6,
+    boundary_width: int = 1,
+    boundary_depth: float = 0.22,
 ) -> Micrograph:
     """Draw a ferrite-pearlite micrograph with optional precipitates and crack.
 
@@ -182,7 +188,13 @@ def make_micrograph(
     (label 1); ``crack`` adds one thin dark wavy crack from an edge with a tip inside the image
     (label 2, length ``crack_length`` pixels, default 0.6 of the smaller side); ``noise`` the
     Gaussian noise sigma on the [0, 1] grey scale. ``dtype`` is ``"float32"`` ([0, 1]),
-    ``"uint8"`` or ``"uint16"`` (scaled to the full range).
+    ``"uint8"`` or ``"uint16"`` (scaled to the full range). ``crack_half_width`` (range of the
+    crack's half opening at its mouth, pixels), ``crack_turn`` (how much the crack meanders:
+    the std of its direction change per pixel, radians), ``precipitate_radius`` (pixels) and
+    ``blur`` (Gaussian sigma of the optics, pixels), ``boundary_width`` (pixels) and
+    ``boundary_depth`` (how much darker an etched grain boundary is) are what the
+    domain-randomised training set (:func:`make_randomised_micrograph_patches`) draws per
+    image; the defaults are the sample's.
     """
     shape = check_shape(shape, 2, 16)
     if dtype not in _DTYPES:
@@ -219,7 +231,9 @@ def make_micrograph(
     boundary = np.zeros(shape, dtype=bool)
     boundary[:, :-1] |= grains[:, :-1] != grains[:, 1:]
     boundary[:-1, :] |= grains[:-1, :] != grains[1:, :]
-    image[boundary] -= 0.22
+    if boundary_width > 1:
+        boundary = ndimage.binary_dilation(boundary, iterations=boundary_width - 1)
+    image[boundary] -= boundary_depth
 
     labels = np.zeros(shape, dtype=np.uint8)
 
@@ -229,7 +243,7 @@ def make_micrograph(
         centres = np.column_stack(
             [rng.uniform(3, height - 3, n_precipitates), rng.uniform(3, width - 3, n_precipitates)]
         )
-        radii = rng.uniform(1.6, 3.0, n_precipitates)
+        radii = rng.uniform(*precipitate_radius, n_precipitates)
         for (cy, cx), radius in zip(centres, radii, strict=True):
             y0, y1 = max(int(cy - radius - 2), 0), min(int(cy + radius + 3), height)
             x0, x1 = max(int(cx - radius - 2), 0), min(int(cx + radius + 3), width)
@@ -244,15 +258,15 @@ def make_micrograph(
         length = 0.6 * min(shape) if crack_length is None else float(crack_length)
         if length < 4:
             raise ValueError(f"crack_length must be at least 4 pixels, got {crack_length}")
-        path, drawn = _crack_path(shape, length, rng)
-        half_width = rng.uniform(1.0, 1.5)
+        path, drawn = _crack_path(shape, length, rng, crack_turn)
+        half_width = rng.uniform(*crack_half_width)
         darkening, mask = _render_crack(shape, path, half_width)
         image = image * (1 - darkening) + 0.08 * darkening
         labels[mask] = 2
         crack_info = {"start": path[0].tolist(), "tip": path[-1].tolist(), "length": drawn}
 
     # optics: blur, uneven illumination, detector noise
-    image = ndimage.gaussian_filter(image, 0.6)
+    image = ndimage.gaussian_filter(image, blur)
     gy, gx = rng.normal(0, 0.04, 2)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     image = image + gy * (yy / height - 0.5) + gx * (xx / width - 0.5)
@@ -308,6 +322,158 @@ def make_micrograph_patches(
             }
             sample = make_micrograph((size, size), seed=child, dtype=dtype, **kwargs)
             images.append(sample.image)
+            masks.append(sample.labels)
+            classes.append(class_id)
+    return PatchSet.shuffled(images, classes, masks, MICROGRAPH_CLASSES, rng)
+
+
+MICROGRAPH_TRAINING_SIZES: tuple[int, ...] = (64, 96, 128, 192, 256)
+"""Image sizes the domain-randomised micrograph classifier trains on (one set per size)."""
+
+
+def _scale_bar(image: np.ndarray, rng: np.random.Generator) -> None:
+    """Draw a scale bar with a caption (blocks for the digits) into a corner, in place.
+
+    A distractor: a long, sharp, high-contrast bar is not a defect, and a classifier that has
+    never seen one may call it a crack (dark bar) or a particle (bright caption blocks).
+    """
+    height, width = image.shape
+    value = float(rng.choice([0.02, 0.98]))
+    bar_h = max(2, round(rng.uniform(0.012, 0.03) * height))
+    bar_w = round(rng.uniform(0.15, 0.35) * width)
+    margin = round(rng.uniform(0.03, 0.08) * min(height, width))
+    top = height - margin - bar_h
+    left = margin if rng.random() < 0.5 else width - margin - bar_w
+    if rng.random() < 0.5:  # a contrasting backing plate behind bar and caption
+        pad = max(2, bar_h)
+        plate = (slice(max(top - 4 * pad, 0), min(top + bar_h + pad, height)),
+                 slice(max(left - pad, 0), min(left + bar_w + pad, width)))
+        image[plate] = 1.0 - value
+    image[top:top + bar_h, left:left + bar_w] = value
+    glyph_h = max(3, 2 * bar_h)
+    glyph_w = max(2, int(0.6 * glyph_h))
+    x = left
+    for _ in range(int(rng.integers(2, 6))):
+        y0 = max(top - glyph_h - bar_h, 0)
+        image[y0:y0 + glyph_h, x:x + glyph_w] = value
+        x += glyph_w + max(1, glyph_w // 2)
+        if x + glyph_w > width:
+            break
+
+
+def _scratches(image: np.ndarray, rng: np.random.Generator) -> None:
+    """Polishing scratches: long, straight, faint lines across the image, in place."""
+    height, width = image.shape
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for _ in range(int(rng.integers(1, 5))):
+        angle = rng.uniform(0, np.pi)
+        offset = rng.uniform(-0.5, 0.5) * max(height, width)
+        distance = np.abs((yy - height / 2) * np.cos(angle) - (xx - width / 2) * np.sin(angle)
+                          - offset)
+        cover = np.clip(rng.uniform(0.3, 0.9) - distance + 0.5, 0.0, 1.0)
+        image += float(rng.choice([-1.0, 1.0]) * rng.uniform(0.03, 0.12)) * cover
+
+
+def _specks(image: np.ndarray, rng: np.random.Generator) -> None:
+    """Dust and etch pits: a few soft dark spots of 1.5-5 px radius, in place."""
+    height, width = image.shape
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for _ in range(int(rng.integers(1, 4 + height * width // 8192))):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        radius = rng.uniform(1.5, 5.0)
+        cover = np.clip(radius - np.hypot(yy - cy, xx - cx) + 0.5, 0.0, 1.0)
+        image -= float(rng.uniform(0.1, 0.35)) * cover
+
+
+def make_randomised_micrograph(
+    shape: tuple[int, int], seed: int, kind: int, *, varied_boundaries: bool = False
+) -> Micrograph:
+    """One domain-randomised micrograph of class ``kind`` (0 clean, 1 precipitates, 2 crack).
+
+    Why: trained on one look (64x64 patches, one grain-size band, one crack width, fixed
+    contrast and noise), the first micrograph classifier called the 256x256 sample "clean"
+    (0.70) with its crack in plain sight. Each image here draws its own grain size (8-40 px),
+    pearlite share, precipitate size and count, crack width (half opening 0.7-3 px at the
+    mouth), length (0.3-1 of the side) and meander, optics blur (0.3-1.1 px), vignetting,
+    contrast window (gain, offset, gamma), noise level (sigma 0.005-0.05 of the grey range,
+    Gaussian or signal dependent), and
+    distractors that are no defect: scale bars with captions, polishing scratches, dust specks.
+    A crack image may also hold precipitates (a crack is what matters then; its label wins).
+    ``varied_boundaries`` also draws the grain boundaries' etch width (1-3 px) and depth
+    (0.1-0.4): with thin boundaries only, the classifier called micrographs with thick, dark
+    boundaries "crack" (the held-out family showed it).
+    """
+    rng = np.random.default_rng(seed)
+    etch = ({"boundary_width": int(rng.integers(1, 4)),
+             "boundary_depth": float(rng.uniform(0.1, 0.4))} if varied_boundaries else {})
+    height, width = shape
+    area_factor = height * width / 4096.0
+    n_precipitates = 0
+    if kind == 1 or (kind == 2 and rng.random() < 0.5):
+        n_precipitates = int(rng.integers(2, 3 + int(4 * np.sqrt(area_factor))))
+    sample = make_micrograph(
+        shape, seed=int(rng.integers(2**31)),
+        grain_size=float(rng.uniform(8.0, 40.0)),
+        pearlite_fraction=float(rng.uniform(0.0, 0.6)),
+        n_precipitates=n_precipitates,
+        crack=kind == 2,
+        crack_length=float(rng.uniform(0.3, 1.0) * min(shape)),
+        noise=0.0,
+        crack_half_width=(0.7, 3.0),
+        crack_turn=float(rng.uniform(0.03, 0.3)),
+        precipitate_radius=(float(rng.uniform(1.2, 2.0)), float(rng.uniform(2.2, 4.0))),
+        blur=float(rng.uniform(0.3, 1.1)),
+        **etch,
+    )
+    image = sample.image.astype(np.float32)
+    if rng.random() < 0.35:
+        _scratches(image, rng)
+    if rng.random() < 0.35:
+        _specks(image, rng)
+    # contrast window: gamma, gain and offset as different microscopes and etches give them
+    image = np.clip(image, 0.0, 1.0) ** float(rng.uniform(0.6, 1.6))
+    image = float(rng.uniform(-0.15, 0.25)) + float(rng.uniform(0.5, 1.3)) * image
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    centre = rng.uniform(0.2, 0.8, 2) * np.array(shape)
+    vignette = np.hypot(yy - centre[0], xx - centre[1]) / max(shape)
+    image -= float(rng.uniform(0.0, 0.25)) * vignette**2
+    sigma = float(rng.uniform(0.005, 0.05))
+    if rng.random() < 0.5:  # shot noise: brighter pixels are noisier
+        image = image + sigma * np.sqrt(np.clip(image, 0.0, None) + 0.1) * rng.standard_normal(
+            shape).astype(np.float32)
+    else:
+        image = image + sigma * rng.standard_normal(shape).astype(np.float32)
+    if rng.random() < 0.25:
+        _scale_bar(image, rng)
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+    info = {**sample.info, "kind": "micrograph_randomised", "class": MICROGRAPH_CLASSES[kind],
+            "seed": seed}
+    return Micrograph(image, sample.labels, info)
+
+
+def make_randomised_micrograph_patches(
+    n_per_class: int = 100, size: int = 128, seed: int = 0, *, dtype: str = "uint8",
+    varied_boundaries: bool = False,
+) -> PatchSet:
+    """A balanced, shuffled set of ``size``x``size`` domain-randomised micrographs
+    (:func:`make_randomised_micrograph`), classes as :data:`MICROGRAPH_CLASSES`.
+
+    The generator is seeded with ``(seed, size)``, so the sets of one seed at different sizes
+    (:data:`MICROGRAPH_TRAINING_SIZES`) are different images.
+    """
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+    if size < 32:
+        raise ValueError(f"size must be >= 32 pixels so a crack and grains fit, got {size}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    rng = np.random.default_rng([seed, size])
+    images, classes, masks = [], [], []
+    for class_id in range(len(MICROGRAPH_CLASSES)):
+        for _ in range(n_per_class):
+            sample = make_randomised_micrograph((size, size), int(rng.integers(2**31)), class_id,
+                                                varied_boundaries=varied_boundaries)
+            images.append(_to_dtype(sample.image, dtype))
             masks.append(sample.labels)
             classes.append(class_id)
     return PatchSet.shuffled(images, classes, masks, MICROGRAPH_CLASSES, rng)
