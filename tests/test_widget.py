@@ -927,9 +927,10 @@ def test_window_disagreement_in_3d_windows_mode(make_widget, qtbot, cards) -> No
     np.testing.assert_allclose(spread.data, expected, rtol=1e-5, atol=1e-9)
 
 
-def test_the_demo_micrograph_classifier_warns_on_an_image_four_times_its_patches(
+def test_the_demo_micrograph_classifier_warns_on_an_image_four_times_its_input_size(
         make_widget, qtbot, errors) -> None:
-    """The shipped card's own training statistics (64² patches) against a 256² micrograph."""
+    """The shipped card's own training statistics (input_size 128², trained on 64-256 px)
+    against a 512² micrograph."""
     from napari_gradcam.samples.micrographs import make_micrograph
 
     cards = {card.name: card for card in list_demo_models()}
@@ -938,7 +939,7 @@ def test_the_demo_micrograph_classifier_warns_on_an_image_four_times_its_patches
         pytest.skip("the shipped micrograph-classifier card carries no training statistics")
     viewer, widget = make_widget()
     assert widget.load_model_source("micrograph-classifier") is not None
-    viewer.add_image(make_micrograph((256, 256), seed=1, dtype="uint8").image, name="micrograph")
+    viewer.add_image(make_micrograph((512, 512), seed=1, dtype="uint8").image, name="micrograph")
     widget.run()
     finish(qtbot, widget, timeout=60000)
     layer = next(layer for layer in viewer.layers
@@ -946,7 +947,7 @@ def test_the_demo_micrograph_classifier_warns_on_an_image_four_times_its_patches
     report = layer.metadata[METADATA_KEY]["domain_check"]
     assert report["out_of_domain"]
     assert "input_size" in [f["check"] for f in report["findings"] if f["flagged"]]
-    assert any(message.startswith("micrograph: ") and "256×256" in message
+    assert any(message.startswith("micrograph: ") and "512×512" in message
                for message in errors())
 
 
