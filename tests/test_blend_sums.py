@@ -34,7 +34,7 @@ def test_the_sums_of_every_class_equal_weighted_moments_bit_for_bit() -> None:
             for number, region in enumerate(regions):
                 accumulated.add(maps[number, k, depth_part], weights[depth_part], index=region)
     index = (slice(0, 4), slice(2, 18), slice(0, 20))
-    blended = sums.mean(index)
+    blended = np.stack(sums.mean(index))
     assert blended.shape == (3, 4, 16, 20)
     for k, accumulated in enumerate(moments):
         assert np.array_equal(blended[k], accumulated.mean(index))

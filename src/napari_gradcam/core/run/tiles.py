@@ -337,14 +337,14 @@ class BlendSums:
             self.weight[region] += weights
             self.total[(slice(None), *region)] += weighted[number]
 
-    def mean(self, index: tuple[slice, ...]) -> np.ndarray:
-        """``S_k / W`` at ``index`` for every class ``(classes, ...)`` (0 where no window
-        reached), on the host."""
+    def mean(self, index: tuple[slice, ...]) -> list[np.ndarray]:
+        """``S_k / W`` at ``index`` for each class (0 where no window reached), on the host;
+        one class at a time, so the temporaries are one class's planes, not all of them."""
         weight = self.weight[index]
-        total = self.total[(slice(None), *index)]
-        mean = torch.where(weight > 0, total / weight.clamp_min(1e-30),
-                           torch.zeros((), device=self.device))
-        return mean.cpu().numpy()
+        reached, divisor = weight > 0, weight.clamp_min(1e-30)
+        zero = torch.zeros((), device=self.device)
+        return [torch.where(reached, total[index] / divisor, zero).cpu().numpy()
+                for total in self.total]
 
     def drop_leading(self, planes: int) -> None:
         """Shift the sums ``planes`` along the depth axis and zero the freed end, in place."""
