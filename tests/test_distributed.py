@@ -293,6 +293,9 @@ def test_workers_write_the_same_uncertainty_and_domain_report(models, tmp_path,
         spread, spread_info = read_volume(tmp_path / f"spread{name}.zarr")
         np.testing.assert_array_equal(spread[:], single[:])
         assert spread_info.metadata["domain_check"] == single_info.metadata["domain_check"]
+        # both maps name what the uncertainty map holds, and so does the summary
+        assert spread_info.metadata["options"]["uncertainty"]["sources"] == ["windows"]
+    assert "(uncertainty: windows)" in summary.describe()
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 

@@ -795,6 +795,9 @@ def run_distributed(
                               {"scheduler": where})
     _record_domain_check(record, volume, loaded, plan,
                          voxel.scale if voxel.unit else None, options, notify)
+    if options.uncertainty:  # the main map names its uncertainty map's sources, as one process's
+        record.setdefault("options", {})["uncertainty"] = uncertainty_attrs(
+            record, options, plan)["uncertainty"]
     del volume
     started = time.perf_counter()
     with contextlib.ExitStack() as outputs:
