@@ -322,15 +322,16 @@ def uncertainty_sources(options: ExplainOptions, plan: Plan) -> list[str]:
     return sources
 
 
-def uncertainty_attrs(record: dict[str, Any], options: ExplainOptions, plan: Plan
-                      ) -> dict[str, Any]:
-    """The uncertainty output's provenance: the map's, plus what its values mean (the one
-    record, :func:`~napari_gradcam.core.run.request.uncertainty_record`)."""
+def add_uncertainty_record(record: dict[str, Any], options: ExplainOptions, plan: Plan
+                           ) -> dict[str, Any]:
+    """Name in the map's record what its uncertainty map holds (the one record,
+    :func:`~napari_gradcam.core.run.request.uncertainty_record`), as one process's map does,
+    and return the uncertainty output's provenance: the map's, plus that record."""
     from napari_gradcam.core.run.request import uncertainty_record
 
-    return {**record, "kind": "uncertainty",
-            "uncertainty": uncertainty_record(uncertainty_sources(options, plan),
-                                              options.n_dropout)}
+    spread = uncertainty_record(uncertainty_sources(options, plan), options.n_dropout)
+    record.setdefault("options", {})["uncertainty"] = spread
+    return {**record, "kind": "uncertainty", "uncertainty": spread}
 
 
 def file_run_options(plan: Plan, options: ExplainOptions, scale: Sequence[float],
@@ -795,9 +796,8 @@ def run_distributed(
                               {"scheduler": where})
     _record_domain_check(record, volume, loaded, plan,
                          voxel.scale if voxel.unit else None, options, notify)
-    if options.uncertainty:  # the main map names its uncertainty map's sources, as one process's
-        record.setdefault("options", {})["uncertainty"] = uncertainty_attrs(
-            record, options, plan)["uncertainty"]
+    spread_record = (add_uncertainty_record(record, options, plan) if options.uncertainty
+                     else None)
     del volume
     started = time.perf_counter()
     with contextlib.ExitStack() as outputs:
@@ -816,7 +816,7 @@ def run_distributed(
 
         output = open_store(out_path, record)
         extra = (None if extra_path is None else
-                 open_store(extra_path, uncertainty_attrs(record, options, plan)))
+                 open_store(extra_path, spread_record))
         array_path = str(output.path / "0")
         extra_array = None if extra is None else str(extra.path / "0")
         tasks = [ChunkTask(str(input_path), source, array_path, options, plan, start, stop,

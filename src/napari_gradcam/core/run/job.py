@@ -265,11 +265,11 @@ def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Pl
     else:
         labels = [request.target.label(class_names)]
     origin = plan.origin(source.shape)
-    # the loops write into this output, on disk or in memory; one ``finish`` completes it
     # what the uncertainty map holds is known now (a TIFF keeps only the record it is made
     # with); whether each source applied is added when the run is done
     planned_uncertainty = (uncertainty_record(request.uncertainty, request.n_dropout)
                            if request.uncertainty else None)
+    # the loops write into this output, on disk or in memory; one ``finish`` completes it
     output = job_output(request, source, plan, labels,
                         card.task == "segmentation" and plan.mode != "windows",
                         _provenance(loaded, source, request, plan, labels, layer,
@@ -288,8 +288,8 @@ def _explain(loaded: Any, source: ImageSource, request: ExplainRequest, plan: Pl
             predictions, positions, indices, class_map = result
             window = None
         uncertainty_info = None
-        if request.uncertainty:
-            uncertainty_info = uncertainty_record(request.uncertainty, request.n_dropout)
+        if planned_uncertainty is not None:
+            uncertainty_info = dict(planned_uncertainty)  # the record given at the start stays
             last = getattr(explainer, "last_info", None)
             if last is not None:  # e.g. dropout not applicable: the model has no dropout layers
                 uncertainty_info["applicable"] = {
