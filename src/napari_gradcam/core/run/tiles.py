@@ -322,13 +322,14 @@ class BlendSums:
         self.device = torch.device(device)
         self.weight = torch.zeros(tuple(shape), dtype=torch.float32, device=self.device)
         self.total = torch.zeros((classes, *shape), dtype=torch.float32, device=self.device)
-        self.weights = torch.from_numpy(np.asarray(weights, np.float32)).to(self.device)
+        # the window's blending profile w (``self.weight`` is the running sum W)
+        self.profile = torch.from_numpy(np.asarray(weights, np.float32)).to(self.device)
 
     def add_windows(self, maps: np.ndarray, depth_part: slice,
                     regions: Sequence[tuple[slice, ...]]) -> None:
         """Add windows' maps ``(n, classes, d, h, w)``, the planes ``depth_part`` of each
         window, with those planes of the blending weights, at ``regions`` (one per window)."""
-        weights = self.weights[depth_part]
+        weights = self.profile[depth_part]
         # a blocking upload (the maps' host buffer may be freed as soon as this returns), and
         # the only allocation: the additions below are in place
         weighted = torch.as_tensor(np.ascontiguousarray(maps, dtype=np.float32)).to(
